@@ -1,0 +1,150 @@
+"""Batched next-token sampling where every row carries its own parameters and its own RNG.
+
+One call samples a whole decode batch: repetition penalty, temperature, top-k and top-p are applied as
+batched tensor ops with per-row values, and only the final random draw is done row by row, each with the
+request's own `torch.Generator`. That draw is an exponential race (argmax of log p - log E, E ~ Exp(1)),
+which samples exactly from p and consumes the same amount of randomness whatever else is in the batch,
+so a seeded request yields the same tokens alone or batched with others.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from reformer_infer.requests import SamplingParams, TokenLogprob
+
+
+class RequestSampler:
+    """Per-request sampling state: parameters, seeded generator, ids seen so far (for the penalty)."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        *,
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.params = params
+        self.device = torch.device(device)
+        # An unseeded request still gets its own generator (seeded from the OS), never the global RNG.
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.seen: torch.Tensor | None = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)  # (V,)
+            if len(prompt_ids):
+                self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0.0
+
+    def observe(self, token_id: int) -> None:
+        """Record a generated token (the penalty applies to prompt and generated ids)."""
+        if self.seen is not None:
+            self.seen[token_id] = True
+
+
+@dataclass
+class SampleOutput:
+    tokens: list[int]  # one per row
+    logprobs: list[TokenLogprob | None]  # per row, None where the request asked for none
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL-style penalty (Keskar et al. 2019, as in HF): seen logits > 0 are divided, < 0 multiplied.
+
+    logits (B, V) float, seen (B, V) bool, penalty (B, 1).
+    """
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus (HF order).
+
+    logits (B, V); top_k (B,) long with 0 = off; top_p (B,) float with 1.0 = off.
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # (1, V)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)  # (B, 1)
+    remove = ranks >= k
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep a token while the mass strictly before it is below top_p, so the top token always survives.
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove = remove | (mass_before >= top_p.unsqueeze(1))
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def sample_batch(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> SampleOutput:
+    """Sample one token per row of `logits` (B, V) with each row's own parameters and generator."""
+    batch = logits.shape[0]
+    assert batch == len(samplers), (batch, len(samplers))
+    device = logits.device
+    logits = logits.float()
+    raw_logits = logits
+
+    penalties = [s.params.repetition_penalty for s in samplers]
+    if any(p != 1.0 for p in penalties):
+        vocab = logits.shape[-1]
+        no_seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        seen = torch.stack([s.seen if s.seen is not None else no_seen for s in samplers])  # (B, V)
+        penalty = torch.tensor(penalties, dtype=logits.dtype, device=device).unsqueeze(1)  # (B, 1)
+        logits = apply_repetition_penalty(logits, seen, penalty)
+
+    greedy = [s.greedy for s in samplers]
+    tokens = logits.argmax(dim=-1)  # (B,) greedy choice; replaced below for sampled rows
+    sampled_rows = [i for i, g in enumerate(greedy) if not g]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, dtype=torch.long, device=device)
+        sub = logits.index_select(0, rows)  # (b, V)
+        temps = torch.tensor([samplers[i].params.temperature for i in sampled_rows], device=device)
+        sub = sub / temps.to(sub.dtype).unsqueeze(1)
+        top_k = [samplers[i].params.top_k for i in sampled_rows]
+        top_p = [samplers[i].params.top_p for i in sampled_rows]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            sub = filter_top_k_top_p(
+                sub,
+                torch.tensor(top_k, dtype=torch.long, device=device),
+                torch.tensor(top_p, dtype=sub.dtype, device=device),
+            )
+        log_probs = sub.log_softmax(dim=-1)  # (b, V)
+        race = torch.empty_like(log_probs)
+        for j, i in enumerate(sampled_rows):
+            race[j].exponential_(generator=samplers[i].generator)
+        # Exponential race: argmax(log p - log E) is a sample from p; -inf rows (filtered) never win.
+        choice = (log_probs - race.log()).argmax(dim=-1)  # (b,)
+        tokens = tokens.index_copy(0, rows, choice)
+
+    token_list = tokens.tolist()  # the one host sync of the step
+    want = [s.params.logprobs for s in samplers]
+    out_logprobs: list[TokenLogprob | None] = [None] * batch
+    if any(n > 0 for n in want):
+        out_logprobs = _logprobs(raw_logits, token_list, want)
+    return SampleOutput(tokens=token_list, logprobs=out_logprobs)
+
+
+def _logprobs(raw_logits: torch.Tensor, tokens: list[int], want: list[int]) -> list[TokenLogprob | None]:
+    """Log-probabilities under the model's raw distribution (before penalty, temperature and filtering)."""
+    lp = raw_logits.log_softmax(dim=-1)  # (B, V)
+    top_n = max(want)
+    top_vals, top_idx = lp.topk(top_n, dim=-1)  # (B, N)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+    top_vals_l, top_idx_l = top_vals.tolist(), top_idx.tolist()
+    out: list[TokenLogprob | None] = []
+    for i, n in enumerate(want):
+        if n <= 0:
+            out.append(None)
+            continue
+        top = tuple(zip(top_idx_l[i][:n], top_vals_l[i][:n], strict=True))
+        out.append(TokenLogprob(token_id=tokens[i], logprob=chosen[i], top=top))
+    return out
