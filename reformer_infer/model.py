@@ -1,0 +1,627 @@
+"""The Reformer language model for inference (Kitaev, Kaiser, Levskaya, ICLR 2020), bottom-up.
+
+Computes what Hugging Face `ReformerModelWithLMHead` computes (its state-dict names are kept, minus the
+`reformer.` prefix) with three differences of form, not of result:
+  * LSH rotations are fixed buffers (`rotations`), never re-drawn: hashing is state, not a side effect.
+  * Prefill runs in bounded memory: every layer works on slices of positions (attention on groups of
+    chunks, all hash rounds accumulated online with logsumexp weights), never all score blocks at once.
+  * Decode keeps an explicit per-sequence cache (keys/values, bucket bookkeeping for LSH layers; a ring of
+    the attendable window for local layers) so a step's work does not grow with the context.
+
+Dimension letters used in shape comments:
+  B batch, T tokens, H heads, D head dim, R hash rounds, K buckets, C chunk, W window (C x chunks seen),
+  G chunks in a group, E hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import LocalLayerState, LSHLayerState, ReformerCache, SequenceCache
+from .config import ReformerConfig
+
+# Mask values of the reference implementation (fp32 / fp16). They are finite on purpose: a query whose
+# window holds nothing visible but itself attends to itself (self mask -1e5 beats mask -1e9).
+MASK_VALUE = {torch.float32: -1e9, torch.float16: -1e4, torch.bfloat16: -1e9}
+SELF_MASK_VALUE = {torch.float32: -1e5, torch.float16: -1e3, torch.bfloat16: -1e5}
+# Upper bound on the elements of one group's score block (B*H*G*C*W): bounds prefill memory.
+DEFAULT_SCORE_ELEMENTS = 1 << 23
+
+ACT = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+Work = Generator[int, None, None]  # a resumable unit of prefill; yields query positions done
+
+
+def _drain(gen: Generator[int, None, Tensor | None]) -> Tensor | None:
+    """Run a work generator to completion and return its value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def padded_length(config: ReformerConfig, n: int) -> int:
+    """Length transformers pads a full forward to: a multiple of lcm(chunk lengths) once n > min chunk."""
+    lcm = config.chunk_lcm
+    if n % lcm != 0 and n > config.min_chunk_length:
+        return n + lcm - n % lcm
+    return n
+
+
+def len_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Length normalisation of shared-QK keys: x / sqrt(mean(x^2) + eps)."""
+    return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------------
+class AxialPositionEmbeddings(nn.Module):
+    """Position p = i * n2 + j gets concat(E1[i], E2[j]) (Reformer paper, section 'Axial positional encodings')."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        n1, n2 = config.axial_pos_shape
+        d1, d2 = config.axial_pos_embds_dim
+        self.n2 = n2
+        # Shapes follow transformers so checkpoints load unchanged: (n1, 1, d1) and (1, n2, d2).
+        self.weights = nn.ParameterList([nn.Parameter(torch.zeros(n1, 1, d1)), nn.Parameter(torch.zeros(1, n2, d2))])
+
+    def forward(self, positions: Tensor) -> Tensor:  # positions (...,) int64 -> (..., E)
+        e1 = self.weights[0][:, 0, :][positions // self.n2]
+        e2 = self.weights[1][0][positions % self.n2]
+        return torch.cat([e1, e2], dim=-1)
+
+
+class PositionEmbeddings(nn.Module):
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        return self.embedding(positions)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = (
+            AxialPositionEmbeddings(config) if config.axial_pos_embds else PositionEmbeddings(config)
+        )
+
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        return self.word_embeddings(input_ids) + self.position_embeddings(positions)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention helpers shared by both kinds
+# ---------------------------------------------------------------------------------------------------
+def _attend_window(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, self_mask: bool, causal: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Masked softmax attention of query rows over their own key windows.
+
+    q (..., Q, D), k/v (..., W, D), q_pos (..., Q), k_pos (..., W) -> out (..., Q, D), lse (..., Q).
+    Keys at positions after the query are masked (causal); with `self_mask` a query's own position gets
+    the self-mask value (it is seen only when nothing else is).
+    """
+    dots = torch.matmul(q, k.transpose(-1, -2))  # (..., Q, W)
+    qp, kp = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
+    if causal:
+        dots = dots.masked_fill(kp > qp, MASK_VALUE.get(dots.dtype, -1e9))
+    if self_mask:
+        dots = dots.masked_fill(kp == qp, SELF_MASK_VALUE.get(dots.dtype, -1e5))
+    lse = torch.logsumexp(dots, dim=-1, keepdim=True)
+    out = torch.matmul(torch.exp(dots - lse), v)
+    return out, lse.squeeze(-1)
+
+
+def _window_chunk_index(num_chunks: int, first: int, last: int, before: int, after: int, device) -> Tensor:
+    """Chunk ids of the key window of query chunks [first, last): (G, 1 + before + after), wrapping around
+    the flattened chunk axis as transformers' `_look_adjacent` does."""
+    ids = torch.arange(first, last, device=device).unsqueeze(1)
+    offs = torch.arange(-before, after + 1, device=device).unsqueeze(0)
+    # transformers lists the chunks in order -before..after
+    return (ids + offs) % num_chunks
+
+
+def _group_size(config_chunk: int, window: int, batch_heads: int, budget: int) -> int:
+    return max(1, budget // max(1, batch_heads * config_chunk * window))
+
+
+# ---------------------------------------------------------------------------------------------------
+# LSH self-attention (shared QK)
+# ---------------------------------------------------------------------------------------------------
+class LSHSelfAttention(nn.Module):
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.H, self.D = config.num_attention_heads, config.attention_head_size
+        self.C = config.lsh_attn_chunk_length
+        self.before, self.after = config.lsh_num_chunks_before, config.lsh_num_chunks_after
+        self.query_key = nn.Linear(config.hidden_size, self.H * self.D, bias=False)
+        self.value = nn.Linear(config.hidden_size, self.H * self.D, bias=False)
+        # Random rotations (H, D, R, rotation_size/2): fixed state, saved with the weights.
+        self.register_buffer("rotations", torch.zeros(self.H, self.D, config.num_hashes, config.rotation_size // 2))
+
+    @property
+    def num_hashes(self) -> int:
+        return self.rotations.shape[2]
+
+    def hash(self, qk: Tensor) -> Tensor:
+        """Bucket ids (no round offsets) of shared-QK vectors: qk (..., H, T, D) -> (..., H, R, T) int64.
+
+        Angular LSH: bucket = argmax([xR, -xR]); factorised buckets hash each factor on its own slice of
+        the rotated coordinates and combine mixed-radix, first factor least significant (as transformers).
+        """
+        rot = torch.einsum("...htd,hdrk->...hrtk", qk.float(), self.rotations.float())
+        buckets, offset, radix = None, 0, 1
+        for factor in self.config.bucket_factors:
+            part = rot[..., offset : offset + factor // 2]
+            offset += factor // 2
+            b = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
+            buckets = b if buckets is None else buckets + radix * b
+            radix *= factor
+        return buckets
+
+    # ---- prefill / full forward --------------------------------------------------------------
+    def forward_work(
+        self, x: Tensor, n_padded: int, state: list[LSHLayerState] | None, score_budget: int
+    ) -> Generator[int, None, Tensor]:
+        """Attention over x (B, T, E) (already layer-normed). Returns (B, T, H*D).
+
+        `n_padded` is the length transformers would pad to; pads sort last in every hash round and are
+        masked, so only the chunk layout depends on it. Fills `state` (one per batch row) for decoding.
+        """
+        B, T, _ = x.shape
+        H, D, C = self.H, self.D, self.C
+        qk = self.query_key(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        v = self.value(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = len_norm(qk) / math.sqrt(D)  # (B, H, T, D)
+        pos = torch.arange(T, device=x.device)
+        if n_padded <= C:
+            # Short sequences: plain causal attention (as transformers), no buckets.
+            out, _ = _attend_window(qk, k, v, pos, pos, self_mask=True)
+            if state is not None:
+                for b in range(B):
+                    state[b].write_prefill(k[b], v[b], None)
+            yield T
+            return out.transpose(1, 2).reshape(B, T, H * D)
+
+        R, K = self.num_hashes, self.config.total_buckets
+        buckets = self.hash(qk)  # (B, H, R, T)
+        order = torch.argsort(buckets * T + pos, dim=-1)  # (B, H, R, T) positions in (bucket, position) order
+        if state is not None:
+            for b in range(B):
+                state[b].write_prefill(k[b], v[b], order[b], buckets[b])
+        # Pads: index T points at a zero row placed after every real position of the round.
+        pad = n_padded - T
+        if pad:
+            order = torch.cat([order, order.new_full((B, H, R, pad), T)], dim=-1)  # (B, H, R, Tp)
+        zero = qk.new_zeros(B, H, 1, D)
+        qk_p, k_p, v_p = (torch.cat([t, zero], dim=2) for t in (qk, k, v))  # (B, H, T+1, D)
+        # Pads take positions beyond every real token: masked for all real queries by the causal mask.
+        pos_p = torch.cat([pos, pos.new_tensor([T + n_padded])])
+        flat = order.reshape(B, H, R * n_padded)  # sorted slot -> row, rounds flattened
+        M = R * n_padded // C  # chunks over all rounds
+        W = C * (1 + self.before + self.after)
+        G = _group_size(C, W, B * H, score_budget)
+        # Rounds are combined online: acc = sum_r out_r * exp(lse_r - logsumexp_r lse_r).
+        acc = qk.new_zeros(B, H, T + 1, D)
+        lse_acc = qk.new_full((B, H, T + 1), float("-inf"))
+        chunks_per_round = n_padded // C
+        for r in range(R):
+            out_r = qk.new_zeros(B, H, T + 1, D)
+            lse_r = qk.new_zeros(B, H, T + 1)
+            for m0 in range(r * chunks_per_round, (r + 1) * chunks_per_round, G):
+                m1 = min(m0 + G, (r + 1) * chunks_per_round)
+                q_rows = flat[:, :, m0 * C : m1 * C]  # (B, H, G*C)
+                win = _window_chunk_index(M, m0, m1, self.before, self.after, x.device)  # (G, n)
+                k_slots = (win.unsqueeze(-1) * C + torch.arange(C, device=x.device)).reshape(-1)  # (G*W,)
+                k_rows = flat[:, :, k_slots]  # (B, H, G*W)
+                g = m1 - m0
+                q = _gather_rows(qk_p, q_rows).view(B, H, g, C, D)
+                kk = _gather_rows(k_p, k_rows).view(B, H, g, W, D)
+                vv = _gather_rows(v_p, k_rows).view(B, H, g, W, D)
+                o, lse = _attend_window(
+                    q, kk, vv, pos_p[q_rows].view(B, H, g, C), pos_p[k_rows].view(B, H, g, W), self_mask=True
+                )
+                # scatter back to original positions (pads land on row T and are dropped)
+                out_r.scatter_(2, q_rows.unsqueeze(-1).expand(B, H, g * C, D), o.reshape(B, H, g * C, D))
+                lse_r.scatter_(2, q_rows, lse.reshape(B, H, g * C))
+                yield g * C
+            new_lse = torch.logaddexp(lse_acc, lse_r)
+            acc = acc * torch.exp(lse_acc - new_lse).unsqueeze(-1) + out_r * torch.exp(lse_r - new_lse).unsqueeze(-1)
+            lse_acc = new_lse
+        return acc[:, :, :T].transpose(1, 2).reshape(B, T, H * D)
+
+    # ---- cached decode -----------------------------------------------------------------------
+    def decode(self, x: Tensor, states: list[LSHLayerState], lengths: list[int]) -> Tensor:
+        """One new token per sequence: x (B, E) layer-normed -> (B, H*D). Updates `states` in place."""
+        B = x.shape[0]
+        H, D, C = self.H, self.D, self.C
+        qk = self.query_key(x).view(B, H, 1, D)
+        v = self.value(x).view(B, H, 1, D)
+        k = len_norm(qk) / math.sqrt(D)
+        buckets = self.hash(qk)[..., 0]  # (B, H, R)
+        outs: list[Tensor | None] = [None] * B
+        windowed = [b for b in range(B) if states[b].order is not None]
+        if windowed:
+            ks, vs, ps = [], [], []
+            for b in windowed:
+                kb, vb, pb = states[b].window(buckets[b], lengths[b], C, self.before, self.after)
+                ks.append(kb)
+                vs.append(vb)
+                ps.append(pb)
+            kk = torch.stack(ks)  # (b, H, R, W, D) with the new key at its slot left to fill below
+            vv = torch.stack(vs)
+            pp = torch.stack(ps)  # (b, H, R, W) positions
+            idx = torch.tensor(windowed, device=x.device)
+            tpos = torch.tensor([lengths[b] for b in windowed], device=x.device).view(-1, 1, 1, 1)
+            is_new = pp == tpos  # the new token's own slot(s): its key is not cached yet
+            kk = torch.where(is_new.unsqueeze(-1), k[idx].unsqueeze(2), kk)
+            vv = torch.where(is_new.unsqueeze(-1), v[idx].unsqueeze(2), vv)
+            q = qk[idx].unsqueeze(2)  # (b, H, 1, 1, D) broadcast over rounds
+            o, lse = _attend_window(q.expand(-1, -1, self.num_hashes, -1, -1), kk, vv,
+                                    tpos.expand(-1, H, self.num_hashes, 1), pp,
+                                    self_mask=True, causal=False)
+            o, lse = o[..., 0, :], lse[..., 0]  # (b, H, R, D), (b, H, R)
+            w = torch.softmax(lse, dim=-1).unsqueeze(-1)  # round weights exp(lse_r - logsumexp lse)
+            combined = (o * w).sum(dim=2)  # (b, H, D)
+            for i, b in enumerate(windowed):
+                outs[b] = combined[i]
+        for b in range(B):
+            st = states[b]
+            T = lengths[b]
+            if outs[b] is None:
+                # Dense phase (fewer than one chunk so far): attend to every cached position and itself.
+                keys = torch.cat([st.keys[:, :T], k[b, :, 0:1]], dim=1).unsqueeze(0)
+                vals = torch.cat([st.values[:, :T], v[b, :, 0:1]], dim=1).unsqueeze(0)
+                kp = torch.arange(T + 1, device=x.device)
+                o, _ = _attend_window(qk[b : b + 1], keys, vals, kp[T:], kp, self_mask=True, causal=False)
+                outs[b] = o[0, :, 0]
+            st.append(k[b, :, 0], v[b, :, 0], buckets[b], T, self, C)
+        return torch.stack(outs).reshape(B, H * D)
+
+
+def _gather_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """t (B, H, T, D), rows (B, H, N) -> (B, H, N, D)."""
+    return torch.gather(t, 2, rows.unsqueeze(-1).expand(*rows.shape, t.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Local self-attention
+# ---------------------------------------------------------------------------------------------------
+class LocalSelfAttention(nn.Module):
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.H, self.D = config.num_attention_heads, config.attention_head_size
+        self.C = config.local_attn_chunk_length
+        self.before, self.after = config.local_num_chunks_before, config.local_num_chunks_after
+        self.query = nn.Linear(config.hidden_size, self.H * self.D, bias=False)
+        self.key = nn.Linear(config.hidden_size, self.H * self.D, bias=False)
+        self.value = nn.Linear(config.hidden_size, self.H * self.D, bias=False)
+
+    @property
+    def ring_size(self) -> int:
+        return (self.before + 1) * self.C
+
+    def forward_work(
+        self, x: Tensor, state: list[LocalLayerState] | None, score_budget: int
+    ) -> Generator[int, None, Tensor]:
+        """Causal chunked attention over x (B, T, E) (layer-normed) -> (B, T, H*D)."""
+        B, T, _ = x.shape
+        H, D, C = self.H, self.D, self.C
+        q = self.query(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.key(x).view(B, T, H, D).transpose(1, 2) / math.sqrt(D)
+        v = self.value(x).view(B, T, H, D).transpose(1, 2)
+        if state is not None:
+            for b in range(B):
+                state[b].write_prefill(k[b], v[b], T)
+        N = -(-T // C)  # chunks (last one padded)
+        pad = N * C - T
+        if pad:
+            z = q.new_zeros(B, H, pad, D)
+            q, k, v = (torch.cat([t, z], dim=2) for t in (q, k, v))
+        pos = torch.arange(N * C, device=x.device)
+        qc = q.view(B, H, N, C, D)
+        kc = k.view(B, H, N, C, D)
+        vc = v.view(B, H, N, C, D)
+        pc = pos.view(N, C)
+        W = C * (1 + self.before + self.after)
+        G = _group_size(C, W, B * H, score_budget)
+        out = q.new_empty(B, H, N, C, D)
+        for m0 in range(0, N, G):
+            m1 = min(m0 + G, N)
+            win = _window_chunk_index(N, m0, m1, self.before, self.after, x.device)  # (g, n)
+            g = m1 - m0
+            kk = kc[:, :, win].reshape(B, H, g, W, D)
+            vv = vc[:, :, win].reshape(B, H, g, W, D)
+            kp = pc[win].reshape(g, W)
+            # Wrapped-around chunks hold later positions: the causal mask removes them (as in transformers).
+            o, _ = _attend_window(qc[:, :, m0:m1], kk, vv, pc[m0:m1], kp, self_mask=False)
+            out[:, :, m0:m1] = o
+            yield g * C
+        return out.view(B, H, N * C, D)[:, :, :T].transpose(1, 2).reshape(B, T, H * D)
+
+    def decode(self, x: Tensor, states: list[LocalLayerState], lengths: list[int]) -> Tensor:
+        """x (B, E) -> (B, H*D); the new token at position T sees [((T//C) - before) * C, T]."""
+        B = x.shape[0]
+        H, D, C = self.H, self.D, self.C
+        q = self.query(x).view(B, H, 1, D)
+        k = (self.key(x) / math.sqrt(D)).view(B, H, D)
+        v = self.value(x).view(B, H, D)
+        for b in range(B):
+            states[b].append(k[b], v[b], lengths[b])
+        kk = torch.stack([s.keys for s in states])  # (B, H, ring, D)
+        vv = torch.stack([s.values for s in states])
+        pp = torch.stack([s.positions for s in states])  # (B, ring)
+        T = torch.tensor(lengths, device=x.device).view(B, 1)
+        start = ((T // C) - self.before).clamp(min=0) * C
+        hidden = (pp < start) | (pp < 0)
+        dots = torch.matmul(q, kk.transpose(-1, -2))  # (B, H, 1, ring)
+        dots = dots.masked_fill(hidden.view(B, 1, 1, -1), MASK_VALUE.get(dots.dtype, -1e9))
+        probs = torch.softmax(dots, dim=-1)
+        return torch.matmul(probs, vv).reshape(B, H * D)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """LayerNorm -> LSH or local self-attention -> output projection (names as in transformers)."""
+
+    def __init__(self, config: ReformerConfig, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attention = LSHSelfAttention(config) if kind == "lsh" else LocalSelfAttention(config)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(config.all_head_size, config.hidden_size, bias=False)
+
+
+class FeedForward(nn.Module):
+    """LayerNorm -> Linear -> act -> Linear, applied chunk by chunk along the sequence."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = nn.Module()
+        self.dense.dense = nn.Linear(config.hidden_size, config.feed_forward_size)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(config.feed_forward_size, config.hidden_size)
+        self.act = ACT[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output.dense(self.act(self.dense.dense(self.layer_norm(x))))
+
+
+class ReformerLayer(nn.Module):
+    """Reversible block at inference: y1 = x1 + Attn(x2); y2 = x2 + FF(y1). No autograd machinery."""
+
+    def __init__(self, config: ReformerConfig, kind: str) -> None:
+        super().__init__()
+        self.attention = Attention(config, kind)
+        self.feed_forward = FeedForward(config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class PrefillResult:
+    logits: Tensor  # (B, T, V), or (B, 1, V) with last_only
+    cache: ReformerCache
+
+
+class ReformerLM(nn.Module):
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList([ReformerLayer(config, kind) for kind in config.attn_layers])
+        self.encoder.layer_norm = nn.LayerNorm(2 * config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Module()
+        self.lm_head.decoder = nn.Linear(2 * config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.score_budget = DEFAULT_SCORE_ELEMENTS
+        self.reset_rotations()
+
+    # ---- setup -------------------------------------------------------------------------------
+    def reset_rotations(self, seed: int | None = None, num_hashes: int | None = None) -> None:
+        """Draw the LSH rotations from `seed` exactly as transformers does for `hash_seed` (every LSH
+        layer of one shape gets the same draw) without touching the global RNG."""
+        cfg = self.config
+        seed = cfg.hash_seed if seed is None else seed
+        R = cfg.num_hashes if num_hashes is None else num_hashes
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        shape = (cfg.num_attention_heads, cfg.attention_head_size, R, cfg.rotation_size // 2)
+        rot = torch.randn(shape, generator=gen, dtype=torch.float32)
+        for layer in self.lsh_layers():
+            buf = layer.rotations
+            layer.rotations = rot.clone().to(device=buf.device)
+
+    def lsh_layers(self) -> Iterator[LSHSelfAttention]:
+        for layer in self.encoder.layers:
+            if isinstance(layer.attention.self_attention, LSHSelfAttention):
+                yield layer.attention.self_attention
+
+    def rotation_fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for layer in self.lsh_layers():
+            h.update(layer.rotations.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.decoder.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.decoder.weight.dtype
+
+    # ---- full forward / prefill --------------------------------------------------------------
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Full forward without cache: (B, T) -> logits (B, T, V). Works under autograd (training)."""
+        return _drain(self._forward_work(input_ids, None, last_only=False))
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: Tensor, capacity: int | None = None, last_only: bool = False) -> tuple[Tensor, ReformerCache]:
+        """Full forward over the prompt that also builds the decode cache. Returns (logits, cache)."""
+        return _drain(self.prefill_iter(input_ids, capacity=capacity, last_only=last_only, work_tokens=None))
+
+    def prefill_iter(
+        self,
+        input_ids: Tensor,
+        *,
+        capacity: int | None = None,
+        last_only: bool = True,
+        work_tokens: int | None = 4096,
+    ) -> Generator[tuple[int, int], None, tuple[Tensor, ReformerCache]]:
+        """Resumable prefill: yields (done, total) units of work; returns (logits, cache).
+
+        A unit is about `work_tokens` positions of one layer's attention or feed-forward, so an engine can
+        interleave decode steps of other sequences between units. Results equal `prefill` exactly.
+        """
+        B, T = input_ids.shape
+        self._check_length(T)
+        cap = max(T, capacity or 0)
+        seqs = [SequenceCache.allocate(self, cap) for _ in range(B)]
+        with torch.inference_mode():
+            gen = self._forward_work(input_ids, seqs, last_only=last_only, work_tokens=work_tokens)
+            total = self._work_total(T)
+            done = 0
+            while True:
+                try:
+                    with torch.inference_mode():
+                        step = next(gen)
+                except StopIteration as stop:
+                    logits = stop.value
+                    break
+                done += step
+                yield (min(done, total), total)
+        for s in seqs:
+            s.length = T
+        return logits, ReformerCache(seqs)
+
+    def _work_total(self, T: int) -> int:
+        cfg = self.config
+        n = 0
+        Tp = padded_length(cfg, T)
+        for kind in cfg.attn_layers:
+            if kind == "lsh":
+                n += T if Tp <= cfg.lsh_attn_chunk_length else cfg.num_hashes * Tp
+            else:
+                n += -(-T // cfg.local_attn_chunk_length) * cfg.local_attn_chunk_length
+            n += T  # feed-forward
+        return n
+
+    def _check_length(self, T: int) -> None:
+        if T < 1:
+            raise ValueError("input_ids must hold at least one token")
+        Tp = padded_length(self.config, T)
+        if Tp > self.config.max_context:
+            raise ValueError(
+                f"sequence of {T} tokens (padded to {Tp}) exceeds the model's context of {self.config.max_context}"
+            )
+
+    def _forward_work(
+        self,
+        input_ids: Tensor,
+        seqs: list[SequenceCache] | None,
+        last_only: bool,
+        work_tokens: int | None = None,
+    ) -> Generator[int, None, Tensor]:
+        cfg = self.config
+        B, T = input_ids.shape
+        self._check_length(T)
+        Tp = padded_length(cfg, T)
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.embeddings(input_ids, positions)  # (B, T, E)
+        a, h = x, x  # the two reversible streams start equal
+        step = T if work_tokens is None else max(1, work_tokens)
+        budget = self.score_budget
+        if work_tokens is not None:
+            budget = min(budget, max(1, B * cfg.num_attention_heads * work_tokens * 2 * cfg.lsh_attn_chunk_length))
+        for i, layer in enumerate(self.encoder.layers):
+            att = layer.attention
+            states = None if seqs is None else [s.layers[i] for s in seqs]
+            xn = att.layer_norm(h)
+            if att.kind == "lsh":
+                o = yield from att.self_attention.forward_work(xn, Tp, states, budget)
+            else:
+                o = yield from att.self_attention.forward_work(xn, states, budget)
+            a = a + att.output.dense(o)
+            # chunked feed-forward along the sequence (memory only; the result is the same)
+            ff_chunk = cfg.chunk_size_feed_forward or step
+            ff_chunk = min(ff_chunk, step) if work_tokens is not None else ff_chunk
+            if ff_chunk >= T:
+                h = h + layer.feed_forward(a)
+                yield T
+            else:
+                parts = []
+                for s0 in range(0, T, ff_chunk):
+                    parts.append(layer.feed_forward(a[:, s0 : s0 + ff_chunk]))
+                    yield parts[-1].shape[1]
+                h = h + torch.cat(parts, dim=1)
+        if last_only:
+            a, h = a[:, -1:], h[:, -1:]
+        return self._head(a, h)
+
+    def _head(self, a: Tensor, h: Tensor) -> Tensor:
+        y = self.encoder.layer_norm(torch.cat([a, h], dim=-1))  # (B, T, 2E)
+        return self.lm_head.decoder(y) + self.lm_head.bias
+
+    # ---- decode ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_step(self, input_ids: Tensor, cache: ReformerCache) -> tuple[Tensor, ReformerCache]:
+        """One token for every sequence in the batch: (B, 1) -> logits (B, 1, V). Sequences may have
+        different lengths; each cache is updated in place (and returned for convenience)."""
+        seqs = cache.sequences
+        B = input_ids.shape[0]
+        if B != len(seqs):
+            raise ValueError(f"input_ids has {B} rows but the cache holds {len(seqs)} sequences")
+        lengths = [s.length for s in seqs]
+        for T in lengths:
+            if T + 1 > self.config.max_context:
+                raise ValueError(f"sequence would exceed the model's context of {self.config.max_context}")
+        for s in seqs:
+            s.reserve(s.length + 1)
+        pos = torch.tensor(lengths, device=input_ids.device)
+        x = self.embeddings(input_ids[:, 0], pos)  # (B, E)
+        a, h = x, x
+        for i, layer in enumerate(self.encoder.layers):
+            att = layer.attention
+            states = [s.layers[i] for s in seqs]
+            o = att.self_attention.decode(att.layer_norm(h), states, lengths)
+            a = a + att.output.dense(o)
+            h = h + layer.feed_forward(a)
+        for s in seqs:
+            s.length += 1
+        return self._head(a, h).unsqueeze(1), cache
+
+    def cache_bytes(self, num_tokens: int) -> int:
+        """Projected cache bytes of one sequence holding `num_tokens` positions."""
+        return SequenceCache.projected_bytes(self, num_tokens)
+
+    def cache_bytes_per_token(self) -> float:
+        return (self.cache_bytes(8192) - self.cache_bytes(4096)) / 4096
