@@ -98,7 +98,9 @@ def load_model(
     if num_hashes is not None:
         config.num_hashes = num_hashes
         config.validate()
-    model = ReformerLM(config)
+    with torch.device("meta"):  # no random init: every tensor comes from the file (or the hash seed)
+        model = ReformerLM(config)
+    model.to_empty(device="cpu")
     expected = model.state_dict()
     rotation_keys = {k for k in expected if k.endswith(".rotations")}
     have_rotations = rotation_keys <= set(weights)

@@ -203,7 +203,7 @@ class LSHSelfAttention(nn.Module):
             yield T
             return out.transpose(1, 2).reshape(B, T, H * D)
 
-        R, K = self.num_hashes, self.config.total_buckets
+        R = self.num_hashes
         buckets = self.hash(qk)  # (B, H, R, T)
         order = torch.argsort(buckets * T + pos, dim=-1)  # (B, H, R, T) positions in (bucket, position) order
         if state is not None:
@@ -453,7 +453,7 @@ class ReformerLM(nn.Module):
         R = cfg.num_hashes if num_hashes is None else num_hashes
         gen = torch.Generator(device="cpu").manual_seed(seed)
         shape = (cfg.num_attention_heads, cfg.attention_head_size, R, cfg.rotation_size // 2)
-        rot = torch.randn(shape, generator=gen, dtype=torch.float32)
+        rot = torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu")
         for layer in self.lsh_layers():
             buf = layer.rotations
             layer.rotations = rot.clone().to(device=buf.device)
