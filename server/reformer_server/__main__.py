@@ -1,0 +1,30 @@
+"""`reformer-server` / `python -m reformer_server`: parse flags (and REFORMER_* variables), serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from reformer_server.config import parse_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from reformer_server.server import serve  # after logging is set up: importing torch takes a moment
+
+    try:
+        asyncio.run(serve(cfg))
+    except Exception as exc:  # a startup failure (bad model path, port in use): one line, non-zero exit
+        logging.getLogger("reformer_server").error("fatal: %s", exc, exc_info=cfg.log_level == "DEBUG")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

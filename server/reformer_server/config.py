@@ -1,0 +1,192 @@
+"""Server configuration: every flag, its environment-variable equivalent and its default, in one place.
+
+Precedence: command-line flag > environment variable (`REFORMER_*`) > default. The environment is read
+only when `parse_config` is called (never at import time), so tests can pass `env=`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '1GiB', '512MiB', '2G' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 1073741824, 512MiB, 2GiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+@dataclass
+class ServerConfig:
+    """Runtime settings of one server process (the model's own config travels with its weights)."""
+
+    model: Path | None = None  # None: reformer_infer.default_model_path()
+    backend: str = "eager"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str | None = None  # None: same as host
+    metrics_port: int = 9090  # 0: ephemeral; negative: no metrics endpoint
+    port_file: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 16
+    max_queue: int = 256
+    cache_memory: int | None = None  # None: derived from free memory after loading the model
+    max_context: int | None = None  # None: the model's max context
+    max_new_tokens_limit: int = 4096
+    default_max_new_tokens: int = 64
+    prefill_chunk_tokens: int = 512
+    stream_buffer_events: int = 256
+    stall_timeout: float = 30.0
+    grace_period: float = 30.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token: str | None = None
+    auth_health: bool = False  # also require the token for grpc.health.v1 (probes usually carry none)
+    reflection: bool = True
+    max_message_bytes: int = 16 * 2**20
+    max_concurrent_streams: int = 256
+    keepalive_min_ping_interval: float = 10.0
+    warmup: bool = True
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class _Option:
+    flag: str
+    dest: str
+    type: Callable[[str], Any]
+    help: str
+    choices: Sequence[str] | None = None
+
+    @property
+    def env(self) -> str:
+        return "REFORMER_" + self.dest.upper()
+
+
+def _opt_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("--model", "model", _opt_path, "checkpoint directory (config.json + model.safetensors); "
+            "default: the bundled model, reformer_infer.default_model_path()"),
+    _Option("--backend", "backend", str, "execution backend (eager; exported backends register in reformer_server.backend)"),
+    _Option("--host", "host", str, "address to bind the gRPC server to (0.0.0.0 to listen on all interfaces)"),
+    _Option("--port", "port", int, "gRPC port (0 picks a free one; see --port-file)"),
+    _Option("--metrics-host", "metrics_host", str, "address of the Prometheus endpoint (default: --host)"),
+    _Option("--metrics-port", "metrics_port", int, "Prometheus /metrics port (0 picks a free one, -1 disables)"),
+    _Option("--port-file", "port_file", _opt_path,
+            "write {\"port\": ..., \"metrics_port\": ...} as JSON here once the ports are bound"),
+    _Option("--device", "device", str, "where the model runs", ("auto", "cpu", "cuda")),
+    _Option("--dtype", "dtype", str, "parameter dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+            ("auto", "float32", "bfloat16", "float16")),
+    _Option("--max-batch", "max_batch", int, "running sequences decoded together in one step"),
+    _Option("--max-queue", "max_queue", int, "waiting requests beyond which new ones get RESOURCE_EXHAUSTED"),
+    _Option("--cache-memory", "cache_memory", parse_bytes,
+            "cache budget for admission in bytes (512MiB, 8GiB, ...); default: 80%% of free GPU memory, "
+            "or 25%% of available RAM (at most 16GiB) on CPU"),
+    _Option("--max-context", "max_context", int, "longest prompt + generation accepted (default: the model's)"),
+    _Option("--max-new-tokens-limit", "max_new_tokens_limit", int, "largest max_new_tokens accepted"),
+    _Option("--default-max-new-tokens", "default_max_new_tokens", int, "max_new_tokens when a request omits it"),
+    _Option("--prefill-chunk-tokens", "prefill_chunk_tokens", int,
+            "prefill work per engine step, so long prompts interleave with running streams"),
+    _Option("--stream-buffer-events", "stream_buffer_events", int, "per-request event buffer in the engine"),
+    _Option("--stall-timeout", "stall_timeout", float,
+            "seconds a stream may wait for a client that stopped reading before it is aborted"),
+    _Option("--grace-period", "grace_period", float,
+            "on SIGTERM/SIGINT, seconds running streams get to finish before they are cancelled"),
+    _Option("--tls-cert", "tls_cert", _opt_path, "PEM server certificate chain (enables TLS; needs --tls-key)"),
+    _Option("--tls-key", "tls_key", _opt_path, "PEM private key of --tls-cert"),
+    _Option("--tls-client-ca", "tls_client_ca", _opt_path, "PEM CA bundle; when given, clients must present "
+            "a certificate it signed (mutual TLS)"),
+    _Option("--auth-token", "auth_token", str, "require 'authorization: Bearer <token>' metadata on every call "
+            "(prefer the environment variable, flags are visible in ps)"),
+    _Option("--auth-health", "auth_health", parse_bool, "also require the token for the health service"),
+    _Option("--reflection", "reflection", parse_bool, "serve gRPC server reflection (grpcurl, grpcui)"),
+    _Option("--max-message-bytes", "max_message_bytes", parse_bytes, "largest gRPC message sent or received"),
+    _Option("--max-concurrent-streams", "max_concurrent_streams", int,
+            "concurrent RPCs the server handles; more are refused with RESOURCE_EXHAUSTED"),
+    _Option("--keepalive-min-ping-interval", "keepalive_min_ping_interval", float,
+            "smallest interval (s) between client keepalive pings the server accepts"),
+    _Option("--warmup", "warmup", parse_bool, "run one short generation before reporting SERVING"),
+    _Option("--log-level", "log_level", str, "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="reformer-server",
+        description="Serve a Reformer language model over gRPC (reformer.v1.TextGeneration), with health, "
+        "reflection and Prometheus metrics. Every flag has an environment variable (shown in brackets); "
+        "a flag wins over its variable.",
+    )
+    for opt in _OPTIONS:
+        default = getattr(defaults, opt.dest)
+        parser.add_argument(
+            opt.flag, dest=opt.dest, type=opt.type, choices=opt.choices, default=None,
+            help=f"{opt.help} [env {opt.env}; default {default if default is not None else 'auto'}]",
+        )
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Flags > REFORMER_* environment variables > ServerConfig defaults."""
+    env = os.environ if env is None else env
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = ServerConfig()
+    for opt in _OPTIONS:
+        value = getattr(args, opt.dest)
+        if value is None and opt.env in env:
+            raw = env[opt.env]
+            try:
+                value = opt.type(raw)
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                parser.error(f"{opt.env}={raw!r}: {e}")
+            if opt.choices is not None and value not in opt.choices:
+                parser.error(f"{opt.env}={raw!r}: choose from {', '.join(opt.choices)}")
+        if value is not None:
+            setattr(cfg, opt.dest, value)
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if cfg.tls_client_ca is not None and cfg.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert/--tls-key")
+    if cfg.auth_token == "":
+        cfg.auth_token = None
+    for name in ("max_batch", "max_queue", "max_new_tokens_limit", "default_max_new_tokens",
+                 "prefill_chunk_tokens", "stream_buffer_events", "max_message_bytes", "max_concurrent_streams"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.default_max_new_tokens > cfg.max_new_tokens_limit:
+        parser.error("--default-max-new-tokens must be <= --max-new-tokens-limit")
+    return cfg

@@ -1,0 +1,225 @@
+"""The one place where protobuf messages and engine types meet (both directions).
+
+Requests: `GenerateRequest` -> (prompt ids, `SamplingParams`), with the checks only the wire format needs
+(text vs token_ids, enum values, truncation); every other check is the engine's (`SamplingParams.validate`,
+`validate_prompt`, the scheduler's context and budget checks), so the server reports the same field and
+message as the library.
+Responses: engine events -> `GenerateStreamResponse`, a whole run -> `GenerateResponse`, and the plain
+model description -> `GetModelInfoResponse`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from reformer_infer.requests import (
+    FinishEvent,
+    FinishReason,
+    InvalidRequestError,
+    PrefillProgress,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
+from reformer_server._proto import generation_pb2 as pb
+from reformer_server.model_info import ModelDescription
+
+MAX_LOGPROBS = 20  # SamplingParams.validate's bound, reported in ServerLimits
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the converter needs to know about the server to turn a request into engine input."""
+
+    max_context: int  # the engine's (prompt + max_new_tokens), for truncation
+    default_max_new_tokens: int
+
+
+class TextEncoder(Protocol):
+    """The part of the engine's tokenizer the converter needs."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+def to_engine_request(
+    req: pb.GenerateRequest, tokenizer: TextEncoder, limits: RequestLimits
+) -> tuple[list[int], SamplingParams]:
+    """Validate a GenerateRequest and return (prompt token ids, sampling params)."""
+    if req.text and len(req.token_ids):
+        raise InvalidRequestError("token_ids", "give either text or token_ids, not both")
+    if not req.text and not len(req.token_ids):
+        raise InvalidRequestError("text", "the prompt is empty: give text or token_ids")
+    if req.truncation not in pb.Truncation.values():
+        raise InvalidRequestError("truncation", f"unknown enum value {req.truncation}")
+    prompt = tokenizer.encode(req.text) if req.text else list(req.token_ids)
+    params = SamplingParams(
+        max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else limits.default_max_new_tokens,
+        temperature=req.temperature if req.HasField("temperature") else 1.0,
+        top_k=req.top_k if req.HasField("top_k") else 0,
+        top_p=req.top_p if req.HasField("top_p") else 1.0,
+        repetition_penalty=req.repetition_penalty if req.HasField("repetition_penalty") else 1.0,
+        seed=req.seed if req.HasField("seed") else None,
+        stop=tuple(req.stop),
+        stop_token_ids=tuple(req.stop_token_ids),
+        logprobs=req.logprobs,
+        ignore_eos=req.ignore_eos,
+        priority=req.priority,
+        max_time_s=req.max_time_seconds if req.HasField("max_time_seconds") else None,
+    )
+    # Range and context checks are the engine's (SamplingParams.validate, validate_prompt, the scheduler), so
+    # every edge reports the same field and message; only truncation needs to know the context here.
+    room = limits.max_context - params.max_new_tokens
+    if req.truncation == pb.TRUNCATION_LEFT and 0 < room < len(prompt):
+        prompt = prompt[-room:]
+    return prompt, params
+
+
+_FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.ABORTED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def finish_reason_to_proto(ev: FinishEvent) -> int:
+    """Engine finish reason -> pb.FinishReason (an ERROR that is a time limit ends normally)."""
+    if ev.finish_reason is FinishReason.ERROR:
+        return pb.FINISH_REASON_TIME_LIMIT if ev.error_kind == "timeout" else pb.FINISH_REASON_UNSPECIFIED
+    return _FINISH_REASONS[ev.finish_reason]
+
+
+def finish_reason_label(ev: FinishEvent) -> str:
+    """Lower-case finish reason as used in metric labels and the SDK ('length', 'cancelled', ...)."""
+    name = pb.FinishReason.Name(finish_reason_to_proto(ev))
+    return ev.finish_reason.value if name == "FINISH_REASON_UNSPECIFIED" else name.removeprefix("FINISH_REASON_").lower()
+
+
+def _logprobs_to_proto(items: Sequence[TokenLogprob]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+        )
+        for lp in items
+    ]
+
+
+def _usage(ev: FinishEvent) -> pb.Usage:
+    return pb.Usage(prompt_tokens=ev.prompt_tokens, generated_tokens=ev.generated_tokens)
+
+
+def _timings(ev: FinishEvent) -> pb.Timings:
+    return pb.Timings(
+        queue_seconds=ev.queue_time_s,
+        prefill_seconds=ev.prefill_time_s,
+        first_token_seconds=ev.first_token_time_s,
+        total_seconds=ev.total_time_s,
+    )
+
+
+def event_to_stream_response(
+    ev: PrefillProgress | TokenEvent | FinishEvent, request_id: str
+) -> pb.GenerateStreamResponse:
+    """One engine event -> one stream message."""
+    if isinstance(ev, TokenEvent):
+        return pb.GenerateStreamResponse(
+            request_id=request_id,
+            token_ids=ev.token_ids,
+            text=ev.text,
+            logprobs=_logprobs_to_proto(ev.logprobs),
+        )
+    if isinstance(ev, PrefillProgress):
+        return pb.GenerateStreamResponse(
+            request_id=request_id,
+            prefill_progress=pb.PrefillProgress(done_tokens=ev.done_tokens, total_tokens=ev.total_tokens),
+        )
+    return pb.GenerateStreamResponse(
+        request_id=request_id,
+        text=ev.text,
+        finish_reason=finish_reason_to_proto(ev),
+        usage=_usage(ev),
+        timings=_timings(ev),
+        peak_cache_bytes=ev.peak_cache_bytes,
+    )
+
+
+class ResponseAccumulator:
+    """Collects the events of one request into the unary GenerateResponse."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._text: list[str] = []
+        self._token_ids: list[int] = []
+        self._logprobs: list[TokenLogprob] = []
+
+    def add(self, ev: TokenEvent) -> None:
+        self._text.append(ev.text)
+        self._token_ids.extend(ev.token_ids)
+        self._logprobs.extend(ev.logprobs)
+
+    def finish(self, ev: FinishEvent) -> pb.GenerateResponse:
+        self._text.append(ev.text)
+        return pb.GenerateResponse(
+            request_id=self.request_id,
+            text="".join(self._text),
+            token_ids=self._token_ids,
+            logprobs=_logprobs_to_proto(self._logprobs),
+            finish_reason=finish_reason_to_proto(ev),
+            usage=_usage(ev),
+            timings=_timings(ev),
+            peak_cache_bytes=ev.peak_cache_bytes,
+        )
+
+
+def model_info_to_proto(desc: ModelDescription) -> pb.GetModelInfoResponse:
+    c = desc.config
+    buckets = c.get("num_buckets", 0)
+    return pb.GetModelInfoResponse(
+        model_name=desc.name,
+        config=pb.ModelConfig(
+            vocab_size=c.get("vocab_size", 0),
+            hidden_size=c.get("hidden_size", 0),
+            attn_layers=list(c.get("attn_layers", [])),
+            num_attention_heads=c.get("num_attention_heads", 0),
+            attention_head_size=c.get("attention_head_size", 0),
+            num_hashes=c.get("num_hashes", 0),
+            # A factorised bucket count (a list) is reported as the product, the number of buckets in effect.
+            num_buckets=buckets if isinstance(buckets, int) else _product(buckets),
+            lsh_attn_chunk_length=c.get("lsh_attn_chunk_length", 0),
+            local_attn_chunk_length=c.get("local_attn_chunk_length", 0),
+            max_position_embeddings=c.get("max_position_embeddings", 0),
+            axial_pos_shape=list(c.get("axial_pos_shape", [])),
+            eos_token_id=c.get("eos_token_id", 0),
+            pad_token_id=c.get("pad_token_id", 0),
+        ),
+        config_json=desc.config_json,
+        rotation_fingerprint=desc.rotation_fingerprint,
+        device=desc.device,
+        dtype=desc.dtype,
+        backend=desc.backend,
+        limits=pb.ServerLimits(
+            max_context=desc.max_context,
+            max_new_tokens=desc.max_new_tokens_limit,
+            max_batch=desc.max_batch,
+            max_queue=desc.max_queue,
+            cache_memory_bytes=desc.cache_memory_bytes,
+            max_logprobs=MAX_LOGPROBS,
+            max_receive_message_bytes=desc.max_message_bytes,
+        ),
+        defaults=pb.GenerationDefaults(
+            max_new_tokens=desc.default_max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0
+        ),
+        server_version=desc.server_version,
+        num_parameters=desc.num_parameters,
+    )
+
+
+def _product(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out

@@ -1,0 +1,204 @@
+"""The TextGeneration servicer: a thin layer over the engine's async API.
+
+Each RPC converts the request (convert.py), calls the engine, converts events back, and fails through
+the one error mapping (errors.py, applied by `_rpc`). Two serving rules live here:
+
+- An engine request is aborted in a `finally` unless its FinishEvent was seen: grpc.aio closes a handler
+  parked at an await with CancelledError (client cancel, deadline) and `finally` is the only place that
+  always runs (notes/serving.md).
+- Writes are bounded in time: a client that stops reading for `stall_timeout` gets its request aborted, so
+  it cannot pin a batch slot and cache bytes forever. (The engine's own hand-off buffer is bounded and never
+  blocks the engine loop, so a slow reader does not slow the other streams.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from reformer_infer.requests import FinishEvent, InvalidRequestError, TokenEvent
+from reformer_server import convert
+from reformer_server._proto import generation_pb2 as pb
+from reformer_server._proto import generation_pb2_grpc as pb_grpc
+from reformer_server.errors import NotReadyError, StalledClientError, finish_error, status_for
+from reformer_server.metrics import RequestTracker, ServerMetrics
+from reformer_server.model_info import ModelDescription
+
+logger = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _rpc(fn: Handler) -> Handler:
+    """Run one RPC handler: map any failure to its status (errors.status_for) and count the outcome."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: TextGenerationServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        code = "OK"
+        try:
+            return await fn(self, request, context)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        except Exception as exc:
+            status, message, trailing = status_for(exc)
+            code = status.name
+            await context.abort(status, message, trailing_metadata=trailing)
+        finally:
+            self.metrics.rpc_done(method, code)
+
+    return wrapper
+
+
+class _Generation:
+    """One engine request as one RPC sees it: its events, its metrics, and its abort when left early."""
+
+    def __init__(self, servicer: TextGenerationServicer, request: pb.GenerateRequest) -> None:
+        engine = servicer.ready_engine()
+        assert servicer.limits is not None
+        prompt, params = convert.to_engine_request(request, engine.tokenizer, servicer.limits)
+        if request.request_id and request.request_id in servicer.active:
+            raise InvalidRequestError("request_id", f"{request.request_id!r} is already in use by a running request")
+        self._engine = engine
+        self._servicer = servicer
+        self.stream = engine.add_request(prompt, params, request_id=request.request_id or None)
+        self.request_id: str = self.stream.request_id
+        self.finished = False
+        self.tracker: RequestTracker = servicer.metrics.request_tracker(len(prompt))
+        servicer.request_started(self.request_id)
+
+    async def events(self) -> AsyncIterator[Any]:
+        async for ev in self.stream:
+            if isinstance(ev, TokenEvent):
+                self.tracker.tokens(len(ev.token_ids))
+            elif isinstance(ev, FinishEvent):
+                self.finished = True
+                error = finish_error(ev)
+                self.tracker.finished(ev, "error" if error else convert.finish_reason_label(ev))
+                if error is not None:
+                    raise error
+            yield ev
+
+    def close(self) -> None:
+        """Always called (finally): abort the engine request unless it already finished; frees its cache."""
+        if not self.finished:
+            self._engine.abort(self.request_id)
+            self.tracker.abandoned()
+        self._servicer.request_ended(self.request_id)
+
+
+class TextGenerationServicer(pb_grpc.TextGenerationServicer):
+    def __init__(self, metrics: ServerMetrics, *, stall_timeout: float = 30.0) -> None:
+        self.metrics = metrics
+        self.stall_timeout = stall_timeout
+        self.engine: Any = None  # set by attach() once the model is loaded
+        self.description: ModelDescription | None = None
+        self.limits: convert.RequestLimits | None = None
+        self.draining = False
+        self.active: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- lifecycle (called by server.py) ----------------------------------------------------
+    def attach(self, engine: Any, description: ModelDescription, limits: convert.RequestLimits) -> None:
+        self.engine, self.description, self.limits = engine, description, limits
+
+    def ready_engine(self) -> Any:
+        if self.draining:
+            raise NotReadyError("server is shutting down; retry on another replica")
+        if self.engine is None:
+            raise NotReadyError("model is still loading; retry shortly")
+        return self.engine
+
+    def request_started(self, request_id: str) -> None:
+        self.active.add(request_id)
+        self._idle.clear()
+        self.metrics.streams_open.inc()
+
+    def request_ended(self, request_id: str) -> None:
+        self.active.discard(request_id)
+        self.metrics.streams_open.dec()
+        if not self.active:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no generation is in progress; False when `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _write(self, context: grpc.aio.ServicerContext, message: pb.GenerateStreamResponse) -> None:
+        try:
+            await asyncio.wait_for(context.write(message), self.stall_timeout)
+        except TimeoutError:
+            raise StalledClientError(
+                f"client stopped reading for {self.stall_timeout:g}s; request aborted"
+            ) from None
+
+    # ---- RPCs ----------------------------------------------------------------------------
+    @_rpc
+    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        gen = _Generation(self, request)
+        try:
+            async for ev in gen.events():
+                await self._write(context, convert.event_to_stream_response(ev, gen.request_id))
+        finally:
+            gen.close()
+
+    @_rpc
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        gen = _Generation(self, request)
+        acc = convert.ResponseAccumulator(gen.request_id)
+        try:
+            async for ev in gen.events():
+                if isinstance(ev, TokenEvent):
+                    acc.add(ev)
+                elif isinstance(ev, FinishEvent):
+                    return acc.finish(ev)
+            raise RuntimeError("engine stream ended without a FinishEvent")
+        finally:
+            gen.close()
+
+    @_rpc
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        if self.description is None:
+            raise NotReadyError("model is still loading; retry shortly")
+        return convert.model_info_to_proto(self.description)
+
+    @_rpc
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        engine = self.ready_engine()
+        return pb.TokenizeResponse(token_ids=engine.tokenizer.encode(request.text))
+
+    @_rpc
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        engine = self.ready_engine()
+        vocab = engine.tokenizer.vocab_size
+        for t in request.token_ids:
+            if not (0 <= t < vocab):
+                raise InvalidRequestError("token_ids", f"token id {t} outside [0, {vocab})")
+        return pb.DetokenizeResponse(text=engine.tokenizer.decode(request.token_ids))
+
+    @_rpc
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        if not request.request_id:
+            raise InvalidRequestError("request_id", "must be non-empty")
+        engine = self.engine
+        if engine is None or request.request_id not in self.active:
+            return pb.CancelResponse(cancelled=False)
+        engine.abort(request.request_id)
+        return pb.CancelResponse(cancelled=True)
