@@ -1,0 +1,562 @@
+"""Continuous-batching engine: one thread drives the model, asyncio callers stream events.
+
+One engine step (vLLM v1 shape) is `schedule -> execute -> update`:
+  * schedule: admit waiting requests while slots and cache bytes allow (`Scheduler`), expire deadlines;
+  * execute: one batched `decode_step` over every decoding sequence (their caches grouped with
+    `ReformerCache.batch`, no copies), then at most `prefill_chunk_tokens` units of ONE prompt's
+    resumable prefill (`model.prefill_iter`), so a 64K prompt is spread over many steps while running
+    streams keep getting a token every step;
+  * update: sample per row (`sampling.sample_batch`), detokenise UTF-8-safely, match stop strings and
+    finish requests, releasing their slot and bytes at once.
+
+Threading: the step runs in the engine thread without holding the lock; the lock (a Condition) guards
+the scheduler and every request's bookkeeping, so `add_request`, `abort` and `stats` from other threads
+take effect between two steps (abort frees the reservation immediately; a sequence that is in the
+middle of an executing step is dropped when that step ends). Events reach each caller through a
+bounded `RequestStream`: the engine never blocks on a consumer; when the buffer is full, token events
+are coalesced into the last one (no token or text is lost, only granularity).
+
+Failures: an exception in one request's prefill (including out-of-memory) finishes only that request
+with ERROR; an out-of-memory in a batched decode fails the sequences of that batch; any other exception
+in the loop fails every request and marks the engine dead (`stats().alive` is False).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from reformer_infer.cache import ReformerCache
+from reformer_infer.requests import (
+    EngineStats,
+    EngineStoppedError,
+    Event,
+    FinishEvent,
+    FinishReason,
+    InvalidRequestError,
+    OutOfMemoryError,
+    PrefillProgress,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+    validate_prompt,
+)
+from reformer_infer.sampling import RequestSampler, sample_batch
+from reformer_infer.scheduler import RequestStatus, ScheduledRequest, Scheduler, SchedulerConfig
+from reformer_infer.tokenizer import ByteTokenizer, IncrementalDetokenizer, StopStringMatcher
+
+logger = logging.getLogger(__name__)
+
+_STATUS = {
+    FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
+    FinishReason.LENGTH: RequestStatus.FINISHED_LENGTH,
+    FinishReason.EOS: RequestStatus.FINISHED_EOS,
+    FinishReason.ABORTED: RequestStatus.FINISHED_ABORTED,
+    FinishReason.ERROR: RequestStatus.FINISHED_ERROR,
+}
+
+# A fault hook gets (phase, request_id) at "step" (request_id None) and before each "prefill" chunk;
+# whatever it raises is handled exactly like a failure of that phase. Tests use it to inject faults.
+FaultHook = Callable[[str, "str | None"], None]
+
+
+@dataclass
+class EngineConfig:
+    """Runtime knobs of the engine (the model's own config travels with its weights)."""
+
+    max_batch: int = 16  # running sequences (prefilling or decoding) at once
+    max_queue: int = 256  # waiting requests beyond this -> OverloadedError
+    cache_memory_bytes: int = 2**30  # admission budget in projected cache bytes
+    prefill_chunk_tokens: int = 512  # prefill work per step, in model.prefill_iter units (tokens x layers)
+    max_context: int | None = None  # defaults to the model's context
+    max_new_tokens_limit: int = 4096
+    stream_buffer_events: int = 256  # bounded per-request hand-off; beyond it token events coalesce
+
+
+class RequestStream:
+    """Async iterator over one request's events; filled from the engine thread without ever blocking it.
+
+    The buffer is a deque under a small lock; the consumer is woken with `loop.call_soon_threadsafe`
+    (at most one wake-up in flight). When more than `max_events` events wait, a new TokenEvent is merged
+    into the last buffered one and a PrefillProgress replaces the last one, so memory stays bounded by
+    the request's own output while the engine never waits for the consumer.
+    """
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_events: int) -> None:
+        self.request_id = request_id
+        self._loop = loop
+        self._max_events = max(1, max_events)
+        self._lock = threading.Lock()
+        self._buf: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+        self._closed = False  # FinishEvent queued: nothing more is accepted
+        self._done = False  # FinishEvent handed to the consumer
+        self.coalesced = 0  # events merged because the consumer was behind
+
+    # ---- producer side (any thread) ---------------------------------------------------------
+    def put(self, event: Event) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if isinstance(event, FinishEvent):
+                self._closed = True
+                self._buf.append(event)
+            elif len(self._buf) >= self._max_events and self._merge(event):
+                self.coalesced += 1
+            else:
+                self._buf.append(event)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            logger.debug("stream %s: event loop closed, dropping events", self.request_id)
+
+    def _merge(self, event: Event) -> bool:
+        last = self._buf[-1]
+        if isinstance(event, TokenEvent) and isinstance(last, TokenEvent):
+            self._buf[-1] = TokenEvent(
+                request_id=last.request_id,
+                token_ids=last.token_ids + event.token_ids,
+                text=last.text + event.text,
+                logprobs=last.logprobs + event.logprobs,
+            )
+            return True
+        if isinstance(event, PrefillProgress) and isinstance(last, PrefillProgress):
+            self._buf[-1] = event
+            return True
+        return False
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    # ---- consumer side (the caller's event loop) --------------------------------------------
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            with self._lock:
+                if self._buf:
+                    event = self._buf.popleft()
+                    if isinstance(event, FinishEvent):
+                        self._done = True
+                    return event
+                if self._done:
+                    raise StopAsyncIteration
+            # Cleared and awaited on the loop thread, where `_wake` also runs, so no wake-up is lost.
+            self._ready.clear()
+            await self._ready.wait()
+
+    @property
+    def finished(self) -> bool:
+        return self._closed
+
+
+@dataclass
+class _Request:
+    """The engine's state of one request (guarded by the engine lock unless noted)."""
+
+    sched: ScheduledRequest
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: RequestStream
+    sampler: RequestSampler
+    arrival: float
+    deadline: float | None
+    detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
+    stop: StopStringMatcher = field(default_factory=lambda: StopStringMatcher(()))
+    admitted: float | None = None
+    first_token: float | None = None
+    prefill_gen: Generator[tuple[int, int], None, Any] | None = None
+    prefill_done_tokens: int = 0  # prompt tokens accounted in stats / progress
+    prefill_done_work: int = 0  # prefill_iter work units done so far
+    cache: Any | None = None
+    last_token: int = 0
+    num_generated: int = 0
+    peak_cache_bytes: int = 0
+    finished: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.sched.request_id
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, OutOfMemoryError, MemoryError))
+
+
+class Engine:
+    """Serves many generation requests at once on one model (see the module docstring)."""
+
+    def __init__(self, model: Any, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.tokenizer = ByteTokenizer()
+        mcfg = model.config
+        self._vocab_size = int(mcfg.vocab_size)
+        self._eos_id = int(getattr(mcfg, "eos_token_id", self.tokenizer.eos_token_id))
+        model_context = int(getattr(mcfg, "max_context", mcfg.max_position_embeddings))
+        self.max_context = min(self.config.max_context or model_context, model_context)
+        self._device = next(model.parameters()).device
+        # A backend may bring its own cache type; the eager model uses ReformerCache.
+        self._batch_caches: Callable[[Sequence[Any]], Any] = getattr(
+            model, "batch_caches", ReformerCache.batch
+        )
+        self._scheduler = Scheduler(
+            SchedulerConfig(
+                max_running=self.config.max_batch,
+                max_waiting=self.config.max_queue,
+                cache_budget_bytes=self.config.cache_memory_bytes,
+                max_context=self.max_context,
+            ),
+            model.cache_bytes,
+        )
+        self._cond = threading.Condition(threading.RLock())
+        self._requests: dict[str, _Request] = {}
+        self._prefilling: list[_Request] = []  # admitted, prompt not yet fully processed (FIFO)
+        self._decoding: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._stop_loop = False
+        self._accepting = True
+        self._alive = True
+        self._fatal_error: str | None = None
+        self.fault_hook: FaultHook | None = None
+        # statistics
+        self._steps = 0
+        self._prefill_tokens_total = 0
+        self._decode_tokens_total = 0
+        self._last_step_time = 0.0
+        self._last_step_tokens = 0
+        self._last_decode_batch = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine loop thread (idempotent)."""
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="reformer-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop admitting; with `drain` let accepted requests finish (up to `timeout`); abort the rest."""
+        with self._cond:
+            self._accepting = False
+        if drain:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with self._cond:
+                    if not self._requests or not self._alive or self._thread is None:
+                        break
+                await asyncio.sleep(0.01)
+        with self._cond:
+            for req in list(self._requests.values()):
+                self._finish(req, FinishReason.ABORTED, error="engine shutting down")
+            self._stop_loop = True
+            self._cond.notify_all()
+        thread = self._thread
+        # Poll instead of run_in_executor(join): that would leave an executor thread behind.
+        while thread is not None and thread.is_alive():
+            await asyncio.sleep(0.005)
+
+    # ---- public API -----------------------------------------------------------------------------
+    def add_request(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
+        """Queue a request; returns its event stream. Call from a running asyncio loop.
+
+        Raises InvalidRequestError (bad parameters, too long, larger than the whole cache budget),
+        OverloadedError (waiting queue full) or EngineStoppedError (shutting down or dead).
+        """
+        loop = asyncio.get_running_loop()
+        prompt = list(prompt_ids)
+        params.validate(vocab_size=self._vocab_size, max_new_tokens_limit=self.config.max_new_tokens_limit)
+        validate_prompt(prompt, vocab_size=self._vocab_size)
+        if request_id is not None and not request_id:
+            raise InvalidRequestError("request_id", "must be non-empty when given")
+        rid = request_id or uuid.uuid4().hex
+        now = time.monotonic()
+        sched = ScheduledRequest(
+            request_id=rid,
+            prompt_len=len(prompt),
+            max_new_tokens=params.max_new_tokens,
+            priority=params.priority,
+        )
+        req = _Request(
+            sched=sched,
+            prompt_ids=prompt,
+            params=params,
+            stream=RequestStream(rid, loop, self.config.stream_buffer_events),
+            sampler=RequestSampler(params, prompt, vocab_size=self._vocab_size, device=self._device),
+            arrival=now,
+            deadline=None if params.max_time_s is None else now + params.max_time_s,
+            stop=StopStringMatcher(params.stop),
+        )
+        with self._cond:
+            if not self._alive:
+                raise EngineStoppedError(f"engine has stopped: {self._fatal_error}")
+            if not self._accepting:
+                raise EngineStoppedError("engine is shutting down and admits no new requests")
+            self._scheduler.add(sched)
+            self._requests[rid] = req
+            self._cond.notify_all()
+        return req.stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request in any state; thread-safe and idempotent. Frees its slot and bytes at once."""
+        with self._cond:
+            req = self._requests.get(request_id)
+            if req is not None:
+                self._finish(req, FinishReason.ABORTED)
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            actual = sum(_cache_nbytes(r.cache) for r in self._requests.values())
+            return EngineStats(
+                running=self._scheduler.num_running,
+                waiting=self._scheduler.num_waiting,
+                cache_bytes_in_use=self._scheduler.bytes_in_use,
+                cache_bytes_budget=self.config.cache_memory_bytes,
+                steps_total=self._steps,
+                prefill_tokens_total=self._prefill_tokens_total,
+                decode_tokens_total=self._decode_tokens_total,
+                last_step_time_s=self._last_step_time,
+                last_step_tokens=self._last_step_tokens,
+                alive=self._alive,
+                extra={
+                    "cache_bytes_allocated": float(actual),
+                    "prefilling": float(sum(1 for r in self._prefilling if not r.finished)),
+                    "decoding": float(sum(1 for r in self._decoding if not r.finished)),
+                    "last_decode_batch": float(self._last_decode_batch),
+                },
+            )
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop_loop and not self._requests:
+                        self._cond.wait()
+                    if self._stop_loop:
+                        return
+                with torch.inference_mode():
+                    self.step()
+        except BaseException as exc:  # the loop must report every failure before it stops
+            logger.exception("engine loop failed; failing all requests")
+            with self._cond:
+                self._alive = False
+                self._fatal_error = f"{type(exc).__name__}: {exc}"
+                for req in list(self._requests.values()):
+                    self._finish(
+                        req, FinishReason.ERROR, error=f"engine failure: {self._fatal_error}", kind="internal"
+                    )
+
+    def step(self) -> None:
+        """One engine iteration: schedule -> execute (batched decode + one prefill chunk) -> update."""
+        t0 = time.perf_counter()
+        if self.fault_hook is not None:
+            self.fault_hook("step", None)
+        with self._cond:
+            self._steps += 1
+            self._schedule(time.monotonic())
+            decode_batch = [r for r in self._decoding if not r.finished]
+            prefill_req = next((r for r in self._prefilling if not r.finished), None)
+        decoded = self._execute_decode(decode_batch) if decode_batch else 0
+        prefilled = self._execute_prefill(prefill_req) if prefill_req is not None else 0
+        with self._cond:
+            self._last_step_tokens = decoded + prefilled
+            self._last_step_time = time.perf_counter() - t0
+            self._last_decode_batch = len(decode_batch)
+
+    def _schedule(self, now: float) -> None:
+        for req in list(self._requests.values()):
+            if req.deadline is not None and now >= req.deadline:
+                self._finish(req, FinishReason.ERROR, error="max_time_s exceeded", kind="timeout")
+        for sched in self._scheduler.schedule():
+            req = self._requests[sched.request_id]
+            req.admitted = now
+            self._prefilling.append(req)
+        self._prefilling = [r for r in self._prefilling if not r.finished]
+        self._decoding = [r for r in self._decoding if not r.finished]
+
+    # ---- execute: prefill ------------------------------------------------------------------------
+    def _execute_prefill(self, req: _Request) -> int:
+        """Advance `req`'s prefill by about `prefill_chunk_tokens` work units; return prompt tokens done."""
+        budget = self.config.prefill_chunk_tokens
+        n = len(req.prompt_ids)
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("prefill", req.request_id)
+            gen = req.prefill_gen
+            if gen is None:
+                ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self._device)  # (1, T)
+                capacity = n + req.params.max_new_tokens
+                gen = self.model.prefill_iter(ids, capacity=capacity, last_only=True, work_tokens=budget)
+                with self._cond:
+                    if req.finished:
+                        return 0
+                    req.prefill_gen = gen
+            result = None
+            while True:
+                try:
+                    done, total = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                if done - req.prefill_done_work >= budget or req.finished:
+                    req.prefill_done_work = done
+                    break
+            if result is None:
+                tokens_done = n * done // max(total, 1)
+                with self._cond:
+                    if req.finished:
+                        return 0
+                    delta = tokens_done - req.prefill_done_tokens
+                    req.prefill_done_tokens = tokens_done
+                    self._prefill_tokens_total += delta
+                    if n > budget:  # only prompts longer than one step's budget report progress
+                        req.stream.put(PrefillProgress(req.request_id, tokens_done, n))
+                return delta
+            logits, cache = result
+            out = sample_batch(logits[:, -1, :], [req.sampler])
+        except Exception as exc:  # one request's failure (OOM included) must not take the engine down
+            oom = _is_oom(exc)
+            if oom and self._device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning("prefill of request %s failed: %r", req.request_id, exc)
+            with self._cond:
+                self._finish(
+                    req,
+                    FinishReason.ERROR,
+                    error=("out of memory during prefill: " if oom else "prefill failed: ") + str(exc),
+                    kind="oom" if oom else "internal",
+                )
+            return 0
+        with self._cond:
+            if req.finished:
+                return 0
+            delta = n - req.prefill_done_tokens
+            req.prefill_done_tokens = n
+            # Counted before the first token is emitted, so a caller that saw it also sees the stats.
+            self._prefill_tokens_total += delta
+            req.prefill_gen = None
+            req.cache = cache
+            req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(cache))
+            self._prefilling = [r for r in self._prefilling if r is not req]
+            self._update(req, out.tokens[0], out.logprobs[0], time.monotonic())
+            if not req.finished:
+                self._decoding.append(req)
+        return delta
+
+    # ---- execute: decode -------------------------------------------------------------------------
+    def _execute_decode(self, batch: list[_Request]) -> int:
+        """One batched decode step over every decoding sequence; returns the number of tokens sampled."""
+        with self._cond:
+            batch = [r for r in batch if not r.finished and r.cache is not None]
+            caches = [r.cache for r in batch]
+            ids = [[r.last_token] for r in batch]
+        if not batch:
+            return 0
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self._device)  # (B, 1)
+        try:
+            logits, _ = self.model.decode_step(input_ids, self._batch_caches(caches))  # (B, 1, V)
+            out = sample_batch(logits[:, -1, :], [r.sampler for r in batch])
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise  # a bug or a broken device: the loop fails everything
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning("decode step of %d sequences ran out of memory: %r", len(batch), exc)
+            with self._cond:
+                for req in batch:
+                    self._finish(
+                        req, FinishReason.ERROR, error=f"out of memory during decode: {exc}", kind="oom"
+                    )
+            return 0
+        now = time.monotonic()
+        with self._cond:
+            self._decode_tokens_total += len(batch)
+            for req, token, lp in zip(batch, out.tokens, out.logprobs, strict=True):
+                if not req.finished:
+                    self._update(req, token, lp, now)
+        return len(batch)
+
+    # ---- update ----------------------------------------------------------------------------------
+    def _update(self, req: _Request, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        """Apply one sampled token to a request (lock held): emit text, finish when a stop rule fires."""
+        params = req.params
+        if req.first_token is None:
+            req.first_token = now
+        if token in params.stop_token_ids:
+            self._finish(req, FinishReason.STOP)
+            return
+        if token == self._eos_id and not params.ignore_eos:
+            self._finish(req, FinishReason.EOS)
+            return
+        req.sampler.observe(token)
+        req.last_token = token
+        req.num_generated += 1
+        text, stopped = req.stop.push(req.detok.push([token]))
+        req.stream.put(TokenEvent(req.request_id, (token,), text, (logprob,) if logprob is not None else ()))
+        if stopped:
+            self._finish(req, FinishReason.STOP)
+        elif req.num_generated >= params.max_new_tokens:
+            self._finish(req, FinishReason.LENGTH)
+        elif req.deadline is not None and now >= req.deadline:
+            self._finish(req, FinishReason.ERROR, error="max_time_s exceeded", kind="timeout")
+
+    def _finish(
+        self, req: _Request, reason: FinishReason, error: str | None = None, kind: str | None = None
+    ) -> None:
+        """Final transition (lock held; idempotent): free slot and bytes, drop the cache, emit FinishEvent."""
+        if req.finished:
+            return
+        req.finished = True
+        self._scheduler.finish(req.request_id, _STATUS[reason])
+        self._requests.pop(req.request_id, None)
+        req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(req.cache))
+        # Drop tensors now; a step that is executing this sequence holds its own reference until it ends.
+        req.cache = None
+        req.prefill_gen = None
+        tail = ""
+        if not req.stop.stopped:
+            released, _ = req.stop.push(req.detok.flush())
+            tail = released + req.stop.flush()
+        now = time.monotonic()
+        admitted = req.admitted if req.admitted is not None else now
+        req.stream.put(
+            FinishEvent(
+                request_id=req.request_id,
+                finish_reason=reason,
+                prompt_tokens=len(req.prompt_ids),
+                generated_tokens=req.num_generated,
+                text=tail,
+                queue_time_s=admitted - req.arrival,
+                prefill_time_s=(req.first_token - admitted) if req.first_token is not None else 0.0,
+                first_token_time_s=(req.first_token - req.arrival) if req.first_token is not None else 0.0,
+                total_time_s=now - req.arrival,
+                peak_cache_bytes=req.peak_cache_bytes,
+                error=error if reason is FinishReason.ERROR else None,
+                error_kind=kind if reason is FinishReason.ERROR else None,
+            )
+        )
+        self._cond.notify_all()
+
+
+def _cache_nbytes(cache: Any | None) -> int:
+    return 0 if cache is None else int(cache.nbytes)

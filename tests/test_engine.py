@@ -1,0 +1,461 @@
+"""Continuous-batching engine on a tiny random ReformerLM (CPU, seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from reformer_infer.cache import ReformerCache
+from reformer_infer.config import ReformerConfig
+from reformer_infer.engine import Engine, EngineConfig, RequestStream
+from reformer_infer.generation import generate
+from reformer_infer.model import ReformerLM
+from reformer_infer.requests import (
+    EngineStoppedError,
+    Event,
+    FinishEvent,
+    FinishReason,
+    InvalidRequestError,
+    OverloadedError,
+    PrefillProgress,
+    SamplingParams,
+    TokenEvent,
+)
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def model() -> ReformerLM:
+    torch.manual_seed(0)
+    cfg = ReformerConfig(
+        attn_layers=["local", "lsh", "local", "lsh"],
+        hidden_size=32,
+        num_attention_heads=2,
+        attention_head_size=16,
+        feed_forward_size=64,
+        lsh_attn_chunk_length=4,
+        local_attn_chunk_length=8,
+        num_buckets=4,
+        num_hashes=2,
+        vocab_size=258,
+        axial_pos_shape=[16, 16],
+        axial_pos_embds_dim=[16, 16],
+        max_position_embeddings=256,
+    )
+    return ReformerLM(cfg).eval()
+
+
+def run(make: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(make())
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 258) for _ in range(n)]
+
+
+async def collect(stream: RequestStream) -> list[Event]:
+    return [ev async for ev in stream]
+
+
+def tokens_of(events: Sequence[Event]) -> list[int]:
+    return [t for ev in events if isinstance(ev, TokenEvent) for t in ev.token_ids]
+
+
+def text_of(events: Sequence[Event]) -> str:
+    text = "".join(ev.text for ev in events if isinstance(ev, TokenEvent))
+    return text + (events[-1].text if isinstance(events[-1], FinishEvent) else "")
+
+
+def finish_of(events: Sequence[Event]) -> FinishEvent:
+    assert isinstance(events[-1], FinishEvent), events[-1]
+    assert sum(isinstance(ev, FinishEvent) for ev in events) == 1
+    return events[-1]
+
+
+def greedy(n: int, **kw: Any) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+def test_batched_decode_step_equals_each_sequence_decoded_alone(model: ReformerLM) -> None:
+    lengths = [3, 9, 17, 30]
+    prompts = [prompt(n, seed=n) for n in lengths]
+    alone, batched = [], []
+    for p in prompts:
+        _, c = model.prefill(torch.tensor([p]))
+        alone.append(c)
+        _, c = model.prefill(torch.tensor([p]))
+        batched.append(c)
+    steps = 6
+    for s in range(steps):
+        ids = [[(7 * s + i) % 250 + 3] for i in range(len(prompts))]
+        solo = [model.decode_step(torch.tensor([row]), c)[0][0, 0] for row, c in zip(ids, alone, strict=True)]
+        together, _ = model.decode_step(torch.tensor(ids), ReformerCache.batch(batched))
+        for i in range(len(prompts)):
+            torch.testing.assert_close(together[i, 0], solo[i], atol=1e-5, rtol=1e-5)
+    assert ReformerCache.batch(batched).lengths == [n + steps for n in lengths]
+
+
+def test_engine_greedy_streams_equal_generate_alone(model: ReformerLM) -> None:
+    prompts = [prompt(n, seed=n) for n in (5, 12, 31, 44, 70, 9)]
+
+    async def go() -> list[list[Event]]:
+        engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=32))
+        engine.start()
+        streams = [engine.add_request(p, greedy(12)) for p in prompts]
+        out = await asyncio.gather(*(collect(s) for s in streams))
+        assert engine.stats().cache_bytes_in_use == 0
+        await engine.shutdown()
+        return out
+
+    results = run(go)
+    for p, events in zip(prompts, results, strict=True):
+        assert finish_of(events).finish_reason is FinishReason.LENGTH
+        assert tokens_of(events) == list(generate(model, p, 12, temperature=0.0))
+
+
+def test_seeded_sampling_is_independent_of_batch_composition(model: ReformerLM) -> None:
+    target = prompt(20, seed=1)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=50, seed=1234, ignore_eos=True)
+
+    async def go(with_others: bool) -> list[int]:
+        engine = Engine(model, EngineConfig(max_batch=8, prefill_chunk_tokens=16))
+        engine.start()
+        others = []
+        if with_others:
+            for i in range(5):
+                others.append(
+                    engine.add_request(
+                        prompt(7 + 9 * i, seed=50 + i),
+                        SamplingParams(
+                            max_new_tokens=5 + 3 * i, temperature=0.7 + 0.1 * i, top_p=0.9, seed=i
+                        ),
+                    )
+                )
+        stream = engine.add_request(target, params)
+        events, *_ = await asyncio.gather(collect(stream), *(collect(o) for o in others))
+        await engine.shutdown()
+        return tokens_of(events)
+
+    alone = run(lambda: go(False))
+    assert len(alone) == 16
+    assert run(lambda: go(True)) == alone
+    assert list(generate(model, target, 16, temperature=1.0, top_k=50, seed=1234)) == alone
+
+
+def test_64_concurrent_requests_with_random_aborts_leave_nothing_behind(model: ReformerLM) -> None:
+    threads_before = threading.active_count()
+
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_batch=16, max_queue=64, prefill_chunk_tokens=24))
+        engine.start()
+        rng = random.Random(7)
+        streams = [
+            engine.add_request(
+                prompt(rng.randint(1, 90), seed=i), SamplingParams(max_new_tokens=rng.randint(1, 30))
+            )
+            for i in range(64)
+        ]
+        to_abort = rng.sample(streams, 24)
+
+        async def aborter() -> None:
+            for s in to_abort:
+                await asyncio.sleep(rng.random() * 0.01)
+                engine.abort(s.request_id)
+
+        results = await asyncio.gather(*(collect(s) for s in streams), aborter())
+        for events in results[:64]:
+            fin = finish_of(events)
+            assert fin.finish_reason in (FinishReason.LENGTH, FinishReason.EOS, FinishReason.ABORTED)
+        reasons = [finish_of(ev).finish_reason for ev in results[:64]]
+        assert reasons.count(FinishReason.ABORTED) >= 1
+        stats = engine.stats()
+        assert stats.cache_bytes_in_use == 0
+        assert stats.extra["cache_bytes_allocated"] == 0
+        assert stats.running == 0 and stats.waiting == 0
+        await engine.shutdown()
+        assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()
+
+    run(go)
+    assert threading.active_count() == threads_before
+
+
+def test_abort_in_every_state_finishes_with_aborted_and_frees_bytes(model: ReformerLM) -> None:
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_batch=2, prefill_chunk_tokens=8))
+        engine.start()
+        decoding = engine.add_request(prompt(5), SamplingParams(max_new_tokens=200))
+        prefilling = engine.add_request(prompt(200, seed=3), SamplingParams(max_new_tokens=10))
+        waiting = engine.add_request(prompt(5, seed=4), SamplingParams(max_new_tokens=10))
+        first = await decoding.__anext__()
+        assert isinstance(first, TokenEvent)
+        progress = await prefilling.__anext__()
+        assert isinstance(progress, PrefillProgress) and progress.done_tokens < progress.total_tokens == 200
+        assert engine.stats().waiting == 1
+        for s in (waiting, prefilling, decoding):
+            engine.abort(s.request_id)
+            engine.abort(s.request_id)  # idempotent
+        for s in (waiting, prefilling, decoding):
+            assert finish_of(await collect(s)).finish_reason is FinishReason.ABORTED
+        stats = engine.stats()
+        assert stats.cache_bytes_in_use == 0 and stats.running == 0 and stats.waiting == 0
+        engine.abort("unknown-id")
+        await engine.shutdown()
+
+    run(go)
+
+
+def test_out_of_memory_in_one_prefill_fails_only_that_request(model: ReformerLM) -> None:
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=16))
+        calls = []
+
+        def hook(phase: str, request_id: str | None) -> None:
+            calls.append(phase)
+            if phase == "prefill" and request_id == "victim":
+                raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+        engine.fault_hook = hook
+        engine.start()
+        others = [engine.add_request(prompt(10 + i, seed=i), greedy(8)) for i in range(3)]
+        victim = engine.add_request(prompt(40, seed=9), greedy(8), request_id="victim")
+        results = await asyncio.gather(collect(victim), *(collect(s) for s in others))
+        fin = finish_of(results[0])
+        assert fin.finish_reason is FinishReason.ERROR and fin.error_kind == "oom"
+        assert "out of memory" in (fin.error or "")
+        for p_seed, events in enumerate(results[1:]):
+            assert finish_of(events).finish_reason is FinishReason.LENGTH
+            assert tokens_of(events) == list(
+                generate(model, prompt(10 + p_seed, seed=p_seed), 8, temperature=0.0)
+            )
+        stats = engine.stats()
+        assert stats.alive and stats.cache_bytes_in_use == 0
+        # The engine keeps serving after the contained failure.
+        after = await collect(engine.add_request(prompt(6), greedy(3)))
+        assert finish_of(after).finish_reason is FinishReason.LENGTH
+        await engine.shutdown()
+
+    run(go)
+
+
+def test_exception_in_engine_loop_fails_all_requests_and_marks_engine_dead(model: ReformerLM) -> None:
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_batch=2, prefill_chunk_tokens=16))
+        steps = 0
+
+        def hook(phase: str, request_id: str | None) -> None:
+            nonlocal steps
+            if phase == "step":
+                steps += 1
+                if steps == 5:
+                    raise RuntimeError("injected loop failure")
+
+        engine.fault_hook = hook
+        engine.start()
+        streams = [engine.add_request(prompt(8, seed=i), greedy(50)) for i in range(4)]
+        for events in await asyncio.gather(*(collect(s) for s in streams)):
+            fin = finish_of(events)
+            assert fin.finish_reason is FinishReason.ERROR and fin.error_kind == "internal"
+            assert "injected loop failure" in (fin.error or "")
+        stats = engine.stats()
+        assert not stats.alive and stats.cache_bytes_in_use == 0
+        with pytest.raises(EngineStoppedError):
+            engine.add_request(prompt(3), greedy(2))
+        await engine.shutdown()
+
+    run(go)
+
+
+def test_stop_strings_end_generation_without_leaking_a_partial_match(model: ReformerLM) -> None:
+    p = [b + 2 for b in b"The quick brown fox "]
+    full = list(generate(model, p, 40, temperature=0.0))
+    full_text = bytes(t - 2 for t in full if t > 2).decode("utf-8", errors="replace")
+    stop = full_text[10:13]
+    cut = full_text.find(stop)
+
+    async def go() -> list[Event]:
+        engine = Engine(model, EngineConfig(prefill_chunk_tokens=64, stream_buffer_events=1000))
+        engine.start()
+        events = await collect(engine.add_request(p, greedy(40, stop=(stop, "never-matches-xyz"))))
+        await engine.shutdown()
+        return events
+
+    events = run(go)
+    assert finish_of(events).finish_reason is FinishReason.STOP
+    released = ""
+    for ev in events:
+        if isinstance(ev, TokenEvent):
+            released += ev.text
+            assert stop not in released
+            # Released text is always a prefix of the text before the stop string: nothing is retracted.
+            assert full_text[:cut].startswith(released)
+    assert text_of(events) == full_text[:cut]
+
+
+def test_stop_token_and_eos_end_generation_without_being_emitted(model: ReformerLM) -> None:
+    p = prompt(15, seed=5)
+    full = list(generate(model, p, 20, temperature=0.0))
+    stop_tok = full[6]
+    k = full.index(stop_tok)
+
+    async def go(params: SamplingParams) -> list[Event]:
+        engine = Engine(model, EngineConfig())
+        engine.start()
+        events = await collect(engine.add_request(p, params))
+        await engine.shutdown()
+        return events
+
+    events = run(lambda: go(greedy(20, stop_token_ids=(stop_tok,))))
+    assert finish_of(events).finish_reason is FinishReason.STOP
+    assert tokens_of(events) == full[:k]
+    assert finish_of(events).generated_tokens == k
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding(model: ReformerLM) -> None:
+    async def go() -> list[tuple[str, Event]]:
+        engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=16))
+        engine.start()
+        order: list[tuple[str, Event]] = []
+
+        async def consume(name: str, stream: RequestStream) -> None:
+            async for ev in stream:
+                order.append((name, ev))
+
+        running = engine.add_request(prompt(4), greedy(150))
+        first = await running.__anext__()
+        order.append(("run", first))
+        long = engine.add_request(prompt(240, seed=2), greedy(2))
+        await asyncio.gather(consume("run", running), consume("long", long))
+        fin = finish_of([ev for name, ev in order if name == "long"])
+        assert fin.prefill_time_s > 0 and fin.first_token_time_s >= fin.prefill_time_s
+        await engine.shutdown()
+        return order
+
+    order = run(go)
+    progress_idx = [i for i, (name, ev) in enumerate(order) if isinstance(ev, PrefillProgress)]
+    assert len(progress_idx) >= 5
+    done = [order[i][1].done_tokens for i in progress_idx]  # type: ignore[union-attr]
+    assert done == sorted(done) and all(0 < d <= 240 for d in done)
+    tokens_during = [
+        i for i, (name, ev) in enumerate(order) if name == "run" and progress_idx[0] < i < progress_idx[-1]
+    ]
+    # Decode steps interleave with prefill chunks: the running stream got tokens between progress events.
+    assert len(tokens_during) >= len(progress_idx) // 2
+
+
+def test_slow_consumer_gets_coalesced_events_and_never_stalls_the_engine(model: ReformerLM) -> None:
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_batch=4, stream_buffer_events=4))
+        engine.start()
+        slow = engine.add_request(prompt(6), greedy(60))
+        fast = engine.add_request(prompt(7, seed=1), greedy(60))
+        fast_events = await collect(fast)  # the slow stream is not read at all meanwhile
+        assert finish_of(fast_events).finish_reason is FinishReason.LENGTH
+        for _ in range(200):
+            if slow.finished:
+                break
+            await asyncio.sleep(0.01)
+        assert slow.finished  # generation finished although nobody read the stream
+        slow_events = await collect(slow)
+        assert len(slow_events) <= 5
+        assert tokens_of(slow_events) == list(generate(model, prompt(6), 60, temperature=0.0))
+        await engine.shutdown()
+
+    run(go)
+
+
+def test_add_request_rejects_bad_impossible_and_overflowing_requests(model: ReformerLM) -> None:
+    async def go() -> None:
+        engine = Engine(
+            model, EngineConfig(max_batch=1, max_queue=1, cache_memory_bytes=model.cache_bytes(100))
+        )
+        with pytest.raises(InvalidRequestError) as e:
+            engine.add_request(prompt(250), SamplingParams(max_new_tokens=10))
+        assert e.value.field == "max_new_tokens" and "256" in str(e.value)
+        with pytest.raises(InvalidRequestError) as e:
+            engine.add_request(prompt(50), SamplingParams(max_new_tokens=100))
+        assert "whole cache budget" in str(e.value)
+        with pytest.raises(InvalidRequestError) as e:
+            engine.add_request([], SamplingParams())
+        assert e.value.field == "prompt"
+        with pytest.raises(InvalidRequestError) as e:
+            engine.add_request(prompt(3), SamplingParams(temperature=-1))
+        assert e.value.field == "temperature"
+        # Not started: the first request waits, the second overflows the queue of one.
+        a = engine.add_request(prompt(3), greedy(2), request_id="a")
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            engine.add_request(prompt(3), greedy(2), request_id="a")
+        with pytest.raises(OverloadedError):
+            engine.add_request(prompt(3), greedy(2))
+        engine.start()
+        assert finish_of(await collect(a)).finish_reason is FinishReason.LENGTH
+        await engine.shutdown()
+
+    run(go)
+
+
+def test_shutdown_drains_running_requests_then_refuses_new_ones(model: ReformerLM) -> None:
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_batch=2))
+        engine.start()
+        streams = [engine.add_request(prompt(5, seed=i), greedy(20)) for i in range(3)]
+        gathering = asyncio.gather(*(collect(s) for s in streams))
+        await engine.shutdown(drain=True, timeout=30.0)
+        for events in await gathering:
+            assert finish_of(events).finish_reason is FinishReason.LENGTH
+        with pytest.raises(EngineStoppedError):
+            engine.add_request(prompt(3), greedy(2))
+
+    run(go)
+
+
+def test_shutdown_without_drain_aborts_everything(model: ReformerLM) -> None:
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_batch=1))
+        engine.start()
+        streams = [engine.add_request(prompt(5, seed=i), greedy(200)) for i in range(3)]
+        await streams[0].__anext__()
+        await engine.shutdown(drain=False)
+        for s in streams:
+            assert finish_of(await collect(s)).finish_reason is FinishReason.ABORTED
+        assert engine.stats().cache_bytes_in_use == 0
+
+    run(go)
+
+
+def test_finish_event_reports_timings_peak_cache_and_logprobs(model: ReformerLM) -> None:
+    async def go() -> list[Event]:
+        engine = Engine(model, EngineConfig())
+        engine.start()
+        events = await collect(engine.add_request(prompt(30), greedy(5, logprobs=3)))
+        stats = engine.stats()
+        assert stats.decode_tokens_total == 4 and stats.prefill_tokens_total == 30 and stats.steps_total >= 5
+        await engine.shutdown()
+        return events
+
+    events = run(go)
+    fin = finish_of(events)
+    assert fin.prompt_tokens == 30 and fin.generated_tokens == 5
+    assert 0 <= fin.queue_time_s <= fin.first_token_time_s <= fin.total_time_s
+    assert 0 < fin.peak_cache_bytes <= model.cache_bytes(35)
+    lps = [lp for ev in events if isinstance(ev, TokenEvent) for lp in ev.logprobs]
+    assert len(lps) == 5 and all(len(lp.top) == 3 and lp.top[0][0] == lp.token_id for lp in lps)
+
+
+def test_max_time_limit_finishes_request_with_timeout(model: ReformerLM) -> None:
+    async def go() -> FinishEvent:
+        engine = Engine(model, EngineConfig())
+        engine.start()
+        events = await collect(engine.add_request(prompt(5), greedy(250, max_time_s=0.05)))
+        await engine.shutdown()
+        return finish_of(events)
+
+    fin = run(go)
+    assert fin.finish_reason is FinishReason.ERROR and fin.error_kind == "timeout"
