@@ -1,0 +1,64 @@
+"""Server configuration: flags, REFORMER_* environment variables and their precedence, in one place."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import server_fixtures  # noqa: F401  (puts server/ on sys.path in a plain checkout)
+from reformer_server.config import ServerConfig, build_parser, parse_bytes, parse_config
+
+
+def test_defaults_bind_loopback_and_standard_ports() -> None:
+    cfg = parse_config([], env={})
+    assert (cfg.host, cfg.port, cfg.metrics_port) == ("127.0.0.1", 50051, 9090)
+    assert cfg.model is None and cfg.reflection and cfg.auth_token is None and cfg.backend == "eager"
+
+
+def test_environment_variables_configure_the_server() -> None:
+    env = {"REFORMER_PORT": "6000", "REFORMER_MODEL": "/m", "REFORMER_CACHE_MEMORY": "2GiB",
+           "REFORMER_REFLECTION": "false", "REFORMER_AUTH_TOKEN": "s3cret", "REFORMER_GRACE_PERIOD": "5"}
+    cfg = parse_config([], env=env)
+    assert cfg.port == 6000 and cfg.model == Path("/m") and cfg.cache_memory == 2 * 2**30
+    assert cfg.reflection is False and cfg.auth_token == "s3cret" and cfg.grace_period == 5.0
+
+
+def test_flag_wins_over_environment_variable() -> None:
+    cfg = parse_config(["--port", "7000", "--max-batch", "4"], env={"REFORMER_PORT": "6000"})
+    assert cfg.port == 7000 and cfg.max_batch == 4
+
+
+def test_every_flag_documents_its_environment_variable() -> None:
+    text = build_parser().format_help().replace("\n", " ")
+    for action in build_parser()._actions:
+        if action.dest != "help":
+            assert f"REFORMER_{action.dest.upper()}" in text.replace(" ", ""), action.dest
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--tls-cert", "c.pem"], {}),
+        (["--tls-client-ca", "ca.pem"], {}),
+        (["--max-batch", "0"], {}),
+        ([], {"REFORMER_PORT": "not-a-port"}),
+        ([], {"REFORMER_DEVICE": "tpu"}),
+    ],
+)
+def test_inconsistent_settings_are_rejected(argv: list[str], env: dict[str, str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(argv, env=env)
+
+
+def test_byte_sizes_accept_units() -> None:
+    assert parse_bytes("1024") == 1024
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("2G") == 2 * 10**9
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_bytes("lots")
+
+
+def test_config_dataclass_reports_tls() -> None:
+    assert not ServerConfig().tls
+    assert ServerConfig(tls_cert=Path("c"), tls_key=Path("k")).tls
