@@ -126,9 +126,12 @@ def _attend_window(
         dots = dots.masked_fill(kp > qp, MASK_VALUE.get(dots.dtype, -1e9))
     if self_mask:
         dots = dots.masked_fill(kp == qp, SELF_MASK_VALUE.get(dots.dtype, -1e5))
-    lse = torch.logsumexp(dots, dim=-1, keepdim=True)
-    out = torch.matmul(torch.exp(dots - lse), v)
-    return out, lse.squeeze(-1)
+    # softmax with its log-normaliser, one exp pass: probs = exp(dots - m) / s, lse = m + log s
+    m = dots.amax(dim=-1, keepdim=True).detach()
+    e = torch.exp(dots - m if torch.is_grad_enabled() else dots.sub_(m))
+    s = e.sum(dim=-1, keepdim=True)
+    out = torch.matmul(e, v) / s
+    return out, (m + torch.log(s)).squeeze(-1)
 
 
 def _window_chunk_index(num_chunks: int, first: int, last: int, before: int, after: int, device) -> Tensor:
@@ -174,7 +177,10 @@ class LSHSelfAttention(nn.Module):
         for factor in self.config.bucket_factors:
             part = rot[..., offset : offset + factor // 2]
             offset += factor // 2
-            b = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
+            # argmax over [x, -x] without materialising it; ties go to the first half, as argmax does
+            hi, hi_idx = part.max(dim=-1)
+            lo, lo_idx = part.min(dim=-1)
+            b = torch.where(hi >= -lo, hi_idx, lo_idx + factor // 2)
             buckets = b if buckets is None else buckets + radix * b
             radix *= factor
         return buckets
