@@ -328,6 +328,21 @@ def _files_under(path: Path) -> Iterator[Path]:
             yield child
 
 
+def _project_files(path: Path) -> list[Path]:
+    """Files under `path` that belong to the project: tracked or not ignored by git (build debris such as
+    egg-info is left out), or every file when this is not a git checkout."""
+    proc = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return list(_files_under(path))
+    return [ROOT / name for name in proc.stdout.split("\0") if name and (ROOT / name).is_file()]
+
+
 def check_dockerfile() -> list[str]:
     """The Dockerfile against the setup scripts, .dockerignore, the server's flags and the proto contract."""
     problems: list[str] = []
@@ -366,6 +381,16 @@ def check_dockerfile() -> list[str]:
         problems.append("no builder RUN generates the gRPC stubs with scripts/gen_protos.py")
     if not (ROOT / "scripts" / "gen_protos.py").exists():
         problems.append("scripts/gen_protos.py is missing")
+    # Every project the builder turns into a wheel has its build configuration (the client SDK's included).
+    for run in (r for r in runs if "pip wheel" in r.args):
+        command = run.args.split("pip wheel", 1)[1].split("&&")[0]
+        tokens = shlex.split(command)
+        projects = [
+            t for i, t in enumerate(tokens) if not t.startswith("-") and not tokens[i - 1].endswith("-dir")
+        ]
+        for project in projects:
+            if not (ROOT / project / "pyproject.toml").is_file():
+                problems.append(f"line {run.line}: pip wheel builds {project}, which has no pyproject.toml")
 
     # Every COPY source exists and survives .dockerignore.
     ignore = _dockerignore_patterns()
@@ -379,7 +404,7 @@ def check_dockerfile() -> list[str]:
                 problems.append(f"line {copy.line}: COPY source {source} does not exist")
                 continue
             excluded = [
-                str(_rel(f)) for f in _files_under(path) if not dockerignore_includes(ignore, str(_rel(f)))
+                str(_rel(f)) for f in _project_files(path) if not dockerignore_includes(ignore, str(_rel(f)))
             ]
             if excluded:
                 problems.append(

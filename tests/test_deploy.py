@@ -133,6 +133,30 @@ def test_check_script_exits_zero_on_the_repository() -> None:
 # ---- the checks catch mistakes -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("torch==2.13.0", "torch==2.12.0", "torch pins differ"),
+        ("USER 10001:10001\n", "", "does not switch to a non-root USER"),
+        ("./clients/python\n", "./clients\n", "pip wheel builds ./clients, which has no pyproject.toml"),
+        ("COPY protos/ protos/", "COPY proto/ protos/", "COPY source proto/ does not exist"),
+        ('"--host", "0.0.0.0", ', "", "the default command binds 127.0.0.1"),
+        ("EXPOSE 50051 9090", "EXPOSE 50051", "the metrics port 9090 is not EXPOSEd"),
+    ],
+)
+def test_dockerfile_check_rejects_drift_from_setup_scripts_and_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old: str, new: str, expected: str
+) -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert old in text
+    if old.startswith('"--host"'):
+        text = text.replace("REFORMER_HOST=0.0.0.0", "REFORMER_HOST=127.0.0.1")
+    (tmp_path / "Dockerfile").write_text(text.replace(old, new))
+    monkeypatch.setattr(cd, "DOCKERFILE", tmp_path / "Dockerfile")
+    problems = cd.check_dockerfile()
+    assert any(expected in p for p in problems), problems
+
+
 def test_manifest_check_rejects_a_termination_period_shorter_than_the_drain(deploy_copy: Path) -> None:
     _edit_yaml(
         deploy_copy / "deployment.yaml",
