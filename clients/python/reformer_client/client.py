@@ -37,8 +37,14 @@ MAX_MESSAGE_BYTES = 16 * 2**20  # matches the server's default --max-message-byt
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     """Defaults matched to the server: keepalive pings every 30 s even while a long prefill sends no data
-    (the server accepts pings every >= 10 s), explicit message limits."""
+    (the server accepts pings every >= 10 s), explicit message limits, and a fixed HTTP/2 receive window.
+
+    Without BDP probing the window stays at 64 KiB per stream, so a caller that stops reading pushes back
+    on the server (its write blocks, and after --stall-timeout it aborts the request and frees the cache)
+    instead of the server streaming megabytes into this process's buffers. Token streams are far below
+    what a 64 KiB window carries per round trip."""
     return [
+        ("grpc.http2.bdp_probe", 0),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 0),
