@@ -16,7 +16,7 @@ copied; `decode_step` gathers each sequence's window and runs the dense math for
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +24,10 @@ from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import LSHSelfAttention, ReformerLM
+
+# Below this many order-table entries (T x H x R) one vectorised gather inserts the new token faster than
+# per-row memmoves (fewer ops); above it the memmoves win by far on CPU.
+SMALL_INSERT = 1 << 16
 
 
 @dataclass
@@ -34,7 +38,6 @@ class LSHLayerState:
     num_buckets: int
     order: Tensor | None = None  # (H, R, cap) int32; None while the sequence is shorter than one chunk
     counts: Tensor | None = None  # (H, R, K) int32
-    _slot: Tensor | None = field(default=None, repr=False)  # new token's sorted slot from window()
 
     @property
     def capacity(self) -> int:
@@ -76,31 +79,9 @@ class LSHLayerState:
             n[:, :, :old] = self.order
             self.order = n
 
-    def window(self, bucket: Tensor, T: int, C: int, before: int, after: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys, values and positions (H, R, W[, D]) of the new token's window, per hash round.
-
-        The new token (position T, bucket `bucket` (H, R)) lands at slot p of the T+1 sorted entries of
-        its round; it sees slots [(p // C - before) * C, + W) modulo T+1 within that round, which is what
-        transformers' cached decode attends to. Slot p itself holds the new token: its key is not cached
-        yet, so the caller substitutes it where position == T.
-        """
-        H, R = bucket.shape
-        W = C * (1 + before + after)
-        cum = self.counts.cumsum(-1)  # (H, R, K)
-        p = cum.gather(-1, bucket.unsqueeze(-1)).squeeze(-1).long()  # (H, R)
-        self._slot = p
-        start = (torch.div(p, C, rounding_mode="floor") - before) * C
-        s = (start.unsqueeze(-1) + torch.arange(W, device=p.device)) % (T + 1)  # (H, R, W)
-        pe = p.unsqueeze(-1)
-        src = torch.where(s > pe, s - 1, s).clamp(max=max(T - 1, 0))
-        pos = self.order.gather(-1, src).long()
-        pos = torch.where(s == pe, T, pos)  # (H, R, W)
-        flat = pos.view(H, R * W, 1).expand(H, R * W, self.keys.shape[-1])
-        kk = torch.gather(self.keys, 1, flat).view(H, R, W, -1)
-        vv = torch.gather(self.values, 1, flat).view(H, R, W, -1)
-        return kk, vv, pos
-
-    def append(self, k: Tensor, v: Tensor, bucket: Tensor, T: int, layer: LSHSelfAttention, C: int) -> None:
+    def append(
+        self, k: Tensor, v: Tensor, bucket: Tensor, T: int, layer: LSHSelfAttention, C: int, slot: Tensor | None = None
+    ) -> None:
         """Store the new token (position T): key/value rows and its slot in every round's order."""
         self.keys[:, T] = k
         self.values[:, T] = v
@@ -112,12 +93,11 @@ class LSHLayerState:
                 order = torch.argsort(buckets * (T + 1) + pos, dim=-1)
                 self.write_prefill(self.keys[:, : T + 1], self.values[:, : T + 1], order, buckets)
             return
-        p = self._slot
-        self._slot = None
-        if p is None:  # append without window(): compute the slot
+        p = slot
+        if p is None:
             p = self.counts.cumsum(-1).gather(-1, bucket.unsqueeze(-1)).squeeze(-1).long()
-        if self.order.is_cuda:
-            # one vectorised gather: cheap on a GPU, and no host sync
+        if self.order.is_cuda or T * p.numel() <= SMALL_INSERT:
+            # one vectorised gather: cheap on a GPU (no host sync) and for short sequences (few ops)
             idx = torch.arange(T + 1, device=k.device)
             pe = p.unsqueeze(-1)
             src = (idx - (idx > pe).long()).clamp(max=max(T - 1, 0))  # (H, R, T+1)
@@ -132,6 +112,38 @@ class LSHLayerState:
                         row[q + 1 : T + 1] = row[q:T].clone()
                     row[q] = T
         self.counts.scatter_add_(-1, bucket.unsqueeze(-1), torch.ones_like(bucket, dtype=torch.int32).unsqueeze(-1))
+
+
+def lsh_windows(
+    states: Sequence[LSHLayerState], buckets: Tensor, lengths: Sequence[int], C: int, before: int, after: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The new tokens' attention windows for a batch of windowed sequences, per head and hash round.
+
+    buckets (n, H, R): the new tokens' buckets. Returns keys and values (n, H, R, W, D), positions (n, H, R, W)
+    and the new tokens' sorted slots p (n, H, R). A new token (position T) lands at slot p of the T+1 sorted
+    entries of its round (p = number of cached tokens whose bucket is <= its own: a prefix sum of the
+    counts); it sees slots [(p // C - before) * C, + W) modulo T+1 within that round, which is what
+    transformers' cached decode attends to. Slot p holds the new token itself, whose key is not cached yet:
+    the caller substitutes it where position == T. Everything is vectorised over the batch except one gather
+    per sequence into its own order table and key/value rows.
+    """
+    n, H, R = buckets.shape
+    W = C * (1 + before + after)
+    dev = buckets.device
+    counts = torch.stack([st.counts for st in states])  # (n, H, R, K)
+    p = counts.cumsum(-1).gather(-1, buckets.unsqueeze(-1)).squeeze(-1).long()  # (n, H, R)
+    T = torch.tensor(list(lengths), device=dev).view(n, 1, 1, 1)
+    start = (torch.div(p, C, rounding_mode="floor") - before) * C
+    slots = torch.remainder(start.unsqueeze(-1) + torch.arange(W, device=dev), T + 1)  # (n, H, R, W)
+    pe = p.unsqueeze(-1)
+    src = torch.minimum(torch.where(slots > pe, slots - 1, slots), T - 1)
+    pos = torch.stack([st.order.gather(-1, src[i]) for i, st in enumerate(states)]).long()
+    pos = torch.where(slots == pe, T, pos)  # (n, H, R, W)
+    D = states[0].keys.shape[-1]
+    idx = pos.view(n, H, R * W, 1).expand(n, H, R * W, D)
+    kk = torch.stack([torch.gather(st.keys, 1, idx[i]) for i, st in enumerate(states)]).view(n, H, R, W, D)
+    vv = torch.stack([torch.gather(st.values, 1, idx[i]) for i, st in enumerate(states)]).view(n, H, R, W, D)
+    return kk, vv, pos, p
 
 
 @dataclass

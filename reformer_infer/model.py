@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import LocalLayerState, LSHLayerState, ReformerCache, SequenceCache
+from .cache import LocalLayerState, LSHLayerState, ReformerCache, SequenceCache, lsh_windows
 from .config import ReformerConfig
 
 # Mask values of the reference implementation (fp32 / fp16). They are finite on purpose: a query whose
@@ -267,30 +267,23 @@ class LSHSelfAttention(nn.Module):
         buckets = self.hash(qk)[..., 0]  # (B, H, R)
         outs: list[Tensor | None] = [None] * B
         windowed = [b for b in range(B) if states[b].order is not None]
+        slots: list[Tensor | None] = [None] * B
         if windowed:
-            ks, vs, ps = [], [], []
-            for b in windowed:
-                kb, vb, pb = states[b].window(buckets[b], lengths[b], C, self.before, self.after)
-                ks.append(kb)
-                vs.append(vb)
-                ps.append(pb)
-            kk = torch.stack(ks)  # (b, H, R, W, D) with the new key at its slot left to fill below
-            vv = torch.stack(vs)
-            pp = torch.stack(ps)  # (b, H, R, W) positions
             idx = torch.tensor(windowed, device=x.device)
+            kk, vv, pp, p = lsh_windows([states[b] for b in windowed], buckets[idx],
+                                        [lengths[b] for b in windowed], C, self.before, self.after)
             tpos = torch.tensor([lengths[b] for b in windowed], device=x.device).view(-1, 1, 1, 1)
-            is_new = pp == tpos  # the new token's own slot(s): its key is not cached yet
-            kk = torch.where(is_new.unsqueeze(-1), k[idx].unsqueeze(2), kk)
-            vv = torch.where(is_new.unsqueeze(-1), v[idx].unsqueeze(2), vv)
-            q = qk[idx].unsqueeze(2)  # (b, H, 1, 1, D) broadcast over rounds
-            o, lse = _attend_window(q.expand(-1, -1, self.num_hashes, -1, -1), kk, vv,
-                                    tpos.expand(-1, H, self.num_hashes, 1), pp,
-                                    self_mask=True, causal=False)
-            o, lse = o[..., 0, :], lse[..., 0]  # (b, H, R, D), (b, H, R)
-            w = torch.softmax(lse, dim=-1).unsqueeze(-1)  # round weights exp(lse_r - logsumexp lse)
-            combined = (o * w).sum(dim=2)  # (b, H, D)
+            is_new = (pp == tpos).unsqueeze(-1)  # the new token's own slot(s): its key is not cached yet
+            kk = torch.where(is_new, k[idx].unsqueeze(2), kk)  # (n, H, R, W, D)
+            vv = torch.where(is_new, v[idx].unsqueeze(2), vv)
+            R = self.num_hashes
+            q = qk[idx].unsqueeze(2).expand(-1, -1, R, -1, -1)  # (n, H, R, 1, D)
+            o, lse = _attend_window(q, kk, vv, tpos.expand(-1, H, R, 1), pp, self_mask=True, causal=False)
+            w = torch.softmax(lse, dim=2)  # (n, H, R, 1): round weights exp(lse_r - logsumexp_r lse)
+            combined = (o * w.unsqueeze(-1)).sum(dim=2)[:, :, 0]  # (n, H, D)
             for i, b in enumerate(windowed):
                 outs[b] = combined[i]
+                slots[b] = p[i]
         for b in range(B):
             st = states[b]
             T = lengths[b]
@@ -301,7 +294,7 @@ class LSHSelfAttention(nn.Module):
                 kp = torch.arange(T + 1, device=x.device)
                 o, _ = _attend_window(qk[b : b + 1], keys, vals, kp[T:], kp, self_mask=True, causal=False)
                 outs[b] = o[0, :, 0]
-            st.append(k[b, :, 0], v[b, :, 0], buckets[b], T, self, C)
+            st.append(k[b, :, 0], v[b, :, 0], buckets[b], T, self, C, slots[b])
         return torch.stack(outs).reshape(B, H * D)
 
 
