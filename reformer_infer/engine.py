@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from reformer_infer.cache import ReformerCache
+from reformer_infer.model import padded_length
 from reformer_infer.requests import (
     EngineStats,
     EngineStoppedError,
@@ -286,6 +287,7 @@ class Engine:
         prompt = list(prompt_ids)
         params.validate(vocab_size=self._vocab_size, max_new_tokens_limit=self.config.max_new_tokens_limit)
         validate_prompt(prompt, vocab_size=self._vocab_size)
+        self._check_padded_prompt(len(prompt))
         if request_id is not None and not request_id:
             raise InvalidRequestError("request_id", "must be non-empty when given")
         rid = request_id or uuid.uuid4().hex
@@ -315,6 +317,19 @@ class Engine:
             self._requests[rid] = req
             self._cond.notify_all()
         return req.stream
+
+    def _check_padded_prompt(self, n: int) -> None:
+        # The prefill pads the prompt to a multiple of the chunk lengths (as transformers does); a prompt
+        # whose padded length passes the context would only fail later, inside the engine loop.
+        cfg = self.model.config
+        if hasattr(cfg, "chunk_lcm") and n <= self.max_context:
+            padded = padded_length(cfg, n)
+            if padded > self.max_context:
+                raise InvalidRequestError(
+                    "prompt",
+                    f"prompt of {n} tokens is padded to {padded} for prefill, beyond the model's context "
+                    f"of {self.max_context} tokens",
+                )
 
     def abort(self, request_id: str) -> None:
         """Abort a request in any state; thread-safe and idempotent. Frees its slot and bytes at once."""

@@ -459,3 +459,18 @@ def test_max_time_limit_finishes_request_with_timeout(model: ReformerLM) -> None
 
     fin = run(go)
     assert fin.finish_reason is FinishReason.ERROR and fin.error_kind == "timeout"
+
+
+def test_prompt_whose_padded_prefill_passes_the_context_is_rejected_up_front(model: ReformerLM) -> None:
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_context=250))  # chunk lengths 4/8: prompts pad to x8
+        assert engine.max_context == 250
+        with pytest.raises(InvalidRequestError) as e:
+            engine.add_request(prompt(249), SamplingParams(max_new_tokens=1))  # pads to 256
+        assert e.value.field == "prompt" and "padded to 256" in str(e.value)
+        ok = engine.add_request(prompt(245), greedy(1))  # pads to 248
+        engine.start()
+        assert finish_of(await collect(ok)).finish_reason is FinishReason.LENGTH
+        await engine.shutdown()
+
+    run(go)

@@ -1,0 +1,230 @@
+"""Engine benchmark (not a test): aggregate throughput vs concurrent streams, and decode latency under a
+long chunked prefill. Prints one markdown table per part, every figure measured in this run.
+
+  python bench/bench_engine.py                                   # small model, 1/4/16/64 streams, 64K prompt
+  python bench/bench_engine.py --streams 1 4 --long-prompt 8192  # quicker
+
+Part 1: N streams (prompt --prompt-len random bytes, --new-tokens each, sampled with per-request seeds,
+eos ignored) are submitted at once to an engine with max_batch = N; aggregate tokens/s = generated tokens /
+wall time from submission to the last FinishEvent (prefills included).
+
+Part 2: --running streams decode while one --long-prompt prompt is prefilled in chunks of
+--prefill-chunk work units; we record, on the consumer side, the gaps between consecutive tokens of the
+running streams from the long request's submission to its first token, and compare the largest gap with
+the mean engine step time during that prefill (one decode step + one prefill chunk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import statistics
+import time
+
+import torch
+
+from reformer_infer.config import ReformerConfig
+from reformer_infer.engine import Engine, EngineConfig, RequestStream
+from reformer_infer.model import ReformerLM
+from reformer_infer.requests import FinishEvent, PrefillProgress, SamplingParams, TokenEvent
+
+logger = logging.getLogger("bench_engine")
+
+# google/reformer-enwik8 layout (12 layers, 4 hashes, 512 buckets, chunks 256/128, 64K positions) at a
+# quarter of the width, so the benchmark runs in minutes on a 2-core CPU.
+SMALL = dict(
+    attn_layers=[
+        "local",
+        "local",
+        "lsh",
+        "local",
+        "local",
+        "local",
+        "lsh",
+        "local",
+        "local",
+        "local",
+        "lsh",
+        "local",
+    ],
+    hidden_size=256,
+    feed_forward_size=1024,
+    num_attention_heads=4,
+    attention_head_size=64,
+    num_hashes=4,
+    num_buckets=512,
+    lsh_attn_chunk_length=256,
+    local_attn_chunk_length=128,
+    axial_pos_shape=[128, 512],
+    axial_pos_embds_dim=[64, 192],
+    max_position_embeddings=65536,
+    vocab_size=258,
+)
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 258) for _ in range(n)]
+
+
+async def throughput(model: ReformerLM, streams: int, prompt_len: int, new_tokens: int, chunk: int) -> dict:
+    engine = Engine(
+        model,
+        EngineConfig(
+            max_batch=streams, max_queue=streams, cache_memory_bytes=2**34, prefill_chunk_tokens=chunk
+        ),
+    )
+    engine.start()
+    params = [SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True) for i in range(streams)]
+    t0 = time.perf_counter()
+    handles = [engine.add_request(random_prompt(prompt_len, i), p) for i, p in enumerate(params)]
+
+    async def consume(stream: RequestStream) -> int:
+        n = 0
+        async for ev in stream:
+            if isinstance(ev, TokenEvent):
+                n += len(ev.token_ids)
+        return n
+
+    counts = await asyncio.gather(*(consume(h) for h in handles))
+    wall = time.perf_counter() - t0
+    stats = engine.stats()
+    await engine.shutdown()
+    return {
+        "streams": streams,
+        "tokens": sum(counts),
+        "wall_s": wall,
+        "tok_s": sum(counts) / wall,
+        "steps": stats.steps_total,
+    }
+
+
+async def latency_under_prefill(
+    model: ReformerLM, running: int, long_len: int, chunk: int, prompt_len: int
+) -> dict:
+    engine = Engine(
+        model,
+        EngineConfig(
+            max_batch=running + 1,
+            cache_memory_bytes=2**36,
+            prefill_chunk_tokens=chunk,
+            max_new_tokens_limit=model.config.max_context,
+        ),
+    )
+    engine.start()
+    # Enough tokens for the running streams to outlast the prefill; they are aborted once it is done.
+    budget = min(model.config.max_context - prompt_len, 60_000)
+    streams = [
+        engine.add_request(
+            random_prompt(prompt_len, 100 + i), SamplingParams(max_new_tokens=budget, seed=i, ignore_eos=True)
+        )
+        for i in range(running)
+    ]
+    arrivals: list[list[float]] = [[] for _ in range(running)]
+    window: dict[str, float] = {}
+    progress = 0
+
+    async def consume(i: int, stream: RequestStream) -> None:
+        async for ev in stream:
+            if isinstance(ev, TokenEvent):
+                arrivals[i].append(time.perf_counter())
+
+    consumers = [asyncio.create_task(consume(i, s)) for i, s in enumerate(streams)]
+    while min(len(a) for a in arrivals) < 3:  # all running streams are decoding
+        await asyncio.sleep(0.01)
+    steps_before = engine.stats().steps_total
+    window["start"] = time.perf_counter()
+    long = engine.add_request(random_prompt(long_len, 7), SamplingParams(max_new_tokens=1))
+    fin: FinishEvent | None = None
+    async for ev in long:
+        if isinstance(ev, PrefillProgress):
+            progress += 1
+        elif "end" not in window:  # the first token (or the finish, if the prefill failed)
+            window["end"] = time.perf_counter()
+        if isinstance(ev, FinishEvent):
+            fin = ev
+    assert fin is not None
+    steps = engine.stats().steps_total - steps_before
+    for s in streams:
+        engine.abort(s.request_id)
+    await asyncio.gather(*consumers)
+    await engine.shutdown()
+
+    gaps = []
+    for a in arrivals:
+        inside = [t for t in a if window["start"] <= t <= window["end"]]
+        gaps += [(b - x) for x, b in zip(inside, inside[1:], strict=False)]
+    prefill_s = window["end"] - window["start"]
+    return {
+        "long_len": long_len,
+        "prefill_s": prefill_s,
+        "steps": steps,
+        "step_ms": 1e3 * prefill_s / max(steps, 1),
+        "progress_events": progress,
+        "gap_p50_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"),
+        "gap_p99_ms": 1e3 * sorted(gaps)[int(0.99 * (len(gaps) - 1))] if gaps else float("nan"),
+        "gap_max_ms": 1e3 * max(gaps) if gaps else float("nan"),
+        "tokens_during": len(gaps) + running,
+        "finish": fin.finish_reason.value,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prefill-chunk", type=int, default=4096, help="prefill work units per engine step")
+    ap.add_argument("--long-prompt", type=int, default=65536, help="0 skips part 2")
+    ap.add_argument("--running", type=int, default=4, help="streams decoding during the long prefill")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = ReformerConfig(**SMALL)
+    model = ReformerLM(cfg).eval().to(args.device)  # random init: speed does not depend on the weights
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"model: enwik8 layout at hidden {cfg.hidden_size} ({n_params / 1e6:.1f}M params), device {args.device}, "
+        f"torch threads {torch.get_num_threads()}, prefill chunk {args.prefill_chunk} units\n"
+    )
+
+    rows = [
+        asyncio.run(throughput(model, n, args.prompt_len, args.new_tokens, args.prefill_chunk))
+        for n in args.streams
+    ]
+    base = rows[0]["tok_s"]
+    print(
+        f"| streams | generated tokens | wall s | engine steps | aggregate tok/s | × {rows[0]['streams']} stream |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['streams']} | {r['tokens']} | {r['wall_s']:.2f} | {r['steps']} | {r['tok_s']:.1f} | "
+            f"{r['tok_s'] / base:.1f}× |"
+        )
+
+    if args.long_prompt:
+        r = asyncio.run(
+            latency_under_prefill(model, args.running, args.long_prompt, args.prefill_chunk, args.prompt_len)
+        )
+        print()
+        print(
+            "| long prompt | prefill s | engine steps | mean step ms | progress events | running streams | "
+            "inter-token p50 ms | p99 ms | max gap ms | max gap / mean step |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            f"| {r['long_len']} | {r['prefill_s']:.1f} | {r['steps']} | {r['step_ms']:.1f} | "
+            f"{r['progress_events']} | {args.running} | {r['gap_p50_ms']:.1f} | {r['gap_p99_ms']:.1f} | "
+            f"{r['gap_max_ms']:.1f} | {r['gap_max_ms'] / r['step_ms']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
