@@ -8,7 +8,8 @@ tokens (https://kubernetes.io/docs/tasks/configure-pod-container/configure-liven
 It reads the same REFORMER_* environment variables as the server, so inside the container it needs no
 arguments: REFORMER_PORT (default 50051), REFORMER_TLS_CERT (when set the probe uses TLS and trusts that
 certificate), REFORMER_AUTH_TOKEN (sent as `authorization: Bearer ...`). Only grpcio and
-grpcio-health-checking are needed, both dependencies of the server.
+grpcio-health-checking are needed, both dependencies of the server. Mutual TLS (REFORMER_TLS_CLIENT_CA)
+is not supported: the probe presents no client certificate.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer")
     parser.add_argument("--tls-cert", default=env.get("REFORMER_TLS_CERT") or None)
-    parser.add_argument("--tls-server-name", default=env.get("REFORMER_HEALTHCHECK_TLS_SERVER_NAME") or None)
+    parser.add_argument(
+        "--tls-server-name", help="host name to verify in the server certificate (default: the address)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     healthy = check(

@@ -671,15 +671,29 @@ def check_manifest_consistency() -> list[str]:
     target = hpa["spec"]["scaleTargetRef"]
     if (target["kind"], target["name"]) != ("Deployment", deployment["metadata"]["name"]):
         problems.append(f"the HPA scales {target}, not the Deployment")
-    produced = {name for name, _ in adapter_rule_metrics()}
+    produced = dict(adapter_rule_metrics())
+    # A gauge the server caps (running <= --max-batch, waiting <= --max-queue) must have a target below
+    # its cap, or the HPA could never be asked for more pods.
+    caps = {"reformer_num_requests_running": cfg.max_batch, "reformer_num_requests_waiting": cfg.max_queue}
     for metric in hpa["spec"]["metrics"]:
         if metric["type"] != "Pods":
             problems.append(f"HPA metric of type {metric['type']}: expected Pods metrics from the adapter")
             continue
-        if metric["pods"]["metric"]["name"] not in produced:
-            problems.append(f"HPA metric {metric['pods']['metric']['name']} is produced by no adapter rule")
+        name = metric["pods"]["metric"]["name"]
+        if name not in produced:
+            problems.append(f"HPA metric {name} is produced by no adapter rule")
+            continue
+        target = _quantity(str(metric["pods"]["target"].get("averageValue", "0")))
+        cap = caps.get(produced[name])
+        if cap is not None and not 0 < target < cap:
+            problems.append(f"HPA target {target:g} for {name} is not below the server's cap of {cap}")
     problems += _kustomization_problems()
     return problems
+
+
+def _quantity(text: str) -> float:
+    """A Kubernetes quantity as the HPA's averageValue uses them: "2", "1.5", "500m"."""
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
 def _kustomization_problems() -> list[str]:

@@ -198,6 +198,15 @@ def test_manifest_check_rejects_an_hpa_metric_no_adapter_rule_serves(deploy_copy
     assert any("reformer_queue_length is produced by no adapter rule" in p for p in problems), problems
 
 
+def test_manifest_check_rejects_an_hpa_target_the_server_can_never_reach(deploy_copy: Path) -> None:
+    _edit_yaml(
+        deploy_copy / "hpa.yaml",
+        lambda d: d["spec"]["metrics"][1]["pods"]["target"].update(averageValue="16"),
+    )
+    problems = cd.check_manifest_consistency()
+    assert any("not below the server's cap of 16" in p for p in problems), problems
+
+
 def test_manifest_check_rejects_a_service_that_is_not_headless(deploy_copy: Path) -> None:
     _edit_yaml(deploy_copy / "service.yaml", lambda d: d["spec"].pop("clusterIP"))
     problems = cd.check_manifest_consistency()
@@ -415,3 +424,42 @@ def test_image_steps_build_wheels_that_serve_pass_the_healthcheck_and_drain(tmp_
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "HEALTHCHECK passed" in proc.stderr and "image steps: ok" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_healthcheck_speaks_tls_and_sends_the_token_from_the_server_environment(tmp_path: Path) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=reformer",
+         "-addext", "subjectAltName=DNS:reformer.example", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    seen: list[str] = []
+
+    class RecordAuth(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
+            seen.extend(v for k, v in handler_call_details.invocation_metadata if k == "authorization")
+            return continuation(handler_call_details)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[RecordAuth()])
+    servicer = health.HealthServicer()
+    servicer.set("reformer.v1.TextGeneration", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        env = {"PATH": "/usr/bin:/bin", "REFORMER_PORT": str(port), "REFORMER_TLS_CERT": str(cert),
+               "REFORMER_AUTH_TOKEN": "s3cret"}  # fmt: skip
+        run = [sys.executable, str(HEALTHCHECK), "--timeout", "5"]
+        ok = subprocess.run(
+            [*run, "--tls-server-name", "reformer.example"], capture_output=True, text=True, env=env
+        )
+        assert ok.returncode == 0, ok.stderr
+        assert seen == ["Bearer s3cret"]
+        wrong_name = subprocess.run(
+            run, capture_output=True, text=True, env=env
+        )  # the cert does not name 127.0.0.1
+        assert wrong_name.returncode == 1 and "UNAVAILABLE" in wrong_name.stderr
+    finally:
+        server.stop(grace=None)
