@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--logprobs", type=int, default=0, help="top-N log-probabilities per token (with --json)")
     g.add_argument("--truncate", choices=("none", "left"), help="drop the oldest prompt tokens that do not fit")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--request-id", help="client-chosen request id")
     g.add_argument("--no-stream", action="store_true", help="use the unary Generate call")
     g.add_argument("--stats", action="store_true", help="print usage and timings to stderr at the end")
@@ -136,6 +137,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
         "stop": args.stop, "logprobs": args.logprobs, "truncate": args.truncate, "request_id": args.request_id,
+        "ignore_eos": args.ignore_eos,
     }
     if args.no_stream:
         result = client.generate(prompt, **params)
