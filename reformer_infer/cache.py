@@ -80,13 +80,13 @@ class LSHLayerState:
             self.order = n
 
     def append(
-        self, k: Tensor, v: Tensor, bucket: Tensor, T: int, layer: LSHSelfAttention, C: int, slot: Tensor | None = None
+        self, k: Tensor, v: Tensor, bucket: Tensor, T: int, layer: LSHSelfAttention, C: int | None, slot: Tensor | None = None
     ) -> None:
         """Store the new token (position T): key/value rows and its slot in every round's order."""
         self.keys[:, T] = k
         self.values[:, T] = v
         if self.order is None:
-            if T + 1 >= C:
+            if C is not None and T + 1 >= C:
                 # From one chunk on, transformers hashes every cached position and decodes by LSH windows.
                 buckets = layer.hash(self.keys[:, : T + 1])  # (H, R, T+1); argmax ignores the key norm
                 pos = torch.arange(T + 1, device=k.device)

@@ -159,6 +159,8 @@ class LSHSelfAttention(nn.Module):
         self.before, self.after = config.lsh_num_chunks_before, config.lsh_num_chunks_after
         self.query_key = nn.Linear(config.hidden_size, self.H * self.D, bias=False)
         self.value = nn.Linear(config.hidden_size, self.H * self.D, bias=False)
+        # Evaluation switch for the paper's full-attention baseline (same weights, dense causal shared-QK).
+        self.full_attention = False
         # Random rotations (H, D, R, rotation_size/2): fixed state, saved with the weights.
         self.register_buffer("rotations", torch.zeros(self.H, self.D, config.num_hashes, config.rotation_size // 2))
 
@@ -200,13 +202,20 @@ class LSHSelfAttention(nn.Module):
         v = self.value(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = len_norm(qk) / math.sqrt(D)  # (B, H, T, D)
         pos = torch.arange(T, device=x.device)
-        if n_padded <= C:
-            # Short sequences: plain causal attention (as transformers), no buckets.
-            out, _ = _attend_window(qk, k, v, pos, pos, self_mask=True)
+        if n_padded <= C or self.full_attention:
+            # Short sequences: plain causal attention (as transformers), no buckets. `full_attention` uses
+            # the same path at any length (the paper's full-attention baseline; evaluation only), in blocks
+            # of queries so the score block stays bounded.
             if state is not None:
                 for b in range(B):
                     state[b].write_prefill(k[b], v[b], None)
-            yield T
+            out = qk.new_empty(B, H, T, D)
+            G = max(1, score_budget // max(1, B * H * T))
+            for q0 in range(0, T, G):
+                q1 = min(q0 + G, T)
+                out[:, :, q0:q1], _ = _attend_window(qk[:, :, q0:q1], k[:, :, :q1], v[:, :, :q1], pos[q0:q1],
+                                                     pos[:q1], self_mask=True)
+                yield q1 - q0
             return out.transpose(1, 2).reshape(B, T, H * D)
 
         R = self.num_hashes
@@ -266,7 +275,7 @@ class LSHSelfAttention(nn.Module):
         k = len_norm(qk) / math.sqrt(D)
         buckets = self.hash(qk)[..., 0]  # (B, H, R)
         outs: list[Tensor | None] = [None] * B
-        windowed = [b for b in range(B) if states[b].order is not None]
+        windowed = [] if self.full_attention else [b for b in range(B) if states[b].order is not None]
         slots: list[Tensor | None] = [None] * B
         if windowed:
             idx = torch.tensor(windowed, device=x.device)
@@ -294,7 +303,7 @@ class LSHSelfAttention(nn.Module):
                 kp = torch.arange(T + 1, device=x.device)
                 o, _ = _attend_window(qk[b : b + 1], keys, vals, kp[T:], kp, self_mask=True, causal=False)
                 outs[b] = o[0, :, 0]
-            st.append(k[b, :, 0], v[b, :, 0], buckets[b], T, self, C, slots[b])
+            st.append(k[b, :, 0], v[b, :, 0], buckets[b], T, self, None if self.full_attention else C, slots[b])
         return torch.stack(outs).reshape(B, H * D)
 
 
@@ -456,6 +465,12 @@ class ReformerLM(nn.Module):
         for layer in self.lsh_layers():
             buf = layer.rotations
             layer.rotations = rot.clone().to(device=buf.device)
+
+    def set_full_attention(self, enabled: bool) -> None:
+        """Run every LSH layer as dense causal shared-QK attention (the paper's full-attention baseline, for
+        evaluation: the weights are unchanged; O(T^2) compute, bounded memory)."""
+        for layer in self.lsh_layers():
+            layer.full_attention = enabled
 
     def lsh_layers(self) -> Iterator[LSHSelfAttention]:
         for layer in self.encoder.layers:

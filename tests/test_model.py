@@ -323,3 +323,22 @@ def test_sequence_beyond_the_context_is_rejected():
                                       lsh_attn_chunk_length=8, local_attn_chunk_length=8, num_buckets=4))
     with pytest.raises(ValueError, match="context"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_full_attention_baseline_equals_dense_causal_shared_qk_attention(tmp_path):
+    """The evaluation switch runs LSH layers densely: equal to the LSH path when one chunk covers everything,
+    and its cached decode equals its own full recompute (no hashing, no windows)."""
+    _, d = make_hf(tmp_path, "m", lsh_attn_chunk_length=64, local_attn_chunk_length=64, attn_layers=["lsh", "lsh"])
+    lsh = load_model(d)
+    full = load_model(d)
+    full.set_full_attention(True)
+    full.score_budget = 64  # force many query blocks
+    ids = ids_of(40)
+    assert (lsh(ids) - full(ids)).abs().max().item() <= 1e-5  # 40 tokens <= one chunk: LSH is dense too
+    _, cache = full.prefill(ids)
+    seq = ids
+    for step in range(30):  # past one chunk: the dense baseline keeps attending to everything
+        tok = ids_of(1, seed=300 + step)
+        lg, cache = full.decode_step(tok, cache)
+        seq = torch.cat([seq, tok], dim=1)
+        assert (lg[:, 0] - full(seq)[:, -1]).abs().max().item() <= 1e-5
