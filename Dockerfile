@@ -5,7 +5,7 @@
 #   docker build -t reformer-serve:0.1.0 .
 #   docker run --gpus all --stop-timeout 45 -p 50051:50051 -p 9090:9090 reformer-serve:0.1.0
 #
-# The install steps are the ones scripts/serve.sh runs (torch==2.13.0 first, then the project, then the
+# The install steps are the ones scripts/setup.sh runs (torch==2.13.0 first, then the project, then the
 # client SDK), so the CI run of those scripts exercises them; scripts/check_deploy.py checks that the pins
 # agree and lints this file with hadolint. deploy/README.md has the Kubernetes side.
 
@@ -20,10 +20,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 
-# Same first step as scripts/serve.sh (on the matching base image it finds torch already installed), then
-# grpcio-tools, the one build-time dependency of the codegen step (the same bound as pyproject.toml).
+# Same first step as scripts/setup.sh (on the matching base image it finds torch already installed), then
+# grpcio-tools, the one build-time dependency of the codegen step, at the version that generated the
+# committed stubs: the image's stubs are then the reviewed ones (scripts/check_deploy.py checks the pin).
 RUN pip install torch==2.13.0 \
-    && pip install "grpcio-tools>=1.66"
+    && pip install grpcio-tools==1.85.1
 
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
@@ -49,7 +50,7 @@ RUN groupadd --system --gid 10001 reformer \
        --shell /usr/sbin/nologin reformer
 
 COPY --from=builder /wheels /tmp/wheels
-# torch first (a no-op on the matching base), then the server and the client SDK with their dependencies.
+# As scripts/setup.sh: torch first (a no-op on the matching base), then the server and the client SDK.
 RUN pip install torch==2.13.0 \
     && pip install /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels

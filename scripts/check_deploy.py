@@ -381,6 +381,22 @@ def check_dockerfile() -> list[str]:
         problems.append("no builder RUN generates the gRPC stubs with scripts/gen_protos.py")
     if not (ROOT / "scripts" / "gen_protos.py").exists():
         problems.append("scripts/gen_protos.py is missing")
+    # The codegen runs the grpcio-tools that generated the committed stubs, so the image gets the same ones.
+    generated = {
+        m.group(1)
+        for stub_dir in (
+            ROOT / "server" / "reformer_server" / "_proto",
+            ROOT / "clients" / "python" / "reformer_client" / "_proto",
+        )
+        for stub in stub_dir.glob("*_pb2_grpc.py")
+        for m in [re.search(r"^GRPC_GENERATED_VERSION = '([^']+)'", stub.read_text(), re.MULTILINE)]
+        if m
+    }
+    tools_pins = set(re.findall(r"grpcio-tools==([\w.]+)", text))
+    if len(generated) != 1 or tools_pins != generated:
+        problems.append(
+            f"the builder's grpcio-tools {sorted(tools_pins)} is not the stubs' generator {sorted(generated)}"
+        )
     # Every project the builder turns into a wheel has its build configuration (the client SDK's included).
     for run in (r for r in runs if "pip wheel" in r.args):
         command = run.args.split("pip wheel", 1)[1].split("&&")[0]

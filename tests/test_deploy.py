@@ -137,6 +137,7 @@ def test_check_script_exits_zero_on_the_repository() -> None:
     ("old", "new", "expected"),
     [
         ("torch==2.13.0", "torch==2.12.0", "torch pins differ"),
+        ("grpcio-tools==1.85.1", "grpcio-tools==1.80.0", "is not the stubs' generator"),
         ("USER 10001:10001\n", "", "does not switch to a non-root USER"),
         ("./clients/python\n", "./clients\n", "pip wheel builds ./clients, which has no pyproject.toml"),
         ("COPY protos/ protos/", "COPY proto/ protos/", "COPY source proto/ does not exist"),
