@@ -51,6 +51,8 @@ def _rpc(fn: Handler) -> Handler:
         except Exception as exc:
             status, message, trailing = status_for(exc)
             code = status.name
+            if context.done():  # the call already ended (client gone): there is nobody to tell
+                return None
             await context.abort(status, message, trailing_metadata=trailing)
         finally:
             self.metrics.rpc_done(method, code)
