@@ -1,0 +1,67 @@
+"""The server assembled in-process (ReformerServer on this event loop), for what a subprocess cannot show:
+a fault injected into one request through the engine's fault hook."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from reformer_server._proto import generation_pb2 as pb
+from reformer_server._proto import generation_pb2_grpc as pb_grpc
+from reformer_server.config import parse_config
+from reformer_server.server import ReformerServer
+from server_fixtures import tiny_model_dir  # noqa: F401
+
+
+def test_out_of_memory_in_one_request_spares_the_others(tiny_model_dir: Path) -> None:  # noqa: F811
+    async def scenario() -> None:
+        cfg = parse_config(["--model", str(tiny_model_dir), "--port", "0", "--metrics-port", "-1",
+                            "--cache-memory", "64MiB", "--warmup", "false"], env={})
+        srv = ReformerServer(cfg)
+        await srv.start()
+        await srv.load()
+
+        def hook(phase: str, request_id: str | None) -> None:
+            if phase == "prefill" and request_id == "oom-me":
+                raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+        srv.engine.fault_hook = hook
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                stub = pb_grpc.TextGenerationStub(ch)
+                healthy = stub.Generate(pb.GenerateRequest(text="fine", max_new_tokens=40, ignore_eos=True))
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Generate(pb.GenerateRequest(text="boom", max_new_tokens=5, request_id="oom-me"))
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "out of memory" in e.value.details()
+                assert (await healthy).usage.generated_tokens == 40
+                after = await stub.Generate(pb.GenerateRequest(text="again", max_new_tokens=3, ignore_eos=True))
+                assert after.usage.generated_tokens == 3
+            assert srv.engine.stats().cache_bytes_in_use == 0 and srv.engine.stats().alive
+            assert srv.metrics.registry.get_sample_value(
+                "reformer_grpc_requests_total", {"method": "Generate", "code": "RESOURCE_EXHAUSTED"}) == 1
+        finally:
+            await srv.close()
+
+    asyncio.run(scenario())
+
+
+def test_requests_during_loading_are_unavailable(tiny_model_dir: Path) -> None:  # noqa: F811
+    async def scenario() -> None:
+        cfg = parse_config(["--model", str(tiny_model_dir), "--port", "0", "--metrics-port", "-1"], env={})
+        srv = ReformerServer(cfg)
+        await srv.start()  # bound and answering, model not loaded yet
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                stub = pb_grpc.TextGenerationStub(ch)
+                for call in (stub.Generate(pb.GenerateRequest(text="x")), stub.GetModelInfo(pb.GetModelInfoRequest())):
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await call
+                    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in e.value.details()
+        finally:
+            await srv.close()
+
+    asyncio.run(scenario())
