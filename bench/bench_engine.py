@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from reformer_infer.cache import ReformerCache
 from reformer_infer.config import ReformerConfig
 from reformer_infer.engine import Engine, EngineConfig, RequestStream
 from reformer_infer.model import ReformerLM
@@ -32,41 +33,76 @@ from reformer_infer.requests import FinishEvent, PrefillProgress, SamplingParams
 
 logger = logging.getLogger("bench_engine")
 
-# google/reformer-enwik8 layout (12 layers, 4 hashes, 512 buckets, chunks 256/128, 64K positions) at a
-# quarter of the width, so the benchmark runs in minutes on a 2-core CPU.
-SMALL = dict(
-    attn_layers=[
-        "local",
-        "local",
-        "lsh",
-        "local",
-        "local",
-        "local",
-        "lsh",
-        "local",
-        "local",
-        "local",
-        "lsh",
-        "local",
-    ],
-    hidden_size=256,
-    feed_forward_size=1024,
-    num_attention_heads=4,
-    attention_head_size=64,
-    num_hashes=4,
-    num_buckets=512,
-    lsh_attn_chunk_length=256,
-    local_attn_chunk_length=128,
-    axial_pos_shape=[128, 512],
-    axial_pos_embds_dim=[64, 192],
-    max_position_embeddings=65536,
-    vocab_size=258,
-)
+# Two small shapes with 64K positions. "small" follows google/reformer-crime-and-punishment (6 layers
+# alternating local/lsh, hidden 256, 2 x 64 heads, chunks 64/64, 1 hash) with factorised buckets sized for
+# 64K; "enwik8-small" is the google/reformer-enwik8 layout (12 layers, 4 hashes, 512 buckets, chunks
+# 256/128) at a quarter of its width.
+PRESETS: dict[str, dict] = {
+    "small": dict(
+        attn_layers=["local", "lsh"] * 3,
+        hidden_size=256,
+        feed_forward_size=512,
+        num_attention_heads=2,
+        attention_head_size=64,
+        num_hashes=1,
+        num_buckets=[32, 64],
+        lsh_attn_chunk_length=64,
+        local_attn_chunk_length=64,
+        axial_pos_shape=[128, 512],
+        axial_pos_embds_dim=[64, 192],
+        max_position_embeddings=65536,
+        vocab_size=258,
+    ),
+    "enwik8-small": dict(
+        attn_layers=[
+            "local",
+            "local",
+            "lsh",
+            "local",
+            "local",
+            "local",
+            "lsh",
+            "local",
+            "local",
+            "local",
+            "lsh",
+            "local",
+        ],
+        hidden_size=256,
+        feed_forward_size=1024,
+        num_attention_heads=4,
+        attention_head_size=64,
+        num_hashes=4,
+        num_buckets=512,
+        lsh_attn_chunk_length=256,
+        local_attn_chunk_length=128,
+        axial_pos_shape=[128, 512],
+        axial_pos_embds_dim=[64, 192],
+        max_position_embeddings=65536,
+        vocab_size=258,
+    ),
+}
 
 
 def random_prompt(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, 258) for _ in range(n)]
+
+
+def model_decode_ms(model: ReformerLM, batch: int, prompt_len: int, steps: int = 5) -> float:
+    """Median time of one bare `decode_step` over `batch` sequences (no engine), for comparison."""
+    caches = [
+        model.prefill(torch.tensor([random_prompt(prompt_len, i)]), capacity=prompt_len + steps + 1)[1]
+        for i in range(batch)
+    ]
+    cache = ReformerCache.batch(caches)
+    ids = torch.randint(3, 258, (batch, 1), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model.decode_step(ids, cache)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 async def throughput(model: ReformerLM, streams: int, prompt_len: int, new_tokens: int, chunk: int) -> dict:
@@ -173,6 +209,7 @@ async def latency_under_prefill(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -186,27 +223,30 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = ReformerConfig(**SMALL)
+    cfg = ReformerConfig(**PRESETS[args.preset])
     model = ReformerLM(cfg).eval().to(args.device)  # random init: speed does not depend on the weights
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"model: enwik8 layout at hidden {cfg.hidden_size} ({n_params / 1e6:.1f}M params), device {args.device}, "
-        f"torch threads {torch.get_num_threads()}, prefill chunk {args.prefill_chunk} units\n"
+        f"model: preset {args.preset}, {len(cfg.attn_layers)} layers, hidden {cfg.hidden_size} "
+        f"({n_params / 1e6:.1f}M params), device {args.device}, torch threads {torch.get_num_threads()}, "
+        f"prompt {args.prompt_len} + {args.new_tokens} new tokens per stream, prefill chunk {args.prefill_chunk} units\n"
     )
 
-    rows = [
-        asyncio.run(throughput(model, n, args.prompt_len, args.new_tokens, args.prefill_chunk))
-        for n in args.streams
-    ]
+    rows = []
+    for n in args.streams:
+        row = asyncio.run(throughput(model, n, args.prompt_len, args.new_tokens, args.prefill_chunk))
+        row["bare_ms"] = model_decode_ms(model, n, args.prompt_len + args.new_tokens)
+        rows.append(row)
     base = rows[0]["tok_s"]
     print(
-        f"| streams | generated tokens | wall s | engine steps | aggregate tok/s | × {rows[0]['streams']} stream |"
+        f"| streams | generated tokens | wall s | engine steps | aggregate tok/s | vs {rows[0]['streams']} stream "
+        "| bare decode_step ms at this batch |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['streams']} | {r['tokens']} | {r['wall_s']:.2f} | {r['steps']} | {r['tok_s']:.1f} | "
-            f"{r['tok_s'] / base:.1f}× |"
+            f"{r['tok_s'] / base:.1f}× | {r['bare_ms']:.1f} |"
         )
 
     if args.long_prompt:

@@ -284,6 +284,7 @@ class Engine:
         OverloadedError (waiting queue full) or EngineStoppedError (shutting down or dead).
         """
         loop = asyncio.get_running_loop()
+        self._check_accepting()  # a draining engine answers "unavailable" before judging the request
         prompt = list(prompt_ids)
         params.validate(vocab_size=self._vocab_size, max_new_tokens_limit=self.config.max_new_tokens_limit)
         validate_prompt(prompt, vocab_size=self._vocab_size)
@@ -309,14 +310,18 @@ class Engine:
             stop=StopStringMatcher(params.stop),
         )
         with self._cond:
-            if not self._alive:
-                raise EngineStoppedError(f"engine has stopped: {self._fatal_error}")
-            if not self._accepting:
-                raise EngineStoppedError("engine is shutting down and admits no new requests")
+            self._check_accepting()
             self._scheduler.add(sched)
             self._requests[rid] = req
             self._cond.notify_all()
         return req.stream
+
+    def _check_accepting(self) -> None:
+        with self._cond:
+            if not self._alive:
+                raise EngineStoppedError(f"engine has stopped: {self._fatal_error}")
+            if not self._accepting:
+                raise EngineStoppedError("engine is shutting down and admits no new requests")
 
     def _check_padded_prompt(self, n: int) -> None:
         # The prefill pads the prompt to a multiple of the chunk lengths (as transformers does); a prompt
