@@ -212,7 +212,7 @@ class Engine:
         self._eos_id = int(getattr(mcfg, "eos_token_id", self.tokenizer.eos_token_id))
         model_context = int(getattr(mcfg, "max_context", mcfg.max_position_embeddings))
         self.max_context = min(self.config.max_context or model_context, model_context)
-        self._device = next(model.parameters()).device
+        self._device = model_device(model)
         # A backend may bring its own cache type; the eager model uses ReformerCache.
         self._batch_caches: Callable[[Sequence[Any]], Any] = getattr(
             model, "batch_caches", ReformerCache.batch
@@ -576,6 +576,12 @@ class Engine:
             )
         )
         self._cond.notify_all()
+
+
+def model_device(model: Any) -> torch.device:
+    """The device a model runs on: its `device` attribute (exported backends) or its first parameter's."""
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
 
 
 def _cache_nbytes(cache: Any | None) -> int:

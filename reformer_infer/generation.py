@@ -46,7 +46,7 @@ def generate(
     )
     params.validate(vocab_size=vocab_size)
     validate_prompt(list(prompt_ids), vocab_size=vocab_size)
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device
     sampler = RequestSampler(params, prompt_ids, vocab_size=vocab_size, device=device)
     stop = set(stop_ids)
 
