@@ -151,6 +151,8 @@ class RequestTracker:
     def __init__(self, metrics: ServerMetrics, labels: dict[str, str]) -> None:
         self._m = metrics
         self._labels = labels
+        # Children resolved once: labels() costs a dict lookup and a lock per call, and ITL is per token.
+        self._itl = metrics.inter_token_latency.labels(**labels)
         self.arrived = time.perf_counter()
         self._first: float | None = None
         self._last: float | None = None
@@ -166,9 +168,8 @@ class RequestTracker:
             self._m.time_to_first_token.labels(**self._labels).observe(now - self.arrived)
         else:
             gap = (now - self._last) / n
-            itl = self._m.inter_token_latency.labels(**self._labels)
             for _ in range(n):
-                itl.observe(gap)
+                self._itl.observe(gap)
         self._last = now
 
     def finished(self, ev: FinishEvent, finish_reason: str) -> None:

@@ -31,6 +31,8 @@ from reformer_server.model_info import ModelDescription
 
 logger = logging.getLogger(__name__)
 
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
+
 Req = TypeVar("Req")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -140,8 +142,13 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             return False
 
     async def _write(self, context: grpc.aio.ServicerContext, message: pb.GenerateStreamResponse) -> None:
+        # asyncio.timeout (3.11+) arms a timer on the current task; wait_for would spawn a task per message.
         try:
-            await asyncio.wait_for(context.write(message), self.stall_timeout)
+            if _timeout is not None:
+                async with _timeout(self.stall_timeout):
+                    await context.write(message)
+            else:
+                await asyncio.wait_for(context.write(message), self.stall_timeout)
         except TimeoutError:
             raise StalledClientError(
                 f"client stopped reading for {self.stall_timeout:g}s; request aborted"
