@@ -12,7 +12,7 @@ if grep -rEn "^\s*(import|from)\s+(grpc|google\.protobuf|prometheus_client)\b" r
 fi
 if [ -f scripts/check_deploy.py ]; then
   echo "== deploy manifests, dashboard, Dockerfile"
-  python scripts/check_deploy.py
+  python scripts/check_deploy.py --require-tools
 fi
 echo "== tests"
 python -m pytest -q -p no:cacheprovider "$@"
