@@ -159,7 +159,7 @@ def test_64_concurrent_requests_with_random_aborts_leave_nothing_behind(model: R
         rng = random.Random(7)
         streams = [
             engine.add_request(
-                prompt(rng.randint(1, 90), seed=i), SamplingParams(max_new_tokens=rng.randint(1, 30))
+                prompt(rng.randint(1, 60), seed=i), SamplingParams(max_new_tokens=rng.randint(1, 20))
             )
             for i in range(64)
         ]
@@ -177,6 +177,7 @@ def test_64_concurrent_requests_with_random_aborts_leave_nothing_behind(model: R
         reasons = [finish_of(ev).finish_reason for ev in results[:64]]
         assert reasons.count(FinishReason.ABORTED) >= 1
         stats = engine.stats()
+        assert stats.alive
         assert stats.cache_bytes_in_use == 0
         assert stats.extra["cache_bytes_allocated"] == 0
         assert stats.running == 0 and stats.waiting == 0
