@@ -475,3 +475,18 @@ def test_prompt_whose_padded_prefill_passes_the_context_is_rejected_up_front(mod
         await engine.shutdown()
 
     run(go)
+
+
+def test_generate_is_seed_reproducible_and_stops_before_a_stop_id(model: ReformerLM) -> None:
+    p = prompt(12, seed=11)
+    a = list(generate(model, p, 20, temperature=0.9, top_p=0.95, repetition_penalty=1.2, seed=5))
+    b = list(generate(model, p, 20, temperature=0.9, top_p=0.95, repetition_penalty=1.2, seed=5))
+    assert a == b and len(a) == 20
+    assert list(generate(model, p, 20, temperature=0.9, seed=6)) != list(
+        generate(model, p, 20, temperature=0.9, seed=7)
+    )
+    full = list(generate(model, p, 20, temperature=0.0))
+    k = full.index(full[4])
+    assert list(generate(model, p, 20, temperature=0.0, stop_ids=(full[4],))) == full[:k]
+    with pytest.raises(InvalidRequestError):
+        list(generate(model, p, 0))
