@@ -1,0 +1,119 @@
+"""Held-out bits/byte of one trained model with 1, 2, 4, 8 LSH hash rounds and with full attention.
+
+Reproduces the shape of the Reformer paper's hash-rounds comparison (Kitaev et al. 2020, Table 2 /
+Figure 4: LSH attention approaches full attention as rounds grow) on the bundled model. The weights
+are the same in every row; only the attention of the LSH layers changes at load time:
+
+* ``lsh-R``: `load_model(path, num_hashes=R)` (rotations re-drawn from the recorded `hash_seed`).
+* ``full``: the LSH layers attend densely and causally over the whole context, with the same shared-QK
+  projection, key normalisation and self-mask rule (what the reference computes for a sequence that
+  fits in one chunk). The model has no switch for this, so this script swaps the LSH layers' forward
+  for a query-blocked dense one (bounded memory at 64K); local layers are untouched.
+
+Each context is scored as consecutive non-overlapping windows of held-out text (Persuasion), every
+byte predicted from the bytes before it inside its window.
+
+    python scripts/eval_hash_rounds.py --context 4096 --windows 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+import types
+from collections.abc import Generator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from reformer_infer import default_model_path, load_model
+from reformer_infer.model import MASK_VALUE, SELF_MASK_VALUE, LSHSelfAttention, ReformerLM, len_norm
+from reformer_infer.train import heldout_bits_per_byte, read_bytes_as_ids
+
+logger = logging.getLogger("eval_hash_rounds")
+
+QUERY_BLOCK = 1024  # dense attention is computed this many queries at a time: (B, H, 1024, T) scores
+
+
+def dense_forward_work(
+    self: LSHSelfAttention, x: Tensor, n_padded: int, state: object, score_budget: int
+) -> Generator[int, None, Tensor]:
+    """Full causal shared-QK attention in place of LSH: x (B, T, E) -> (B, T, H*D)."""
+    B, T, _ = x.shape
+    H, D = self.H, self.D
+    qk = self.query_key(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+    v = self.value(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+    k = len_norm(qk) / math.sqrt(D)  # keys length-normalised, queries not (as in LSH attention)
+    out = torch.empty_like(qk)
+    pos = torch.arange(T, device=x.device)
+    for q0 in range(0, T, QUERY_BLOCK):
+        q1 = min(q0 + QUERY_BLOCK, T)
+        dots = torch.matmul(qk[:, :, q0:q1], k[:, :, :q1].transpose(-1, -2))  # (B, H, Q, q1)
+        qp, kp = pos[q0:q1, None], pos[None, :q1]
+        dots = dots.masked_fill(kp > qp, MASK_VALUE[dots.dtype])
+        dots = dots.masked_fill(kp == qp, SELF_MASK_VALUE[dots.dtype])
+        out[:, :, q0:q1] = torch.matmul(torch.softmax(dots, dim=-1), v[:, :, :q1])
+        yield q1 - q0
+    return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+def use_full_attention(model: ReformerLM) -> None:
+    for layer in model.lsh_layers():
+        layer.forward_work = types.MethodType(dense_forward_work, layer)
+
+
+def evaluate(path: Path, heldout: Tensor, context: int, windows: int, setting: str) -> tuple[float, float]:
+    """(bits/byte, seconds) of one setting: 'full' or 'lsh-R'."""
+    if setting == "full":
+        model = load_model(path)
+        use_full_attention(model)
+    else:
+        model = load_model(path, num_hashes=int(setting.split("-")[1]))
+    t0 = time.monotonic()
+    bpb = heldout_bits_per_byte(model, heldout, context, windows)
+    return bpb, time.monotonic() - t0
+
+
+def label(setting: str) -> str:
+    if setting == "full":
+        return "full attention"
+    rounds = int(setting.split("-")[1])
+    return f"LSH, {rounds} round{'s' if rounds > 1 else ''}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--heldout", type=Path, default=Path("data/austen/heldout.txt"))
+    parser.add_argument("--context", type=int, action="append", help="window length (repeatable)")
+    parser.add_argument("--windows", type=int, default=8, help="windows per context")
+    parser.add_argument("--settings", default="lsh-1,lsh-2,lsh-4,lsh-8,full")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    heldout = read_bytes_as_ids(args.heldout)
+    rows: list[tuple[int, str, float, float]] = []
+    for context in args.context or [4096]:
+        n = min(args.windows, (heldout.numel() - 1) // context)
+        for setting in args.settings.split(","):
+            bpb, secs = evaluate(args.model, heldout, context, n, setting)
+            logger.info("context %d x %d windows, %s: %.4f bits/byte (%.0f s)", context, n, setting, bpb, secs)
+            rows.append((context, setting, bpb, secs))
+    # The CLI's own output: a Markdown table for docs/quality.md.
+    print("| context | windows | attention | held-out bits/byte | vs full |")
+    print("|---|---|---|---|---|")
+    for context, setting, bpb, _ in rows:
+        full = next((b for c, s, b, _ in rows if c == context and s == "full"), None)
+        rel = f"{100 * (bpb - full) / full:+.2f}%" if full else "n/a"
+        n = min(args.windows, (heldout.numel() - 1) // context)
+        print(f"| {context} | {n} | {label(setting)} "
+              f"| {bpb:.4f} | {rel} |")
+
+
+if __name__ == "__main__":
+    main()
