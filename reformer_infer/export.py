@@ -520,6 +520,8 @@ def _export_graph(graph: nn.Module, fmt: str, args: tuple[Tensor, ...], dims: di
                   input_names: tuple[str, ...], output_names: tuple[str, ...]) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript entry points warn in torch 2.13
+        # the ONNX exporter notes that our two capacity axes share one name: that is intended
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
         if fmt == "torchscript":
             torch.jit.save(torch.jit.script(graph), str(path))
         elif fmt == "pt2":
