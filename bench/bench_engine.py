@@ -138,7 +138,7 @@ async def throughput(model: ReformerLM, streams: int, prompt_len: int, new_token
 
 
 async def latency_under_prefill(
-    model: ReformerLM, running: int, long_len: int, chunk: int, prompt_len: int
+    model: ReformerLM, running: int, long_len: int, chunk: int, prompt_len: int, running_tokens: int
 ) -> dict:
     engine = Engine(
         model,
@@ -150,8 +150,9 @@ async def latency_under_prefill(
         ),
     )
     engine.start()
-    # Enough tokens for the running streams to outlast the prefill; they are aborted once it is done.
-    budget = min(model.config.max_context - prompt_len, 60_000)
+    # Enough tokens for the running streams to outlast the prefill (one per engine step); they are aborted
+    # once it is done, and the table says if one ran out first.
+    budget = min(model.config.max_context - prompt_len, running_tokens)
     streams = [
         engine.add_request(
             random_prompt(prompt_len, 100 + i), SamplingParams(max_new_tokens=budget, seed=i, ignore_eos=True)
@@ -183,6 +184,7 @@ async def latency_under_prefill(
             fin = ev
     assert fin is not None
     steps = engine.stats().steps_total - steps_before
+    outlasted = all(s.finished is False for s in streams)
     for s in streams:
         engine.abort(s.request_id)
     await asyncio.gather(*consumers)
@@ -204,6 +206,7 @@ async def latency_under_prefill(
         "gap_max_ms": 1e3 * max(gaps) if gaps else float("nan"),
         "tokens_during": len(gaps) + running,
         "finish": fin.finish_reason.value,
+        "outlasted": outlasted,
     }
 
 
@@ -216,6 +219,7 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=4096, help="prefill work units per engine step")
     ap.add_argument("--long-prompt", type=int, default=65536, help="0 skips part 2")
     ap.add_argument("--running", type=int, default=4, help="streams decoding during the long prefill")
+    ap.add_argument("--running-tokens", type=int, default=8000, help="max_new_tokens of those streams")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -250,8 +254,17 @@ def main() -> None:
         )
 
     if args.long_prompt:
+        # prompt + max_new_tokens (1) must fit the context: a "64K" prompt is 65535 tokens here.
+        args.long_prompt = min(args.long_prompt, cfg.max_context - 1)
         r = asyncio.run(
-            latency_under_prefill(model, args.running, args.long_prompt, args.prefill_chunk, args.prompt_len)
+            latency_under_prefill(
+                model,
+                args.running,
+                args.long_prompt,
+                args.prefill_chunk,
+                args.prompt_len,
+                args.running_tokens,
+            )
         )
         print()
         print(
@@ -263,6 +276,10 @@ def main() -> None:
             f"| {r['long_len']} | {r['prefill_s']:.1f} | {r['steps']} | {r['step_ms']:.1f} | "
             f"{r['progress_events']} | {args.running} | {r['gap_p50_ms']:.1f} | {r['gap_p99_ms']:.1f} | "
             f"{r['gap_max_ms']:.1f} | {r['gap_max_ms'] / r['step_ms']:.2f} |"
+        )
+        print(
+            f"\nlong request finished: {r['finish']}; running streams still decoding when its first token came: "
+            f"{'yes' if r['outlasted'] else 'NO (raise --running-tokens)'}"
         )
 
 
