@@ -175,3 +175,49 @@ def test_exported_backend_refuses_what_it_cannot_serve(exported, tmp_path: Path)
         load_exported(out, "torchscript", dtype="bfloat16")
     with pytest.raises(ExportedModelError, match="export.json"):
         ExportedModel(tmp_path, "torchscript")
+
+
+def test_server_streams_the_same_greedy_tokens_from_every_backend(exported, tmp_path: Path) -> None:
+    """In-process server over eager, TorchScript and ONNX directories; the backend label reaches the metrics.
+    The exported backends are registered through `reformer_server.backend.register_backend` with
+    `reformer_infer.exported.load_exported`, which is all the server needs for `--backend torchscript|onnx`."""
+    import grpc
+    import server_fixtures  # noqa: F401 - puts server/ on sys.path
+    from reformer_server import backend as backends
+    from reformer_server._proto import generation_pb2 as pb
+    from reformer_server._proto import generation_pb2_grpc as pb_grpc
+    from reformer_server.config import parse_config
+    from reformer_server.server import ReformerServer
+
+    from reformer_infer.tokenizer import ByteTokenizer
+
+    for kind in ("torchscript", "onnx"):
+        if kind not in backends.backend_names():
+            backends.register_backend(kind, lambda d, dev, dt, k=kind: load_exported(d, k, dev, dt))
+    model, onnx_dir = exported("mixed", "onnx")
+    _, ts_dir = exported("mixed", "torchscript")
+    save_model(model, tmp_path / "eager")
+    text = "It is a truth universally acknowledged"
+    expected = list(generate(model, ByteTokenizer().encode(text), 12, temperature=0.0))
+
+    async def serve(backend: str, model_dir: Path) -> list[int]:
+        cfg = parse_config(["--model", str(model_dir), "--backend", backend, "--port", "0", "--metrics-port", "-1",
+                            "--warmup", "false"], env={})
+        srv = ReformerServer(cfg)
+        await srv.start()
+        await srv.load()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                stub = pb_grpc.TextGenerationStub(ch)
+                request = pb.GenerateRequest(text=text, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+                streamed = [t async for msg in stub.GenerateStream(request) for t in msg.token_ids]
+                info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+                assert info.backend == backend
+            assert srv.metrics.registry.get_sample_value(
+                "reformer_e2e_request_latency_seconds_count", {"model": model_dir.name, "backend": backend}) == 1
+            return streamed
+        finally:
+            await srv.close()
+
+    for backend, model_dir in (("eager", tmp_path / "eager"), ("torchscript", ts_dir), ("onnx", onnx_dir)):
+        assert asyncio.run(serve(backend, model_dir)) == expected, backend
