@@ -5,14 +5,15 @@
 
 For each stream count N, N requests (prompt --prompt-len random bytes, --new-tokens each, sampled with
 per-request seeds, eos ignored) start at once; aggregate tokens/s = all generated tokens / wall time from
-the first submission to the last final event (prefills included); the best of --repeat rounds is kept.
+the first submission to the last final event (prefills included).
 
   engine-direct: `Engine.add_request` in this process, events consumed by asyncio tasks;
   gRPC:          the real `reformer-server` in a subprocess (same engine settings), consumed by the SDK's
                  `AsyncClient.generate_stream` over loopback.
 
-The two phases run one after the other (the engine is shut down before the server starts), each after a
-warm-up round. Client and server share the machine's cores, as an application on the same host would.
+Both are up at once (an idle engine sleeps on a condition variable) and their rounds alternate, so a
+change in background load hits both alike; after a warm-up, the best of --repeat rounds is kept for each.
+Client and server share the machine's cores, as an application on the same host would.
 Prints a markdown table; every figure is measured in this run.
 """
 
@@ -68,53 +69,60 @@ def random_prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, 258) for _ in range(n)]
 
 
-async def engine_direct(model_dir: Path, streams: list[int], prompt_len: int, new_tokens: int,
-                        device: str, repeat: int) -> dict[int, float]:
-    model = load_model(model_dir, device=device)
-    engine = Engine(model, EngineConfig(max_batch=max(streams), max_queue=max(streams),
+def _requests(n: int, prompt_len: int) -> list[list[int]]:
+    return [random_prompt(prompt_len, i) for i in range(n)]
+
+
+async def direct_round(engine: Engine, n: int, prompt_len: int, new_tokens: int) -> float:
+    """N requests submitted at once to the in-process engine; aggregate generated tokens/s."""
+    t0 = time.perf_counter()
+    handles = [engine.add_request(p, SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True))
+               for i, p in enumerate(_requests(n, prompt_len))]
+
+    async def consume(stream: RequestStream) -> int:
+        return sum([len(ev.token_ids) async for ev in stream if isinstance(ev, TokenEvent)])
+
+    tokens = sum(await asyncio.gather(*(consume(h) for h in handles)))
+    return tokens / (time.perf_counter() - t0)
+
+
+async def grpc_round(client: AsyncClient, n: int, prompt_len: int, new_tokens: int) -> float:
+    """N concurrent GenerateStream calls through the SDK; aggregate generated tokens/s."""
+
+    async def one(i: int, prompt: list[int]) -> int:
+        count = 0
+        async for ev in client.generate_stream(prompt, max_new_tokens=new_tokens, seed=i, ignore_eos=True):
+            if isinstance(ev, TextChunk):
+                count += len(ev.token_ids)
+            elif isinstance(ev, Finished):
+                assert ev.usage.generated_tokens == count == new_tokens
+        return count
+
+    t0 = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(_requests(n, prompt_len)))))
+    return tokens / (time.perf_counter() - t0)
+
+
+async def measure(model_dir: Path, target: str, args: argparse.Namespace) -> tuple[dict[int, float], dict[int, float]]:
+    """Alternate direct and gRPC rounds so both see the same background load; keep each one's best round."""
+    model = load_model(model_dir, device=args.device)
+    engine = Engine(model, EngineConfig(max_batch=max(args.streams), max_queue=max(args.streams),
                                         cache_memory_bytes=CACHE_BUDGET, prefill_chunk_tokens=512))
     engine.start()
-
-    async def round_(n: int) -> float:
-        t0 = time.perf_counter()
-        handles = [engine.add_request(random_prompt(prompt_len, i),
-                                      SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True))
-                   for i in range(n)]
-
-        async def consume(stream: RequestStream) -> int:
-            return sum([len(ev.token_ids) async for ev in stream if isinstance(ev, TokenEvent)])
-
-        tokens = sum(await asyncio.gather(*(consume(h) for h in handles)))
-        return tokens / (time.perf_counter() - t0)
-
-    await round_(2)  # warm-up
-    out = {n: max([await round_(n) for _ in range(repeat)]) for n in streams}
-    await engine.shutdown(drain=False)
-    return out
-
-
-async def through_grpc(
-    target: str, streams: list[int], prompt_len: int, new_tokens: int, repeat: int
-) -> dict[int, float]:
-    async with AsyncClient(target) as client:
-
-        async def one(i: int) -> int:
-            n = 0
-            async for ev in client.generate_stream(random_prompt(prompt_len, i), max_new_tokens=new_tokens,
-                                                   seed=i, ignore_eos=True):
-                if isinstance(ev, TextChunk):
-                    n += len(ev.token_ids)
-                elif isinstance(ev, Finished):
-                    assert ev.usage.generated_tokens == n == new_tokens
-            return n
-
-        async def round_(n: int) -> float:
-            t0 = time.perf_counter()
-            tokens = sum(await asyncio.gather(*(one(i) for i in range(n))))
-            return tokens / (time.perf_counter() - t0)
-
-        await round_(2)  # warm-up
-        return {n: max([await round_(n) for _ in range(repeat)]) for n in streams}
+    direct: dict[int, float] = {n: 0.0 for n in args.streams}
+    served: dict[int, float] = {n: 0.0 for n in args.streams}
+    try:
+        async with AsyncClient(target) as client:
+            await direct_round(engine, 2, args.prompt_len, 8)  # warm-up both paths
+            await grpc_round(client, 2, args.prompt_len, 8)
+            for r in range(args.repeat):
+                for n in args.streams:
+                    direct[n] = max(direct[n], await direct_round(engine, n, args.prompt_len, args.new_tokens))
+                    served[n] = max(served[n], await grpc_round(client, n, args.prompt_len, args.new_tokens))
+                    logger.info("round %d, %d streams: direct %.1f, gRPC %.1f tok/s", r, n, direct[n], served[n])
+    finally:
+        await engine.shutdown(drain=False)
+    return direct, served
 
 
 def main() -> None:
@@ -136,16 +144,12 @@ def main() -> None:
             torch.manual_seed(0)
             model_dir = Path(tmp) / "small"
             save_model(ReformerLM(SMALL).eval(), model_dir)
-        logger.info("engine-direct ...")
-        direct = asyncio.run(engine_direct(model_dir, args.streams, args.prompt_len, args.new_tokens, args.device,
-                                           args.repeat))
-        logger.info("gRPC ...")
         srv = start_server(model_dir, Path(tmp) / "server", "--device", args.device, "--max-batch",
                            str(max(args.streams)), "--max-queue", str(max(args.streams)), "--cache-memory",
-                           str(CACHE_BUDGET), "--prefill-chunk-tokens", "512", "--log-level", "WARNING")
+                           str(CACHE_BUDGET), "--prefill-chunk-tokens", "512", "--log-level", "WARNING",
+                           env={"OMP_NUM_THREADS": str(torch.get_num_threads())})  # same threads as direct
         try:
-            grpc_ = asyncio.run(through_grpc(srv.target, args.streams, args.prompt_len, args.new_tokens,
-                                              args.repeat))
+            direct, grpc_ = asyncio.run(measure(model_dir, srv.target, args))
         finally:
             srv.stop()
 
