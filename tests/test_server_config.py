@@ -62,3 +62,14 @@ def test_byte_sizes_accept_units() -> None:
 def test_config_dataclass_reports_tls() -> None:
     assert not ServerConfig().tls
     assert ServerConfig(tls_cert=Path("c"), tls_key=Path("k")).tls
+
+
+def test_exported_backends_are_selectable_and_default_to_float32() -> None:
+    from reformer_server import backend
+
+    assert {"eager", "torchscript", "onnx", "pt2"} <= set(backend.backend_names())
+    assert backend.resolve_dtype("auto", "cuda", "onnx") == "float32"
+    assert backend.resolve_dtype("auto", "cuda", "eager") == "bfloat16"
+    assert backend.resolve_dtype("auto", "cpu", "eager") == "float32"
+    with pytest.raises(ValueError, match="unknown backend"):
+        backend.load_backend("tensorrt", Path("/nowhere"), "cpu", "float32")

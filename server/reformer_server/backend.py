@@ -1,8 +1,9 @@
 """Execution backends: how a checkpoint directory becomes a model object the engine can drive.
 
 The engine only needs the model API (`prefill`, `prefill_iter`, `decode_step`, `cache_bytes`, `config`).
-`eager` loads the PyTorch module itself; exported backends (TorchScript / ONNX) can register a loader
-here with the same signature and become selectable with `--backend` without touching the server.
+`eager` loads the PyTorch module itself; `torchscript`, `onnx` and `pt2` run the prefill / decode graphs of
+a `reformer-export` directory (reformer_infer.exported). Another backend registers a loader with the same
+signature (`register_backend`) and becomes selectable with `--backend`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,23 @@ def _load_eager(model_dir: Path, device: str, dtype: str) -> Any:
     return reformer_infer.load_model(model_dir, device=device, dtype=getattr(torch, dtype))
 
 
-_BACKENDS: dict[str, Loader] = {"eager": _load_eager}
+def _exported(kind: str) -> Loader:
+    """A loader for a `reformer-export` output directory (see docs/export.md); fp32 graphs."""
+
+    def load(model_dir: Path, device: str, dtype: str) -> Any:
+        from reformer_infer.exported import load_exported
+
+        return load_exported(model_dir, kind, device, dtype)
+
+    return load
+
+
+_BACKENDS: dict[str, Loader] = {
+    "eager": _load_eager,
+    "torchscript": _exported("torchscript"),
+    "onnx": _exported("onnx"),
+    "pt2": _exported("pt2"),
+}
 
 
 def backend_names() -> tuple[str, ...]:
@@ -48,11 +65,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """'auto' -> bfloat16 on CUDA (halves weight and cache bytes), float32 on CPU (bf16 matmuls are slow there)."""
+def resolve_dtype(dtype: str, device: str, backend: str = "eager") -> str:
+    """'auto' -> bfloat16 on CUDA (halves weight and cache bytes), float32 on CPU (bf16 matmuls are slow there)
+    and for exported graphs (exported and checked in float32)."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
+    return "bfloat16" if device.startswith("cuda") and backend == "eager" else "float32"
 
 
 def load_backend(name: str, model_dir: Path, device: str, dtype: str) -> Any:

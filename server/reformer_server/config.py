@@ -99,7 +99,8 @@ def _opt_path(text: str) -> Path | None:
 _OPTIONS: tuple[_Option, ...] = (
     _Option("--model", "model", _opt_path, "checkpoint directory (config.json + model.safetensors); "
             "default: the bundled model, reformer_infer.default_model_path()"),
-    _Option("--backend", "backend", str, "execution backend (eager; exported backends register in reformer_server.backend)"),
+    _Option("--backend", "backend", str, "execution backend: eager, or torchscript / onnx / pt2 over a "
+            "reformer-export directory given as --model (fp32)"),
     _Option("--host", "host", str, "address to bind the gRPC server to (0.0.0.0 to listen on all interfaces)"),
     _Option("--port", "port", int, "gRPC port (0 picks a free one; see --port-file)"),
     _Option("--metrics-host", "metrics_host", str, "address of the Prometheus endpoint (default: --host)"),

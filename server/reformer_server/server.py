@@ -144,7 +144,7 @@ class ReformerServer:
         else:
             model_dir = cfg.model
         device = backends.resolve_device(cfg.device)
-        dtype = backends.resolve_dtype(cfg.dtype, device)
+        dtype = backends.resolve_dtype(cfg.dtype, device, cfg.backend)
         model = await asyncio.to_thread(backends.load_backend, cfg.backend, model_dir, device, dtype)
         budget = cfg.cache_memory if cfg.cache_memory is not None else default_cache_memory(device)
         engine = Engine(model, EngineConfig(
