@@ -131,19 +131,22 @@ class ServerProcess:
 
 
 def start_server(
-    model_dir: Path,
+    model_dir: Path | None,
     workdir: Path,
     *args: str,
     env: dict[str, str] | None = None,
     wait_serving: bool = True,
 ) -> ServerProcess:
-    """Start `python -m reformer_server` on 127.0.0.1 with ephemeral ports; wait until SERVING."""
+    """Start `python -m reformer_server` on 127.0.0.1 with ephemeral ports; wait until SERVING.
+
+    `model_dir` None starts it without --model, i.e. on the bundled default model."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "ports.json"
     port_file.unlink(missing_ok=True)
     log_path = workdir / "server.log"
     cmd = [
-        sys.executable, "-m", "reformer_server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", "reformer_server", *(["--model", str(model_dir)] if model_dir else []),
+        "--host", "127.0.0.1", "--port", "0",
         "--metrics-port", "0", "--port-file", str(port_file), "--cache-memory", "256MiB", *args,
     ]
     with open(log_path, "wb") as log:

@@ -304,3 +304,19 @@ def test_bad_model_path_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     )
     assert r.returncode == 1
     assert "fatal:" in r.stderr and "missing" in r.stderr
+
+
+def test_serves_the_bundled_default_model_without_flags(tmp_path: Path) -> None:
+    from reformer_infer import default_model_path
+
+    if not (Path(default_model_path()) / "model.safetensors").exists():
+        pytest.skip("the bundled default model is not in this checkout")
+    srv = start_server(None, tmp_path)
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.TextGenerationStub(ch)
+            assert stub.GetModelInfo(pb.GetModelInfoRequest()).model_name == Path(default_model_path()).name
+            resp = stub.Generate(pb.GenerateRequest(text="It is a truth", max_new_tokens=8, ignore_eos=True))
+            assert resp.usage.generated_tokens == 8
+    finally:
+        assert srv.stop() == 0, srv.log()
