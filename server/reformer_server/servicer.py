@@ -86,7 +86,12 @@ class _Generation:
             elif isinstance(ev, FinishEvent):
                 self.finished = True
                 error = finish_error(ev)
-                self.tracker.finished(ev, "error" if error else convert.finish_reason_label(ev))
+                label = "error" if error else convert.finish_reason_label(ev)
+                self.tracker.finished(ev, label)
+                logger.info("request %s: %s, %d prompt + %d generated tokens, queue %.3fs, first token %.3fs, "
+                            "total %.3fs%s", self.request_id, label, ev.prompt_tokens, ev.generated_tokens,
+                            ev.queue_time_s, ev.first_token_time_s, ev.total_time_s,
+                            f" ({ev.error})" if error else "")
                 if error is not None:
                     raise error
             yield ev
@@ -96,6 +101,7 @@ class _Generation:
         if not self.finished:
             self._engine.abort(self.request_id)
             self.tracker.abandoned()
+            logger.info("request %s: cancelled (client gone, deadline, stall or shutdown); aborted", self.request_id)
         self._servicer.request_ended(self.request_id)
 
 
