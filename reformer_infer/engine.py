@@ -185,6 +185,7 @@ class _Request:
     prefill_gen: Generator[tuple[int, int], None, Any] | None = None
     prefill_done_tokens: int = 0  # prompt tokens accounted in stats / progress
     prefill_done_work: int = 0  # prefill_iter work units done so far
+    prefill_total_work: int = 0  # prefill_iter work units in all (known after the first unit)
     cache: Any | None = None
     last_token: int = 0
     num_generated: int = 0
@@ -395,9 +396,18 @@ class Engine:
             self._steps += 1
             self._schedule(time.monotonic())
             decode_batch = [r for r in self._decoding if not r.finished]
-            prefill_req = next((r for r in self._prefilling if not r.finished), None)
+            prefill_queue = [r for r in self._prefilling if not r.finished]
         decoded = self._execute_decode(decode_batch) if decode_batch else 0
-        prefilled = self._execute_prefill(prefill_req) if prefill_req is not None else 0
+        # Prefill budget of this step: the oldest prompt first; short prompts that finish leave the rest
+        # of the budget to the next ones, so a burst of short requests is not admitted one per step.
+        prefilled = 0
+        remaining = self.config.prefill_chunk_tokens
+        for req in prefill_queue:
+            tokens, used = self._execute_prefill(req, remaining)
+            prefilled += tokens
+            remaining -= max(used, 1)
+            if remaining <= 0:
+                break
         with self._cond:
             self._last_step_tokens = decoded + prefilled
             self._last_step_time = time.perf_counter() - t0
@@ -415,10 +425,15 @@ class Engine:
         self._decoding = [r for r in self._decoding if not r.finished]
 
     # ---- execute: prefill ------------------------------------------------------------------------
-    def _execute_prefill(self, req: _Request) -> int:
-        """Advance `req`'s prefill by about `prefill_chunk_tokens` work units; return prompt tokens done."""
-        budget = self.config.prefill_chunk_tokens
+    def _execute_prefill(self, req: _Request, budget: int) -> tuple[int, int]:
+        """Advance `req`'s prefill by about `budget` work units; return (prompt tokens done, units used).
+
+        Units are `model.prefill_iter`'s (tokens x layers); one unit is at most `prefill_chunk_tokens`,
+        so a step overshoots its budget by less than one chunk.
+        """
+        chunk = self.config.prefill_chunk_tokens
         n = len(req.prompt_ids)
+        start_work = req.prefill_done_work
         try:
             if self.fault_hook is not None:
                 self.fault_hook("prefill", req.request_id)
@@ -426,10 +441,10 @@ class Engine:
             if gen is None:
                 ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self._device)  # (1, T)
                 capacity = n + req.params.max_new_tokens
-                gen = self.model.prefill_iter(ids, capacity=capacity, last_only=True, work_tokens=budget)
+                gen = self.model.prefill_iter(ids, capacity=capacity, last_only=True, work_tokens=chunk)
                 with self._cond:
                     if req.finished:
-                        return 0
+                        return 0, 0
                     req.prefill_gen = gen
             result = None
             while True:
@@ -438,20 +453,20 @@ class Engine:
                 except StopIteration as stop:
                     result = stop.value
                     break
-                if done - req.prefill_done_work >= budget or req.finished:
-                    req.prefill_done_work = done
+                req.prefill_done_work, req.prefill_total_work = done, total
+                if done - start_work >= budget or req.finished:
                     break
             if result is None:
-                tokens_done = n * done // max(total, 1)
+                tokens_done = n * req.prefill_done_work // max(req.prefill_total_work, 1)
                 with self._cond:
                     if req.finished:
-                        return 0
+                        return 0, req.prefill_done_work - start_work
                     delta = tokens_done - req.prefill_done_tokens
                     req.prefill_done_tokens = tokens_done
                     self._prefill_tokens_total += delta
-                    if n > budget:  # only prompts longer than one step's budget report progress
+                    if n > chunk:  # only prompts longer than one chunk report progress
                         req.stream.put(PrefillProgress(req.request_id, tokens_done, n))
-                return delta
+                return delta, req.prefill_done_work - start_work
             logits, cache = result
             out = sample_batch(logits[:, -1, :], [req.sampler])
         except Exception as exc:  # one request's failure (OOM included) must not take the engine down
@@ -466,10 +481,11 @@ class Engine:
                     error=("out of memory during prefill: " if oom else "prefill failed: ") + str(exc),
                     kind="oom" if oom else "internal",
                 )
-            return 0
+            return 0, budget
+        used = max(req.prefill_total_work, req.prefill_done_work) - start_work
         with self._cond:
             if req.finished:
-                return 0
+                return 0, used
             delta = n - req.prefill_done_tokens
             req.prefill_done_tokens = n
             # Counted before the first token is emitted, so a caller that saw it also sees the stats.
@@ -481,7 +497,7 @@ class Engine:
             self._update(req, out.tokens[0], out.logprobs[0], time.monotonic())
             if not req.finished:
                 self._decoding.append(req)
-        return delta
+        return delta, used
 
     # ---- execute: decode -------------------------------------------------------------------------
     def _execute_decode(self, batch: list[_Request]) -> int:

@@ -490,3 +490,18 @@ def test_generate_is_seed_reproducible_and_stops_before_a_stop_id(model: Reforme
     assert list(generate(model, p, 20, temperature=0.0, stop_ids=(full[4],))) == full[:k]
     with pytest.raises(InvalidRequestError):
         list(generate(model, p, 0))
+
+
+def test_burst_of_short_prompts_is_prefilled_within_one_step_budget(model: ReformerLM) -> None:
+    async def go() -> int:
+        engine = Engine(model, EngineConfig(max_batch=8, prefill_chunk_tokens=100_000))
+        streams = [engine.add_request(prompt(6, seed=i), greedy(3)) for i in range(8)]
+        engine.start()
+        for events in await asyncio.gather(*(collect(s) for s in streams)):
+            assert len(tokens_of(events)) == 3
+        steps = engine.stats().steps_total
+        await engine.shutdown()
+        return steps
+
+    # One step prefills all eight prompts (first tokens), two batched decode steps give the rest.
+    assert run(go) <= 4
