@@ -36,17 +36,23 @@ CONFIGS = {
     "local_only": dict(attn_layers=["local", "local"], lsh_attn_chunk_length=8, local_attn_chunk_length=4,
                        num_buckets=4),
 }
-# every config in TorchScript (fast to write); ONNX and .pt2 on the layouts that differ for them
-CASES = [(c, "torchscript") for c in CONFIGS] + [("mixed", "onnx"), ("lsh_only", "onnx"), ("local_only", "onnx"),
-                                                  ("mixed", "pt2")]
+# every config in TorchScript (fast to write); ONNX and .pt2 on the layouts that differ for them (zero-size
+# local or LSH stacks); ONNX export takes tens of seconds per graph on a small machine, hence `slow` marks
+CASES = [(c, "torchscript") for c in CONFIGS] + [
+    ("mixed", "onnx"),
+    pytest.param("lsh_only", "onnx", marks=pytest.mark.slow),
+    pytest.param("local_only", "onnx", marks=pytest.mark.slow),
+    pytest.param("mixed", "pt2", marks=pytest.mark.slow),
+]
 
 
 def tiny(name: str) -> ReformerLM:
     torch.manual_seed(0)
     model = ReformerLM(ReformerConfig(**BASE, **CONFIGS[name])).eval()
-    with torch.no_grad():  # larger weights than the init: sharper logits, greedy paths that move
+    with torch.no_grad():  # larger matrices than the init: greedy paths that move from token to token
         for p in model.parameters():
-            p.normal_(0.0, 0.5)
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5)
     return model
 
 
@@ -136,6 +142,7 @@ def test_engine_streams_the_same_greedy_tokens_from_onnx_as_eager_generate(expor
     streamed = asyncio.run(go())
     for p, toks in zip(prompts, streamed, strict=True):
         assert toks == list(generate(model, p, 10, temperature=0.0))
+    assert len({t for toks in streamed for t in toks}) > 4  # the greedy paths are not one repeated token
 
 
 def test_stacked_batch_decode_equals_eager_batch(exported) -> None:
@@ -219,5 +226,6 @@ def test_server_streams_the_same_greedy_tokens_from_every_backend(exported, tmp_
         finally:
             await srv.close()
 
+    assert len(set(expected)) > 3
     for backend, model_dir in (("eager", tmp_path / "eager"), ("torchscript", ts_dir), ("onnx", onnx_dir)):
         assert asyncio.run(serve(backend, model_dir)) == expected, backend
