@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from reformer_infer.requests import SamplingParams, validate_prompt
+from reformer_infer.requests import InvalidRequestError, SamplingParams, validate_prompt
 from reformer_infer.sampling import RequestSampler, sample_batch
 
 
@@ -46,6 +46,13 @@ def generate(
     )
     params.validate(vocab_size=vocab_size)
     validate_prompt(list(prompt_ids), vocab_size=vocab_size)
+    context = int(getattr(model.config, "max_context", model.config.max_position_embeddings))
+    if len(prompt_ids) + max_new_tokens > context:
+        raise InvalidRequestError(
+            "max_new_tokens",
+            f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+            f"{context} tokens",
+        )
     device = getattr(model, "device", None) or next(model.parameters()).device
     sampler = RequestSampler(params, prompt_ids, vocab_size=vocab_size, device=device)
     stop = set(stop_ids)

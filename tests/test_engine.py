@@ -490,6 +490,8 @@ def test_generate_is_seed_reproducible_and_stops_before_a_stop_id(model: Reforme
     assert list(generate(model, p, 20, temperature=0.0, stop_ids=(full[4],))) == full[:k]
     with pytest.raises(InvalidRequestError):
         list(generate(model, p, 0))
+    with pytest.raises(InvalidRequestError, match="context of 256"):
+        list(generate(model, p, 250))
 
 
 def test_burst_of_short_prompts_is_prefilled_within_one_step_budget(model: ReformerLM) -> None:
