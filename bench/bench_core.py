@@ -60,23 +60,102 @@ def _median_ms(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def worker_ours(model_dir: str, T: int, steps: int) -> dict:
+def worker_prefill_ours(model_dir: str, T: int) -> dict:
     from reformer_infer import load_model
 
     model = load_model(model_dir)
-    ids = _ids(T)
     t0 = time.perf_counter()
-    _, cache = model.prefill(ids, capacity=T + steps + 2, last_only=True)
-    prefill_s = time.perf_counter() - t0
-    rss = peak_rss_bytes()
+    _, cache = model.prefill(_ids(T), last_only=True)
+    return dict(prefill_s=time.perf_counter() - t0, peak_rss=peak_rss_bytes(), cache_bytes=cache.nbytes)
+
+
+def worker_prefill_hf(model_dir: str, T: int) -> dict:
+    from transformers import ReformerModelWithLMHead
+
+    model = ReformerModelWithLMHead.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        past = model(_ids(T), use_cache=True).past_buckets_states
+        dt = time.perf_counter() - t0
+    nbytes = sum(t.nbytes for t in past.states_cache) + sum(t.nbytes for t in past.buckets_cache)
+    return dict(prefill_s=dt, peak_rss=peak_rss_bytes(), cache_bytes=nbytes)
+
+
+def _ours_synthetic_cache(model, T: int, extra: int):
+    """A cache of T positions with random keys/values and bucket ids (decode cost does not depend on them)."""
+    from reformer_infer import ReformerCache, SequenceCache
+    from reformer_infer.cache import LocalLayerState
+
+    g = torch.Generator().manual_seed(0)
+    seq = SequenceCache.allocate(model, T + extra)
+    cfg = model.config
+    H, D = cfg.num_attention_heads, cfg.attention_head_size
+    for st in seq.layers:
+        k = torch.randn(H, T, D, generator=g) / D**0.5
+        v = torch.randn(H, T, D, generator=g)
+        if isinstance(st, LocalLayerState):
+            st.write_prefill(k, v, T)
+        else:
+            b = torch.randint(0, cfg.total_buckets, (H, st.num_hashes, T), generator=g)
+            order = torch.argsort(b * T + torch.arange(T), dim=-1)
+            st.write_prefill(k, v, order, b)
+    seq.length = T
+    return ReformerCache([seq])
+
+
+def worker_decode(model_dir: str, T: int, steps: int, spec_file: str) -> dict:
+    """Decode ms/token of ours, transformers (and at 1K the dense reference), interleaved step by step in
+    one process so machine load hits all of them alike; each on a synthetic cache of T positions."""
+    from transformers import ReformerModelWithLMHead
+
+    from reformer_infer import load_model
+
+    ours = load_model(model_dir)
+    hf = ReformerModelWithLMHead.from_pretrained(model_dir).eval()
+    cache = _ours_synthetic_cache(ours, T, steps + 2)
+    state = {"past": _hf_synthetic_cache(hf, T)}
+    hf_bytes = sum(t.nbytes for t in state["past"].states_cache) + sum(t.nbytes for t in state["past"].buckets_cache)
     tok = torch.tensor([[65]])
-    model.decode_step(tok, cache)  # warm-up
+    fns = {}
 
-    def step():
-        model.decode_step(tok, cache)
+    def ours_step():
+        ours.decode_step(tok, cache)
 
-    ms = _median_ms(step, steps)
-    return dict(prefill_s=prefill_s, peak_rss=rss, decode_ms=ms, cache_bytes=model.cache_bytes(T))
+    def hf_step():
+        with torch.no_grad():
+            state["past"] = hf(tok, past_buckets_states=state["past"], use_cache=True).past_buckets_states
+
+    fns["ours"], fns["hf"] = ours_step, hf_step
+    if T <= 1024:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        spec = json.loads(Path(spec_file).read_text())
+        gcfg = GPT2Config(vocab_size=258, n_positions=T + steps + 8, n_embd=spec["hidden_size"],
+                          n_layer=len(spec["attn_layers"]), n_head=spec["num_attention_heads"],
+                          n_inner=spec["feed_forward_size"], attn_implementation="sdpa")
+        dense = GPT2LMHeadModel(gcfg).eval()
+        with torch.no_grad():
+            dstate = {"past": dense(_ids(T), use_cache=True).past_key_values}
+
+        def dense_step():
+            with torch.no_grad():
+                dstate["past"] = dense(tok, past_key_values=dstate["past"], use_cache=True).past_key_values
+
+        fns["dense"] = dense_step
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()  # warm-up
+    for _ in range(steps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {f"{k}_decode_ms": statistics.median(v) for k, v in times.items()}
+    out["ours_cache_bytes"] = ours.cache_bytes(T)
+    out["hf_cache_bytes"] = hf_bytes
+    if "dense" in fns:
+        out["dense_cache_bytes"] = 2 * gcfg.n_layer * T * gcfg.n_embd * 4
+    return out
 
 
 def _hf_synthetic_cache(model, T: int):
@@ -97,58 +176,6 @@ def _hf_synthetic_cache(model, T: int):
     return cache
 
 
-def worker_hf(model_dir: str, T: int, steps: int, max_prefill: int) -> dict:
-    from transformers import ReformerModelWithLMHead
-
-    model = ReformerModelWithLMHead.from_pretrained(model_dir).eval()
-    out = {}
-    with torch.no_grad():
-        if T <= max_prefill:
-            t0 = time.perf_counter()
-            past = model(_ids(T), use_cache=True).past_buckets_states
-            out["prefill_s"] = time.perf_counter() - t0
-            out["peak_rss"] = peak_rss_bytes()
-        else:
-            past = _hf_synthetic_cache(model, T)
-        nbytes = sum(t.nbytes for t in past.states_cache) + sum(t.nbytes for t in past.buckets_cache)
-        tok = torch.tensor([[65]])
-        state = {"past": past}
-
-        def step():
-            o = model(tok, past_buckets_states=state["past"], use_cache=True)
-            state["past"] = o.past_buckets_states
-
-        step()
-        out["decode_ms"] = _median_ms(step, steps)
-        out["cache_bytes"] = nbytes
-    return out
-
-
-def worker_dense(spec: dict, T: int, steps: int) -> dict:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=258, n_positions=max(T + steps + 8, 1024), n_embd=spec["hidden_size"],
-                     n_layer=len(spec["attn_layers"]), n_head=spec["num_attention_heads"],
-                     n_inner=spec["feed_forward_size"], attn_implementation="sdpa")
-    model = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        out = model(_ids(T), use_cache=True)
-        prefill_s = time.perf_counter() - t0
-        rss = peak_rss_bytes()
-        state = {"past": out.past_key_values}
-        tok = torch.tensor([[65]])
-
-        def step():
-            o = model(tok, past_key_values=state["past"], use_cache=True)
-            state["past"] = o.past_key_values
-
-        step()
-        ms = _median_ms(step, steps)
-    kv = 2 * len(spec["attn_layers"]) * T * spec["hidden_size"] * 4
-    return dict(prefill_s=prefill_s, peak_rss=rss, decode_ms=ms, cache_bytes=kv)
-
-
 def run_worker(args: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", *args]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -166,21 +193,21 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="narrow widths for a quick run")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     ap.add_argument("--hf-max-prefill", type=int, default=16384)
-    ap.add_argument("--steps", type=int, default=12, help="decode steps timed per context")
+    ap.add_argument("--steps", type=int, default=12, help="decode steps timed per context and implementation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)
 
     if args.worker:
-        kind, model_dir, T, steps = args.worker[0], args.worker[1], int(args.worker[2]), int(args.worker[3])
-        if kind == "ours":
-            r = worker_ours(model_dir, T, steps)
-        elif kind == "hf":
-            r = worker_hf(model_dir, T, steps, int(args.worker[4]))
+        kind, model_dir, T = args.worker[0], args.worker[1], int(args.worker[2])
+        if kind == "prefill-ours":
+            r = worker_prefill_ours(model_dir, T)
+        elif kind == "prefill-hf":
+            r = worker_prefill_hf(model_dir, T)
         else:
-            r = worker_dense(json.loads(Path(model_dir).read_text()), T, steps)
+            r = worker_decode(model_dir, T, int(args.worker[3]), args.worker[4])
         print(json.dumps(r))
         return
 
@@ -195,43 +222,43 @@ def main() -> None:
     del hf
     (tmp / "spec.json").write_text(json.dumps(spec))
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    model_dir = str(tmp / "hf")
 
-    print(f"# bench_core: {'small' if args.small else 'enwik8'} widths, {n_params / 1e6:.0f}M params, "
-          f"fp32, batch 1, {args.threads} threads, torch {torch.__version__}")
+    print(f"bench_core: {'small' if args.small else 'enwik8'} widths, {n_params / 1e6:.0f}M params, fp32, batch 1, "
+          f"{args.threads} threads, torch {torch.__version__}; decode timed interleaved step by step "
+          f"({args.steps} steps each) on synthetic caches of the given length\n")
     print("| context | impl | prefill s | prefill peak RSS | decode ms/token (median) | cache |")
     print("|---|---|---|---|---|---|")
-    rows = []
-    dense = run_worker(["dense", str(tmp / "spec.json"), "1024", str(args.steps)])
+    results = []
     for T in args.contexts:
-        steps = args.steps if T <= 16384 else max(4, args.steps // 2)
-        ours = run_worker(["ours", str(tmp / "hf"), str(T), str(steps)])
-        ref = run_worker(["hf", str(tmp / "hf"), str(T), str(steps), str(args.hf_max_prefill)])
-        rows.append((T, ours, ref))
-        for name, r in (("reformer-serve", ours), ("transformers", ref)):
-            if "error" in r:
-                print(f"| {T} | {name} | error: {r['error']} | | | |")
-                continue
-            pre = f"{r['prefill_s']:.1f}" if "prefill_s" in r else "not run"
-            print(f"| {T} | {name} | {pre} | {fmt_bytes(r.get('peak_rss'))} | {r['decode_ms']:.1f} | "
-                  f"{fmt_bytes(r['cache_bytes'])} |", flush=True)
-    if "error" not in dense:
-        print(f"| 1024 | dense GPT-2 (SDPA, KV cache) | {dense['prefill_s']:.1f} | {fmt_bytes(dense['peak_rss'])} | "
-              f"{dense['decode_ms']:.1f} | {fmt_bytes(dense['cache_bytes'])} |")
-    print()
-    print("Ratios (same run):")
-    base = next((o for T, o, _ in rows if "decode_ms" in o), None)
-    for T, o, r in rows:
-        if "decode_ms" not in o:
+        po = run_worker(["prefill-ours", model_dir, str(T)])
+        ph = run_worker(["prefill-hf", model_dir, str(T)]) if T <= args.hf_max_prefill else {}
+        dec = run_worker(["decode", model_dir, str(T), str(args.steps), str(tmp / "spec.json")])
+        results.append((T, po, ph, dec))
+        err = dec.get("error")
+        for name, pre, key in (("reformer-serve", po, "ours"), ("transformers", ph, "hf")):
+            pre_s = f"{pre['prefill_s']:.1f}" if "prefill_s" in pre else (pre.get("error") or "not run")
+            ms = f"{dec[key + '_decode_ms']:.1f}" if not err else f"error: {err}"
+            cache = dec.get(f"{key}_cache_bytes", pre.get("cache_bytes"))
+            print(f"| {T} | {name} | {pre_s} | {fmt_bytes(pre.get('peak_rss'))} | {ms} | {fmt_bytes(cache)} |",
+                  flush=True)
+        if "dense_decode_ms" in dec:
+            print(f"| {T} | dense GPT-2 (SDPA, KV cache) | – | – | {dec['dense_decode_ms']:.1f} | "
+                  f"{fmt_bytes(dec['dense_cache_bytes'])} |", flush=True)
+    print("\nRatios (each from one run):")
+    dense = next((d["dense_decode_ms"] for _, _, _, d in results if "dense_decode_ms" in d), None)
+    base = next((d["ours_decode_ms"] for _, _, _, d in results if "ours_decode_ms" in d), None)
+    for T, po, ph, d in results:
+        if "ours_decode_ms" not in d:
             continue
-        parts = [f"ours/ours@{rows[0][0]} decode {o['decode_ms'] / base['decode_ms']:.2f}x"]
-        if "decode_ms" in r:
-            parts.append(f"transformers/ours decode {r['decode_ms'] / o['decode_ms']:.1f}x")
-            parts.append(f"ours/transformers cache {o['cache_bytes'] / r['cache_bytes']:.2f}x")
-        if "prefill_s" in r:
-            parts.append(f"ours/transformers prefill time {o['prefill_s'] / r['prefill_s']:.2f}x")
-        if "decode_ms" in dense:
-            parts.append(f"ours/dense@1K decode {o['decode_ms'] / dense['decode_ms']:.2f}x")
-        print(f"- {T}: " + ", ".join(parts))
+        parts = [f"ours decode vs ours at {results[0][0]}: {d['ours_decode_ms'] / base:.2f}x",
+                 f"transformers/ours decode: {d['hf_decode_ms'] / d['ours_decode_ms']:.1f}x",
+                 f"ours/transformers cache: {d['ours_cache_bytes'] / d['hf_cache_bytes']:.2f}x"]
+        if dense:
+            parts.append(f"ours/dense-at-1K decode: {d['ours_decode_ms'] / dense:.2f}x")
+        if "prefill_s" in po and "prefill_s" in ph:
+            parts.append(f"ours/transformers prefill time: {po['prefill_s'] / ph['prefill_s']:.2f}x")
+        print(f"- {T}: " + "; ".join(parts))
 
 
 if __name__ == "__main__":
