@@ -616,10 +616,12 @@ class Check:
 
 
 def default_lengths(config: ReformerConfig, new_tokens: int) -> list[int]:
-    """A dense-regime prompt (at most one LSH chunk), one of a length that is not a multiple of the chunk
-    length (padded, hashed) and one of an exact multiple, all shapes other than the export examples'."""
+    """A dense-regime prompt (at most one LSH chunk) from which `new_tokens` of decoding cross into LSH
+    windows, one of a length that is not a multiple of the chunk length (padded, hashed) and one of an exact
+    multiple: all shapes other than the export examples'."""
     lcm = config.chunk_lcm
-    short = max(2, config.min_chunk_length // 2 + 1)
+    # short enough for the dense regime, long enough that greedy decoding from it crosses one LSH chunk
+    short = max(2, min(config.min_chunk_length, config.lsh_attn_chunk_length - new_tokens // 2))
     room = config.max_context - new_tokens
     out = [n for n in (short, 2 * lcm + 3, 4 * lcm) if n <= room and -(-n // lcm) * lcm <= config.max_context]
     return out or [min(short, room)]
@@ -744,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo"):
+    for name in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._dynamo"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         model = load_model(args.model)
