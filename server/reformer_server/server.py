@@ -30,6 +30,7 @@ from reformer_server import model_info
 from reformer_server.auth import BearerTokenInterceptor, server_credentials
 from reformer_server.config import ServerConfig
 from reformer_server.convert import RequestLimits
+from reformer_server.malformed import MalformedRequestInterceptor
 from reformer_server.metrics import ServerMetrics
 from reformer_server.servicer import TextGenerationServicer
 
@@ -97,6 +98,7 @@ class ReformerServer:
                 exempt_health=not cfg.auth_health,
                 on_reject=lambda method: self.metrics.rpc_done(method.rsplit("/", 1)[-1], "UNAUTHENTICATED"),
             ))
+        interceptors.append(MalformedRequestInterceptor())  # after auth: a denied call's bytes parse safely too
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=grpc_options(cfg),
