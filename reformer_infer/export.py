@@ -171,17 +171,20 @@ class _LSHGraph(nn.Module):
 
     def decode(
         self, x: Tensor, t: Tensor, hashed: Tensor, become: Tensor,
-        keys: Tensor, values: Tensor, order: Tensor, counts: Tensor,
+        all_keys: Tensor, all_values: Tensor, j: int, order: Tensor, counts: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x (B, E) layer-normed; t (B,) positions of the new tokens; hashed/become (B,) bool; keys/values
-        (B, H, S, D); order (B, H, R, S) int32; counts (B, H, R, K) int32.
+        """x (B, E) layer-normed; t (B,) positions of the new tokens; hashed/become (B,) bool; all_keys /
+        all_values (L, B, H, S, D), of which this layer's are [j]; order (B, H, R, S) int32; counts (B, H, R, K).
+
+        The window rows are gathered from the flattened stacked tensors by row number, and the dense branch
+        slices only its C+1 slots: selecting [j] first would make ONNX Runtime copy the whole cache every step.
 
         Returns out (B, H*D), the new key and value (B, H, D) for the caller to write at position t, and the
         updated order and counts. Mirrors `LSHSelfAttention.decode` + `LSHLayerState.window/append`: hashed
         sequences attend to their window in the (bucket, position) order; the others (shorter than one
         chunk) attend densely; a sequence reaching one chunk has its first t+1 keys hashed and sorted.
         """
-        B, S = x.shape[0], keys.shape[2]
+        B, S = x.shape[0], all_keys.shape[3]
         H, D, C, R, K = self.H, self.D, self.C, self.R, self.K
         W = C * (1 + self.before + self.after)
         qk = self.query_key(x).view(B, H, 1, D)
@@ -197,10 +200,14 @@ class _LSHGraph(nn.Module):
         last = torch.clamp(t4 - 1, min=0)
         src = torch.minimum(torch.where(s > p, s - 1, s), last)
         wpos = torch.where(s == p, t4, order.gather(-1, src).to(torch.long))  # (B, H, R, W)
-        flat = wpos.view(B, H, R * W, 1).expand(B, H, R * W, D)
+        b_idx = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+        h_idx = torch.arange(H, device=x.device).view(1, H, 1, 1)
+        rows = (((j * B + b_idx) * H + h_idx) * S + wpos).reshape(-1)  # rows of all_keys viewed as (L*B*H*S, D)
         is_new = (wpos == t4).unsqueeze(-1)  # the new token's own slot: its key is not cached yet
-        kk = torch.where(is_new, k_new.view(B, H, 1, 1, D), torch.gather(keys, 2, flat).view(B, H, R, W, D))
-        vv = torch.where(is_new, v_new.view(B, H, 1, 1, D), torch.gather(values, 2, flat).view(B, H, R, W, D))
+        kk = torch.where(is_new, k_new.view(B, H, 1, 1, D),
+                         all_keys.reshape(-1, D).index_select(0, rows).view(B, H, R, W, D))
+        vv = torch.where(is_new, v_new.view(B, H, 1, 1, D),
+                         all_values.reshape(-1, D).index_select(0, rows).view(B, H, R, W, D))
         no_mask = torch.zeros_like(is_new).view(B, H, R, 1, W)
         o, lse = _softmax_attend(qk.unsqueeze(2), kk, vv, no_mask, is_new.view(B, H, R, 1, W))
         windowed = (o[..., 0, :] * torch.softmax(lse[..., 0], dim=-1).unsqueeze(-1)).sum(dim=2)  # (B, H, D)
@@ -208,8 +215,8 @@ class _LSHGraph(nn.Module):
         # -- dense (fewer than one chunk so far): the first C+1 slots, later ones masked
         slots = torch.arange(C + 1, device=x.device)
         own = (slots.unsqueeze(0) == t.unsqueeze(1)).view(B, 1, C + 1, 1)
-        kd = torch.where(own, k_new.unsqueeze(2), keys[:, :, : C + 1])  # (B, H, C+1, D)
-        vd = torch.where(own, v_new.unsqueeze(2), values[:, :, : C + 1])
+        kd = torch.where(own, k_new.unsqueeze(2), all_keys[j, :, :, : C + 1])  # (B, H, C+1, D)
+        vd = torch.where(own, v_new.unsqueeze(2), all_values[j, :, :, : C + 1])
         later = (slots.unsqueeze(0) > t.unsqueeze(1)).view(B, 1, 1, C + 1)
         od, _ = _softmax_attend(qk, kd, vd, later, own.view(B, 1, 1, C + 1))
         out = torch.where(hashed.view(B, 1, 1), windowed, od[:, :, 0])
@@ -276,11 +283,13 @@ class _LocalGraph(nn.Module):
 
     def decode(
         self, x: Tensor, t: Tensor, hashed: Tensor, become: Tensor,
-        keys: Tensor, values: Tensor, order: Tensor, counts: Tensor,
+        all_keys: Tensor, all_values: Tensor, j: int, order: Tensor, counts: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x (B, E), t (B,), keys/values the ring (B, H, ring, D) -> out (B, H*D), new key/value (B, H, D)
-        for the caller to write at slot t % ring; `hashed`, `become`, `order`, `counts` are unused."""
+        """x (B, E), t (B,), all_keys/all_values the rings (M, B, H, ring, D), this layer's at [j] -> out (B, H*D),
+        new key/value (B, H, D) for the caller to write at slot t % ring; `hashed`, `become`, `order`, `counts`
+        are unused (same signature as the LSH layer's, for TorchScript)."""
         B = x.shape[0]
+        keys, values = all_keys[j], all_values[j]  # (B, H, ring, D): a ring is small, a copy costs little
         H, D, C, ring = self.H, self.D, self.C, self.ring
         q = self.query(x).view(B, H, 1, D)
         k_new = (self.key(x) / math.sqrt(D)).view(B, H, D)
@@ -428,7 +437,7 @@ class DecodeGraph(nn.Module):
             if layer.attn.is_lsh:
                 o, k, v, order, counts = layer.attn.decode(
                     layer.norm(h), positions, hashed, become,
-                    lsh_keys[i_lsh], lsh_values[i_lsh], lsh_order[i_lsh], lsh_counts[i_lsh])
+                    lsh_keys, lsh_values, i_lsh, lsh_order[i_lsh], lsh_counts[i_lsh])
                 nk.append(k)
                 nv.append(v)
                 no.append(order)
@@ -437,7 +446,7 @@ class DecodeGraph(nn.Module):
             else:
                 o, k, v, order, counts = layer.attn.decode(
                     layer.norm(h), positions, hashed, become,
-                    local_keys[i_loc], local_values[i_loc], lsh_order, lsh_counts)
+                    local_keys, local_values, i_loc, lsh_order, lsh_counts)
                 ck.append(k)
                 cv.append(v)
                 i_loc += 1

@@ -76,11 +76,19 @@ class _OrtGraph:
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self._inputs = [i.name for i in self._session.get_inputs()]
+        self._outputs = [o.name for o in self._session.get_outputs()]
         self.parameters: list[Tensor] = []
 
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self._inputs, inputs, strict=True)}
-        return tuple(torch.from_numpy(o) for o in self._session.run(None, feeds))
+        # IO binding hands ORT the arrays' memory; `InferenceSession.run` copied the whole cache every step
+        binding = self._session.io_binding()
+        arrays = [t.detach().contiguous().numpy() for t in inputs]  # kept alive until the run returns
+        for name, arr in zip(self._inputs, arrays, strict=True):
+            binding.bind_cpu_input(name, arr)
+        for name in self._outputs:
+            binding.bind_output(name)
+        self._session.run_with_iobinding(binding)
+        return tuple(torch.from_numpy(o) for o in binding.copy_outputs_to_cpu())
 
 
 # ---------------------------------------------------------------------------------------------------
