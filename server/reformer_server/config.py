@@ -68,7 +68,10 @@ class ServerConfig:
     auth_health: bool = False  # also require the token for grpc.health.v1 (probes usually carry none)
     reflection: bool = True
     max_message_bytes: int = 16 * 2**20
+    max_prompt_bytes: int = 4 * 2**20
+    max_request_time: float | None = None  # None: no server-side cap on a request's generation time
     max_concurrent_streams: int = 256
+    drain_announce: float = 1.0
     keepalive_min_ping_interval: float = 10.0
     warmup: bool = True
     log_level: str = "INFO"
@@ -94,6 +97,16 @@ class _Option:
 
 def _opt_path(text: str) -> Path | None:
     return Path(text) if text else None
+
+
+def _opt_seconds(text: str) -> float | None:
+    """'30' -> 30.0; '', '0' or 'none' -> None (no limit)."""
+    if text.strip().lower() in ("", "0", "none", "off"):
+        return None
+    value = float(text)
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
 
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -125,6 +138,9 @@ _OPTIONS: tuple[_Option, ...] = (
             "seconds a stream may wait for a client that stopped reading before it is aborted"),
     _Option("--grace-period", "grace_period", float,
             "on SIGTERM/SIGINT, seconds running streams get to finish before they are cancelled"),
+    _Option("--drain-announce", "drain_announce", float,
+            "on SIGTERM, seconds health reports NOT_SERVING on a still-open port before the server sends "
+            "GOAWAY and closes it (clients then move to other replicas; running streams go on)"),
     _Option("--tls-cert", "tls_cert", _opt_path, "PEM server certificate chain (enables TLS; needs --tls-key)"),
     _Option("--tls-key", "tls_key", _opt_path, "PEM private key of --tls-cert"),
     _Option("--tls-client-ca", "tls_client_ca", _opt_path, "PEM CA bundle; when given, clients must present "
@@ -134,6 +150,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--auth-health", "auth_health", parse_bool, "also require the token for the health service"),
     _Option("--reflection", "reflection", parse_bool, "serve gRPC server reflection (grpcurl, grpcui)"),
     _Option("--max-message-bytes", "max_message_bytes", parse_bytes, "largest gRPC message sent or received"),
+    _Option("--max-prompt-bytes", "max_prompt_bytes", parse_bytes,
+            "largest prompt accepted (UTF-8 bytes of text, or number of token ids), checked before it is "
+            "encoded or truncated; larger ones get INVALID_ARGUMENT"),
+    _Option("--max-request-time", "max_request_time", _opt_seconds,
+            "cap on a request's generation time in seconds (its max_time_seconds is lowered to this); the "
+            "stream then ends normally with finish_reason TIME_LIMIT (0 or empty: no cap)"),
     _Option("--max-concurrent-streams", "max_concurrent_streams", int,
             "concurrent RPCs the server handles; more are refused with RESOURCE_EXHAUSTED"),
     _Option("--keepalive-min-ping-interval", "keepalive_min_ping_interval", float,
@@ -185,9 +207,12 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     if cfg.auth_token == "":
         cfg.auth_token = None
     for name in ("max_batch", "max_queue", "max_new_tokens_limit", "default_max_new_tokens",
-                 "prefill_chunk_tokens", "stream_buffer_events", "max_message_bytes", "max_concurrent_streams"):
+                 "prefill_chunk_tokens", "stream_buffer_events", "max_message_bytes", "max_concurrent_streams",
+                 "max_prompt_bytes"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not cfg.drain_announce >= 0:
+        parser.error("--drain-announce must be >= 0")
     if cfg.default_max_new_tokens > cfg.max_new_tokens_limit:
         parser.error("--default-max-new-tokens must be <= --max-new-tokens-limit")
     return cfg

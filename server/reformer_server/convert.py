@@ -35,6 +35,8 @@ class RequestLimits:
 
     max_context: int  # the engine's (prompt + max_new_tokens), for truncation
     default_max_new_tokens: int
+    max_prompt_bytes: int | None = None  # checked before encoding or truncating (cheap refusal of huge input)
+    max_time_s: float | None = None  # server cap on a request's generation time
 
 
 class TextEncoder(Protocol):
@@ -53,7 +55,11 @@ def to_engine_request(
         raise InvalidRequestError("text", "the prompt is empty: give text or token_ids")
     if req.truncation not in pb.Truncation.values():
         raise InvalidRequestError("truncation", f"unknown enum value {req.truncation}")
+    _check_prompt_size(req, limits.max_prompt_bytes)
     prompt = tokenizer.encode(req.text) if req.text else list(req.token_ids)
+    max_time_s = req.max_time_seconds if req.HasField("max_time_seconds") else None
+    if limits.max_time_s is not None and (max_time_s is None or max_time_s > limits.max_time_s):
+        max_time_s = limits.max_time_s  # NaN stays NaN (the comparison is False) and validate() names it
     params = SamplingParams(
         max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else limits.default_max_new_tokens,
         temperature=req.temperature if req.HasField("temperature") else 1.0,
@@ -66,7 +72,7 @@ def to_engine_request(
         logprobs=req.logprobs,
         ignore_eos=req.ignore_eos,
         priority=req.priority,
-        max_time_s=req.max_time_seconds if req.HasField("max_time_seconds") else None,
+        max_time_s=max_time_s,
     )
     # Range and context checks are the engine's (SamplingParams.validate, validate_prompt, the scheduler), so
     # every edge reports the same field and message; only truncation needs to know the context here.
@@ -74,6 +80,17 @@ def to_engine_request(
     if req.truncation == pb.TRUNCATION_LEFT and 0 < room < len(prompt):
         prompt = prompt[-room:]
     return prompt, params
+
+
+def _check_prompt_size(req: pb.GenerateRequest, limit: int | None) -> None:
+    """Refuse an oversized prompt before any work is done on it (byte-level model: one token per byte)."""
+    if limit is None:
+        return
+    field, size = ("text", len(req.text.encode())) if req.text else ("token_ids", len(req.token_ids))
+    if size > limit:
+        raise InvalidRequestError(
+            field, f"prompt of {size} bytes is larger than this server's limit of {limit} bytes (--max-prompt-bytes)"
+        )
 
 
 _FINISH_REASONS = {

@@ -3,10 +3,11 @@
     start: metrics endpoint and gRPC port come up first, health NOT_SERVING (probes see "loading")
     load:  the model (in a worker thread, the event loop keeps answering health), then the engine
     warm:  one short generation through the engine, then health SERVING
-    drain: on SIGTERM/SIGINT health goes NOT_SERVING and new generations get UNAVAILABLE while running
-           streams finish within --grace-period; then the gRPC server stops, cancelling what is left
-           (their handlers abort the engine requests), and the engine shuts down. A second signal cuts
-           the grace period short.
+    drain: on SIGTERM/SIGINT health goes NOT_SERVING and new generations get UNAVAILABLE; after
+           --drain-announce seconds the gRPC server stops accepting (GOAWAY on every connection, listener
+           closed), so round-robin clients move to other replicas at once while running streams go on;
+           they finish within --grace-period, then what is left is cancelled (their handlers abort the
+           engine requests) and the engine shuts down. A second signal cuts the grace period short.
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ _HEALTH_NAMES = ("", SERVICE_NAME)
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, Any]]:
     """Channel arguments: explicit message limits and keepalive rules that let a client ping through a
-    long, silent 64K-token prefill without being sent GOAWAY "too_many_pings" (notes/serving.md)."""
+    long, silent 64K-token prefill without being sent GOAWAY "too_many_pings" (notes/serving.md).
+
+    --max-concurrent-streams is enforced by `maximum_concurrent_rpcs` (RESOURCE_EXHAUSTED), not by the
+    HTTP/2 per-connection setting `grpc.max_concurrent_streams`: with that, the streams of one connection
+    beyond the limit wait silently in the client until their deadline (probed: tests/test_reliability_limits.py)."""
     min_ping_ms = int(cfg.keepalive_min_ping_interval * 1000)
     return [
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
-        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
         ("grpc.keepalive_time_ms", 60_000),  # the server pings idle connections to find dead peers
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -91,6 +95,7 @@ class ReformerServer:
         self.metrics_port = -1
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
+        self._stopping: asyncio.Future[None] | None = None  # drain()'s server.stop(grace)
         interceptors = []
         if cfg.auth_token:
             interceptors.append(BearerTokenInterceptor(
@@ -187,7 +192,8 @@ class ReformerServer:
         if cfg.warmup:
             await self._warm_up(engine)
         self.servicer.attach(engine, desc, RequestLimits(
-            max_context=engine.max_context, default_max_new_tokens=cfg.default_max_new_tokens))
+            max_context=engine.max_context, default_max_new_tokens=cfg.default_max_new_tokens,
+            max_prompt_bytes=cfg.max_prompt_bytes, max_time_s=cfg.max_request_time))
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %s (%s, %s, backend %s, cache budget %d bytes) on %s:%d", desc.name, desc.device,
@@ -246,8 +252,16 @@ class ReformerServer:
                     len(self.servicer.active), grace)
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
-        idle = asyncio.ensure_future(self.servicer.wait_idle(grace))
         force = asyncio.ensure_future(self._force.wait())
+        # A moment in which probes on a still-open port read NOT_SERVING rather than a refused connection.
+        announce = min(self.cfg.drain_announce, grace)
+        await asyncio.wait({force}, timeout=announce)
+        remaining = max(grace - announce, 0.0)
+        # stop(grace) sends GOAWAY and closes the listener now: clients stop sending new RPCs here (a
+        # round-robin channel moves to the other replicas) instead of getting UNAVAILABLE for the whole
+        # grace period, while the streams already running continue.
+        self._stopping = asyncio.ensure_future(self.server.stop(remaining))
+        idle = asyncio.ensure_future(self.servicer.wait_idle(remaining))
         await asyncio.wait({idle, force}, return_when=asyncio.FIRST_COMPLETED)
         force.cancel()
         if not (idle.done() and idle.result()):
@@ -255,8 +269,12 @@ class ReformerServer:
             logger.warning("grace period over: cancelling %d running streams", len(self.servicer.active))
 
     async def close(self) -> None:
-        # stop(grace): refuse new RPCs, give handlers a moment, then cancel them (their finally aborts).
+        # stop(grace): refuse new RPCs, give handlers a moment, then cancel them (their finally aborts). A
+        # stop already under way from drain() (with the longer grace) is cut short by this one; RPCs that
+        # are not generations (a health Watch) therefore never hold the shutdown for the whole grace period.
         await self.server.stop(grace=1.0)
+        if self._stopping is not None:
+            await self._stopping
         if self.engine is not None:
             await self.engine.shutdown(drain=False, timeout=5.0)
         self.metrics.stop_http()
