@@ -5,10 +5,11 @@ Figure 4: LSH attention approaches full attention as rounds grow) on the bundled
 are the same in every row; only the attention of the LSH layers changes at load time:
 
 * ``lsh-R``: `load_model(path, num_hashes=R)` (rotations re-drawn from the recorded `hash_seed`).
+* ``none`` (optional ablation): the LSH layers' output is zeroed, to show how much they carry.
 * ``full``: the LSH layers attend densely and causally over the whole context, with the same shared-QK
   projection, key normalisation and self-mask rule (what the reference computes for a sequence that
   fits in one chunk). The model has no switch for this, so this script swaps the LSH layers' forward
-  for a query-blocked dense one (bounded memory at 64K); local layers are untouched.
+  for a query-blocked dense one (fused `scaled_dot_product_attention`, bounded memory at 64K); local layers are untouched.
 
 Each context is scored as consecutive non-overlapping windows of held-out text (Persuasion), every
 byte predicted from the bytes before it inside its window.
@@ -27,15 +28,16 @@ from collections.abc import Generator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from reformer_infer import default_model_path, load_model
-from reformer_infer.model import MASK_VALUE, SELF_MASK_VALUE, LSHSelfAttention, ReformerLM, len_norm
+from reformer_infer.model import LSHSelfAttention, ReformerLM, len_norm
 from reformer_infer.train import heldout_bits_per_byte, read_bytes_as_ids
 
 logger = logging.getLogger("eval_hash_rounds")
 
-QUERY_BLOCK = 1024  # dense attention is computed this many queries at a time: (B, H, 1024, T) scores
+QUERY_BLOCK = 1024  # dense attention is computed this many queries at a time: fused SDPA, bounded memory
 
 
 def dense_forward_work(
@@ -51,13 +53,29 @@ def dense_forward_work(
     pos = torch.arange(T, device=x.device)
     for q0 in range(0, T, QUERY_BLOCK):
         q1 = min(q0 + QUERY_BLOCK, T)
-        dots = torch.matmul(qk[:, :, q0:q1], k[:, :, :q1].transpose(-1, -2))  # (B, H, Q, q1)
         qp, kp = pos[q0:q1, None], pos[None, :q1]
-        dots = dots.masked_fill(kp > qp, MASK_VALUE[dots.dtype])
-        dots = dots.masked_fill(kp == qp, SELF_MASK_VALUE[dots.dtype])
-        out[:, :, q0:q1] = torch.matmul(torch.softmax(dots, dim=-1), v[:, :, :q1])
+        # Causal, and the self-mask rule: a query sees itself only when nothing else is visible
+        # (-1e5 against real scores underflows to weight 0), i.e. only at position 0.
+        visible = (kp < qp) | ((qp == 0) & (kp == 0))  # (Q, q1)
+        # Keys are pre-scaled by 1/sqrt(D) (as in the model), hence scale=1.
+        out[:, :, q0:q1] = F.scaled_dot_product_attention(
+            qk[:, :, q0:q1], k[:, :, :q1], v[:, :, :q1], attn_mask=visible, scale=1.0
+        )
         yield q1 - q0
     return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+def no_attention_work(
+    self: LSHSelfAttention, x: Tensor, n_padded: int, state: object, score_budget: int
+) -> Generator[int, None, Tensor]:
+    """Ablation: the LSH layers contribute nothing (their residual update is zero)."""
+    yield x.shape[1]
+    return x.new_zeros(x.shape[0], x.shape[1], self.H * self.D)
+
+
+def use_no_attention(model: ReformerLM) -> None:
+    for layer in model.lsh_layers():
+        layer.forward_work = types.MethodType(no_attention_work, layer)
 
 
 def use_full_attention(model: ReformerLM) -> None:
@@ -66,10 +84,13 @@ def use_full_attention(model: ReformerLM) -> None:
 
 
 def evaluate(path: Path, heldout: Tensor, context: int, windows: int, setting: str) -> tuple[float, float]:
-    """(bits/byte, seconds) of one setting: 'full' or 'lsh-R'."""
+    """(bits/byte, seconds) of one setting: 'full', 'lsh-R' or 'none' (LSH layers ablated)."""
     if setting == "full":
         model = load_model(path)
         use_full_attention(model)
+    elif setting == "none":
+        model = load_model(path)
+        use_no_attention(model)
     else:
         model = load_model(path, num_hashes=int(setting.split("-")[1]))
     t0 = time.monotonic()
@@ -80,6 +101,8 @@ def evaluate(path: Path, heldout: Tensor, context: int, windows: int, setting: s
 def label(setting: str) -> str:
     if setting == "full":
         return "full attention"
+    if setting == "none":
+        return "LSH layers removed (ablation)"
     rounds = int(setting.split("-")[1])
     return f"LSH, {rounds} round{'s' if rounds > 1 else ''}"
 
