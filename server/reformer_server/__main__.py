@@ -18,6 +18,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from reformer_server.server import serve  # after logging is set up: importing torch takes a moment
 
+    # The engine thread and the gRPC event loop share the GIL. With Python's default 5 ms switch interval a
+    # token event can wait that long for the loop to run; 0.5 ms keeps streaming at the engine's pace.
+    sys.setswitchinterval(cfg.switch_interval)
+
     try:
         asyncio.run(serve(cfg))
     except Exception as exc:  # a startup failure (bad model path, port in use): one line, non-zero exit

@@ -74,6 +74,7 @@ class ServerConfig:
     drain_announce: float = 1.0
     keepalive_min_ping_interval: float = 10.0
     warmup: bool = True
+    switch_interval: float = 0.0005  # sys.setswitchinterval: GIL hand-off between engine thread and event loop
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -157,10 +158,13 @@ _OPTIONS: tuple[_Option, ...] = (
             "cap on a request's generation time in seconds (its max_time_seconds is lowered to this); the "
             "stream then ends normally with finish_reason TIME_LIMIT (0 or empty: no cap)"),
     _Option("--max-concurrent-streams", "max_concurrent_streams", int,
-            "concurrent RPCs the server handles; more are refused with RESOURCE_EXHAUSTED"),
+            "generation streams (Generate, GenerateStream) open at once; more are refused with "
+            "RESOURCE_EXHAUSTED (health and info calls are not counted)"),
     _Option("--keepalive-min-ping-interval", "keepalive_min_ping_interval", float,
             "smallest interval (s) between client keepalive pings the server accepts"),
     _Option("--warmup", "warmup", parse_bool, "run one short generation before reporting SERVING"),
+    _Option("--switch-interval", "switch_interval", float,
+            "Python GIL switch interval in seconds (the engine thread and the gRPC event loop share the GIL)"),
     _Option("--log-level", "log_level", str, "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
 )
 
@@ -213,6 +217,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not cfg.drain_announce >= 0:
         parser.error("--drain-announce must be >= 0")
+    if not (0 < cfg.switch_interval <= 0.1):
+        parser.error("--switch-interval must be in (0, 0.1] seconds")
     if cfg.default_max_new_tokens > cfg.max_new_tokens_limit:
         parser.error("--default-max-new-tokens must be <= --max-new-tokens-limit")
     return cfg

@@ -42,15 +42,16 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name  # "reformer.v1.TextGeneration"
 _HEALTH_NAMES = ("", SERVICE_NAME)
+RPC_HEADROOM = 64  # RPCs beyond --max-concurrent-streams kept for health, model info, tokenize, cancel
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, Any]]:
     """Channel arguments: explicit message limits and keepalive rules that let a client ping through a
     long, silent 64K-token prefill without being sent GOAWAY "too_many_pings" (notes/serving.md).
 
-    --max-concurrent-streams is enforced by `maximum_concurrent_rpcs` (RESOURCE_EXHAUSTED), not by the
-    HTTP/2 per-connection setting `grpc.max_concurrent_streams`: with that, the streams of one connection
-    beyond the limit wait silently in the client until their deadline (probed: tests/test_reliability_limits.py)."""
+    --max-concurrent-streams is enforced by the servicer (RESOURCE_EXHAUSTED), not by the HTTP/2
+    per-connection setting `grpc.max_concurrent_streams`: with that, the streams of one connection beyond
+    the limit waited silently in the client until their deadline (tests/test_reliability_limits.py)."""
     min_ping_ms = int(cfg.keepalive_min_ping_interval * 1000)
     return [
         ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -89,7 +90,8 @@ class ReformerServer:
         prometheus_client.disable_created_metrics()
         self.metrics = ServerMetrics(backend=cfg.backend)
         self.health = health.aio.HealthServicer()
-        self.servicer = TextGenerationServicer(self.metrics, stall_timeout=cfg.stall_timeout)
+        self.servicer = TextGenerationServicer(self.metrics, stall_timeout=cfg.stall_timeout,
+                                               max_streams=cfg.max_concurrent_streams)
         self.engine: Any = None
         self.port = 0
         self.metrics_port = -1
@@ -107,7 +109,10 @@ class ReformerServer:
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=grpc_options(cfg),
-            maximum_concurrent_rpcs=cfg.max_concurrent_streams,
+            # The generation limit is the servicer's (RESOURCE_EXHAUSTED "server overloaded"); grpc's own
+            # limiter counts every RPC, so at the same number it refused health probes of a busy server
+            # (a liveness restart under load). It stays as a backstop with room for probes and info calls.
+            maximum_concurrent_rpcs=cfg.max_concurrent_streams + RPC_HEADROOM,
         )
         pb_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from reformer_infer.requests import FinishEvent, InvalidRequestError, TokenEvent
+from reformer_infer.requests import FinishEvent, InvalidRequestError, OverloadedError, TokenEvent
 from reformer_server import convert
 from reformer_server._proto import generation_pb2 as pb
 from reformer_server._proto import generation_pb2_grpc as pb_grpc
@@ -68,6 +68,9 @@ class _Generation:
     def __init__(self, servicer: TextGenerationServicer, request: pb.GenerateRequest) -> None:
         engine = servicer.ready_engine()
         assert servicer.limits is not None
+        if len(servicer.active) >= servicer.max_streams:
+            raise OverloadedError(f"{len(servicer.active)} generation streams are open, the limit of "
+                                  "--max-concurrent-streams")
         prompt, params = convert.to_engine_request(request, engine.tokenizer, servicer.limits)
         if request.request_id and request.request_id in servicer.active:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already in use by a running request")
@@ -106,9 +109,10 @@ class _Generation:
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
-    def __init__(self, metrics: ServerMetrics, *, stall_timeout: float = 30.0) -> None:
+    def __init__(self, metrics: ServerMetrics, *, stall_timeout: float = 30.0, max_streams: int = 256) -> None:
         self.metrics = metrics
         self.stall_timeout = stall_timeout
+        self.max_streams = max_streams  # open generations (Generate + GenerateStream) at once
         self.engine: Any = None  # set by attach() once the model is loaded
         self.description: ModelDescription | None = None
         self.limits: convert.RequestLimits | None = None
