@@ -92,8 +92,12 @@ def test_streams_beyond_max_concurrent_streams_are_refused_not_queued(
         with pytest.raises(grpc.RpcError) as e:
             list(stub.GenerateStream(long_req, timeout=TIMEOUT_S))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "Concurrent RPC limit exceeded" in e.value.details()
+        assert e.value.details() == ("server overloaded: 4 generation streams are open, the limit of "
+                                     "--max-concurrent-streams")
         assert time.monotonic() - t0 < 5
+        # Probes and info calls are not generations: a saturated server is still live and answers them.
+        assert limited.health() == 1  # SERVING
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=TIMEOUT_S).limits.max_context == 1024
         with grpc.insecure_channel(limited.target) as other:  # ... and on another connection
             with pytest.raises(grpc.RpcError) as e:
                 pb_grpc.TextGenerationStub(other).Generate(long_req, timeout=TIMEOUT_S)
