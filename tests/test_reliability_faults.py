@@ -159,6 +159,20 @@ def test_engine_loop_crash_fails_every_request_with_internal_and_turns_health_no
 
 
 # ---- SIGTERM ---------------------------------------------------------------------------------------------
+async def _until_draining(port: int, timeout: float = 15.0) -> None:
+    """Wait until the server has acted on SIGTERM: health NOT_SERVING, or the port already closed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if await health(port) == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the server never started draining")
+
+
 def test_sigterm_lets_every_running_stream_finish_and_refuses_new_ones(
     tiny_model_dir: Path, tmp_path: Path  # noqa: F811
 ) -> None:
@@ -172,7 +186,7 @@ def test_sigterm_lets_every_running_stream_finish_and_refuses_new_ones(
                                          timeout=CALL_TIMEOUT_S) for i, n in enumerate(new_tokens)]
             firsts = [await c.read() for c in calls]
             os.kill(srv.proc.pid, signal.SIGTERM)
-            await asyncio.sleep(0.2)
+            await _until_draining(srv.port)
             # New work is refused with UNAVAILABLE: by the draining servicer, then by the closed port.
             for _ in range(3):
                 with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -207,7 +221,8 @@ def test_drain_sends_round_robin_clients_to_the_other_replica_at_once(
                                                                    ignore_eos=True), timeout=CALL_TIMEOUT_S))
                 await on_a[-1].read()
             os.kill(a.proc.pid, signal.SIGTERM)
-            await asyncio.sleep(1.5)  # past the announce window: A has sent GOAWAY
+            await _until_draining(a.port)
+            await asyncio.sleep(1.5)  # well past the 0.5 s announce window: A has sent GOAWAY
             outcomes = []
             for _ in range(12):
                 try:

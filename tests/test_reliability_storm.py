@@ -28,7 +28,7 @@ def test_storm_of_cancelled_and_expiring_streams_leaks_nothing(server: ServerPro
     assert report.failures() == [], summary
     assert len(report.rounds) == 3 and report.requests_sent == 192
     # The storm really mixed its fates (a storm of only completions proves little).
-    assert summary["completed"] >= 40 and summary["cancelled"] >= 20 and summary["deadline_exceeded"] >= 10, summary
+    assert summary["completed"] >= 40 and summary["cancelled"] >= 20 and summary["deadline_exceeded"] >= 5, summary
     for r in report.rounds:
         assert r.leaked == {}, r  # cache bytes, running, waiting and open streams all back to 0
     assert report.rounds[-1].threads <= report.rounds[0].threads
