@@ -143,6 +143,13 @@ def _window_chunk_index(num_chunks: int, first: int, last: int, before: int, aft
     return (ids + offs) % num_chunks
 
 
+def _slices(T: int, step: int | None) -> list[tuple[int, int]]:
+    """[s0, s1) ranges covering T positions, `step` at a time (one range when step is None)."""
+    if step is None or step >= T:
+        return [(0, T)]
+    return [(s0, min(s0 + step, T)) for s0 in range(0, T, step)]
+
+
 def _group_size(config_chunk: int, window: int, batch_heads: int, budget: int) -> int:
     return max(1, budget // max(1, batch_heads * config_chunk * window))
 
@@ -189,18 +196,37 @@ class LSHSelfAttention(nn.Module):
 
     # ---- prefill / full forward --------------------------------------------------------------
     def forward_work(
-        self, x: Tensor, n_padded: int, state: list[LSHLayerState] | None, score_budget: int
+        self,
+        h: Tensor,
+        layer_norm: nn.Module,
+        n_padded: int,
+        state: list[LSHLayerState] | None,
+        score_budget: int,
+        step: int | None = None,
     ) -> Generator[int, None, Tensor]:
-        """Attention over x (B, T, E) (already layer-normed). Returns (B, T, H*D).
+        """Attention over LN(h) (B, T, E). Returns (B, T, H*D).
 
         `n_padded` is the length transformers would pad to; pads sort last in every hash round and are
         masked, so only the chunk layout depends on it. Fills `state` (one per batch row) for decoding.
+        Projections and hashing run over `step` positions at a time, yielding in between.
         """
-        B, T, _ = x.shape
+        B, T, _ = h.shape
         H, D, C = self.H, self.D, self.C
-        qk = self.query_key(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        v = self.value(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = len_norm(qk) / math.sqrt(D)  # (B, H, T, D)
+        hashed = not (n_padded <= C or self.full_attention)
+        qk = h.new_empty(B, H, T, D)
+        k = h.new_empty(B, H, T, D)
+        v = h.new_empty(B, H, T, D)
+        buckets = torch.empty(B, H, self.num_hashes, T, dtype=torch.long, device=h.device) if hashed else None
+        for s0, s1 in _slices(T, step):
+            x = layer_norm(h[:, s0:s1])
+            qk_s = self.query_key(x).view(B, s1 - s0, H, D).transpose(1, 2)  # (B, H, t, D)
+            qk[:, :, s0:s1] = qk_s
+            k[:, :, s0:s1] = len_norm(qk_s) / math.sqrt(D)
+            v[:, :, s0:s1] = self.value(x).view(B, s1 - s0, H, D).transpose(1, 2)
+            if buckets is not None:
+                buckets[..., s0:s1] = self.hash(qk_s)
+            yield 0
+        x = h
         pos = torch.arange(T, device=x.device)
         if n_padded <= C or self.full_attention:
             # Short sequences: plain causal attention (as transformers), no buckets. `full_attention` uses
@@ -219,7 +245,6 @@ class LSHSelfAttention(nn.Module):
             return out.transpose(1, 2).reshape(B, T, H * D)
 
         R = self.num_hashes
-        buckets = self.hash(qk)  # (B, H, R, T)
         order = torch.argsort(buckets * T + pos, dim=-1)  # (B, H, R, T) positions in (bucket, position) order
         if state is not None:
             for b in range(B):
@@ -330,14 +355,26 @@ class LocalSelfAttention(nn.Module):
         return (self.before + 1) * self.C
 
     def forward_work(
-        self, x: Tensor, state: list[LocalLayerState] | None, score_budget: int
+        self,
+        h: Tensor,
+        layer_norm: nn.Module,
+        state: list[LocalLayerState] | None,
+        score_budget: int,
+        step: int | None = None,
     ) -> Generator[int, None, Tensor]:
-        """Causal chunked attention over x (B, T, E) (layer-normed) -> (B, T, H*D)."""
-        B, T, _ = x.shape
+        """Causal chunked attention over LN(h) (B, T, E) -> (B, T, H*D)."""
+        B, T, _ = h.shape
         H, D, C = self.H, self.D, self.C
-        q = self.query(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.key(x).view(B, T, H, D).transpose(1, 2) / math.sqrt(D)
-        v = self.value(x).view(B, T, H, D).transpose(1, 2)
+        q = h.new_empty(B, H, T, D)
+        k = h.new_empty(B, H, T, D)
+        v = h.new_empty(B, H, T, D)
+        for s0, s1 in _slices(T, step):
+            x = layer_norm(h[:, s0:s1])
+            q[:, :, s0:s1] = self.query(x).view(B, s1 - s0, H, D).transpose(1, 2)  # (B, H, t, D)
+            k[:, :, s0:s1] = self.key(x).view(B, s1 - s0, H, D).transpose(1, 2) / math.sqrt(D)
+            v[:, :, s0:s1] = self.value(x).view(B, s1 - s0, H, D).transpose(1, 2)
+            yield 0
+        x = h
         if state is not None:
             for b in range(B):
                 state[b].write_prefill(k[b], v[b], T)
@@ -579,12 +616,18 @@ class ReformerLM(nn.Module):
         for i, layer in enumerate(self.encoder.layers):
             att = layer.attention
             states = None if seqs is None else [s.layers[i] for s in seqs]
-            xn = att.layer_norm(h)
+            proj_step = None if work_tokens is None else step
             if att.kind == "lsh":
-                o = yield from att.self_attention.forward_work(xn, Tp, states, budget)
+                o = yield from att.self_attention.forward_work(h, att.layer_norm, Tp, states, budget, proj_step)
             else:
-                o = yield from att.self_attention.forward_work(xn, states, budget)
-            a = a + att.output.dense(o)
+                o = yield from att.self_attention.forward_work(h, att.layer_norm, states, budget, proj_step)
+            if proj_step is None:
+                a = a + att.output.dense(o)
+            else:
+                a = a.clone()
+                for s0, s1 in _slices(T, proj_step):
+                    a[:, s0:s1] += att.output.dense(o[:, s0:s1])
+                    yield 0
             # chunked feed-forward along the sequence (memory only; the result is the same)
             ff_chunk = cfg.chunk_size_feed_forward or step
             ff_chunk = min(ff_chunk, step) if work_tokens is not None else ff_chunk
