@@ -3,6 +3,8 @@
 from .cache import ReformerCache, SequenceCache
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, ReformerConfig
+from .defaults import default_model_path
+from .generation import generate
 from .model import ReformerLM
 
 __all__ = [
@@ -12,19 +14,8 @@ __all__ = [
     "ReformerConfig",
     "ReformerLM",
     "SequenceCache",
+    "default_model_path",
+    "generate",
     "load_model",
     "save_model",
 ]
-
-try:  # pieces owned by other modules; present once they land
-    from .generation import generate  # noqa: F401
-
-    __all__.append("generate")
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from .defaults import default_model_path  # noqa: F401
-
-    __all__.append("default_model_path")
-except ImportError:  # pragma: no cover
-    pass
