@@ -142,12 +142,13 @@ def lsh_windows(
     D = states[0].keys.shape[-1]
     # rows of the flattened (H * capacity, D) buffers: index_select is ~10x faster than an expanded gather
     head = torch.arange(H, device=dev).view(1, H, 1, 1)
-    kk, vv = [], []
+    kk = states[0].keys.new_empty(n, H * R * W, D)
+    vv = states[0].values.new_empty(n, H * R * W, D)
     for i, st in enumerate(states):
         rows = (pos[i] + head[0] * st.capacity).reshape(-1)  # (H * R * W,)
-        kk.append(st.keys.view(-1, D).index_select(0, rows))
-        vv.append(st.values.view(-1, D).index_select(0, rows))
-    return torch.stack(kk).view(n, H, R, W, D), torch.stack(vv).view(n, H, R, W, D), pos, p
+        torch.index_select(st.keys.view(-1, D), 0, rows, out=kk[i])
+        torch.index_select(st.values.view(-1, D), 0, rows, out=vv[i])
+    return kk.view(n, H, R, W, D), vv.view(n, H, R, W, D), pos, p
 
 
 @dataclass

@@ -303,13 +303,13 @@ class LSHSelfAttention(nn.Module):
         windowed = [] if self.full_attention else [b for b in range(B) if states[b].order is not None]
         slots: list[Tensor | None] = [None] * B
         if windowed:
+            for b in windowed:  # the new token's key/value first, so the window gather fetches it at slot p
+                states[b].keys[:, lengths[b]] = k[b, :, 0]
+                states[b].values[:, lengths[b]] = v[b, :, 0]
             idx = torch.tensor(windowed, device=x.device)
             kk, vv, pp, p = lsh_windows([states[b] for b in windowed], buckets[idx],
                                         [lengths[b] for b in windowed], C, self.before, self.after)
             tpos = torch.tensor([lengths[b] for b in windowed], device=x.device).view(-1, 1, 1, 1)
-            is_new = (pp == tpos).unsqueeze(-1)  # the new token's own slot(s): its key is not cached yet
-            kk = torch.where(is_new, k[idx].unsqueeze(2), kk)  # (n, H, R, W, D)
-            vv = torch.where(is_new, v[idx].unsqueeze(2), vv)
             R = self.num_hashes
             q = qk[idx].unsqueeze(2).expand(-1, -1, R, -1, -1)  # (n, H, R, 1, D)
             o, lse = _attend_window(q, kk, vv, tpos.expand(-1, H, R, 1), pp, self_mask=True, causal=False)
