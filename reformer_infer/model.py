@@ -557,19 +557,20 @@ class ReformerLM(nn.Module):
         self._check_length(T)
         cap = max(T, capacity or 0)
         seqs = [SequenceCache.allocate(self, cap) for _ in range(B)]
-        with torch.inference_mode():
-            gen = self._forward_work(input_ids, seqs, last_only=last_only, work_tokens=work_tokens)
-            total = self._work_total(T)
-            done = 0
-            while True:
-                try:
-                    with torch.inference_mode():
-                        step = next(gen)
-                except StopIteration as stop:
-                    logits = stop.value
-                    break
-                done += step
-                yield (min(done, total), total)
+        gen = self._forward_work(input_ids, seqs, last_only=last_only, work_tokens=work_tokens)
+        total = self._work_total(T)
+        done = 0
+        while True:
+            # inference mode only around each unit: a `with` spanning the `yield` would leak the mode into
+            # the caller's thread while suspended (and for good if the prefill is abandoned)
+            try:
+                with torch.inference_mode():
+                    step = next(gen)
+            except StopIteration as stop:
+                logits = stop.value
+                break
+            done += step
+            yield (min(done, total), total)
         for s in seqs:
             s.length = T
         return logits, ReformerCache(seqs)

@@ -72,7 +72,7 @@ class StopStringMatcher:
     """Holds back text that could still become a stop string; reports the first stop string found.
 
     `push(text)` returns `(released, stopped)`. When a stop string occurs, `released` is the text before
-    its first occurrence and `stopped` is True (the stop string itself and anything after it are dropped).
+    the stop string that completes first and `stopped` is True (the stop string itself and anything after it are dropped).
     Otherwise `released` is everything except the longest suffix of the pending text that is a proper
     prefix of some stop string.
     """
@@ -92,11 +92,14 @@ class StopStringMatcher:
         if not self._stop:
             return text, False
         buf = self._pending + text
-        first = -1
+        # The stop string that completes first wins (smallest end; at equal ends the one starting earlier),
+        # as it would token by token: the result does not depend on how the text arrives in pieces.
+        best: tuple[int, int] | None = None
         for s in self._stop:
             i = buf.find(s)
-            if i != -1 and (first == -1 or i < first):
-                first = i
+            if i != -1 and (best is None or (i + len(s), i) < best):
+                best = (i + len(s), i)
+        first = -1 if best is None else best[1]
         if first != -1:
             self._pending = ""
             self.stopped = True

@@ -342,3 +342,14 @@ def test_full_attention_baseline_equals_dense_causal_shared_qk_attention(tmp_pat
         lg, cache = full.decode_step(tok, cache)
         seq = torch.cat([seq, tok], dim=1)
         assert (lg[:, 0] - full(seq)[:, -1]).abs().max().item() <= 1e-5
+
+
+def test_an_abandoned_prefill_does_not_leave_inference_mode_on(tmp_path):
+    _, d = make_hf(tmp_path, "m")
+    model = load_model(d)
+    gen = model.prefill_iter(ids_of(40), work_tokens=8)
+    next(gen)
+    next(gen)
+    assert not torch.is_inference_mode_enabled()
+    assert torch.is_grad_enabled()
+    del gen

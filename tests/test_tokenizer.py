@@ -27,7 +27,11 @@ def test_decode_skips_special_ids_and_replaces_bad_utf8() -> None:
 
 
 # NUL is excluded: byte 0 shares id 2 with eos (the enwik8 convention) and decodes as nothing.
-@given(st.text(st.characters(exclude_characters="\x00")), st.integers(min_value=0, max_value=2**32))
+# Lone surrogates cannot occur in text that arrives as UTF-8 (protobuf strings, files), so none are drawn.
+@given(
+    st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",))),
+    st.integers(min_value=0, max_value=2**32),
+)
 def test_incremental_detokenizer_never_splits_a_character(text: str, seed: int) -> None:
     tok = ByteTokenizer()
     ids = tok.encode(text)
@@ -106,5 +110,7 @@ def test_stop_strings_never_leak_a_partial_match(text: str, stops: list[str], se
                 assert s not in released
     if not stopped:
         released += m.flush()
-    first = min((text.find(s) for s in stops if s in text), default=-1)
+    # the stop that completes first (smallest end, then earliest start) cuts the text, however it arrived
+    ends = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
+    first = min(ends)[1] if ends else -1
     assert released == (text[:first] if first != -1 else text)
