@@ -177,7 +177,7 @@ def _hf_synthetic_cache(model, T: int):
 
 
 def run_worker(args: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", *args]
+    cmd = [sys.executable, __file__, "--threads", os.environ.get("OMP_NUM_THREADS", "2"), "--worker", *args]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return {"error": (res.stderr.strip().splitlines() or ["failed"])[-1]}
