@@ -7,9 +7,11 @@ are the same in every row; only the attention of the LSH layers changes at load 
 * ``lsh-R``: `load_model(path, num_hashes=R)` (rotations re-drawn from the recorded `hash_seed`).
 * ``none`` (optional ablation): the LSH layers' output is zeroed, to show how much they carry.
 * ``full``: the LSH layers attend densely and causally over the whole context, with the same shared-QK
-  projection, key normalisation and self-mask rule (what the reference computes for a sequence that
-  fits in one chunk). The model has no switch for this, so this script swaps the LSH layers' forward
-  for a query-blocked dense one (fused `scaled_dot_product_attention`, bounded memory at 64K); local layers are untouched.
+  projection, key normalisation and self-mask rule (`ReformerLM.set_full_attention(True)`: what the
+  reference computes for a sequence that fits in one chunk). Exact but unfused: slow at 64K on CPU.
+* ``full-sdpa``: the same attention computed by this script with fused
+  `scaled_dot_product_attention` in query blocks (swapped in for the LSH layers' forward), fast
+  enough for 64K on CPU; run it beside ``full`` at a short context to see that the two agree.
 
 Each context is scored as consecutive non-overlapping windows of held-out text (Persuasion), every
 byte predicted from the bytes before it inside its window.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from reformer_infer import default_model_path, load_model
 from reformer_infer.model import LSHSelfAttention, ReformerLM, len_norm
@@ -41,9 +43,16 @@ QUERY_BLOCK = 1024  # dense attention is computed this many queries at a time: f
 
 
 def dense_forward_work(
-    self: LSHSelfAttention, x: Tensor, n_padded: int, state: object, score_budget: int
+    self: LSHSelfAttention,
+    h: Tensor,
+    layer_norm: nn.Module,
+    n_padded: int,
+    state: object,
+    score_budget: int,
+    step: int | None = None,
 ) -> Generator[int, None, Tensor]:
-    """Full causal shared-QK attention in place of LSH: x (B, T, E) -> (B, T, H*D)."""
+    """Full causal shared-QK attention over LN(h) (B, T, E) in place of LSH -> (B, T, H*D)."""
+    x = layer_norm(h)
     B, T, _ = x.shape
     H, D = self.H, self.D
     qk = self.query_key(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -66,11 +75,17 @@ def dense_forward_work(
 
 
 def no_attention_work(
-    self: LSHSelfAttention, x: Tensor, n_padded: int, state: object, score_budget: int
+    self: LSHSelfAttention,
+    h: Tensor,
+    layer_norm: nn.Module,
+    n_padded: int,
+    state: object,
+    score_budget: int,
+    step: int | None = None,
 ) -> Generator[int, None, Tensor]:
     """Ablation: the LSH layers contribute nothing (their residual update is zero)."""
-    yield x.shape[1]
-    return x.new_zeros(x.shape[0], x.shape[1], self.H * self.D)
+    yield h.shape[1]
+    return h.new_zeros(h.shape[0], h.shape[1], self.H * self.D)
 
 
 def use_no_attention(model: ReformerLM) -> None:
@@ -78,16 +93,19 @@ def use_no_attention(model: ReformerLM) -> None:
         layer.forward_work = types.MethodType(no_attention_work, layer)
 
 
-def use_full_attention(model: ReformerLM) -> None:
+def use_fused_full_attention(model: ReformerLM) -> None:
     for layer in model.lsh_layers():
         layer.forward_work = types.MethodType(dense_forward_work, layer)
 
 
 def evaluate(path: Path, heldout: Tensor, context: int, windows: int, setting: str) -> tuple[float, float]:
-    """(bits/byte, seconds) of one setting: 'full', 'lsh-R' or 'none' (LSH layers ablated)."""
+    """(bits/byte, seconds) of one setting: 'lsh-R', 'full', 'full-sdpa' or 'none' (LSH layers ablated)."""
     if setting == "full":
         model = load_model(path)
-        use_full_attention(model)
+        model.set_full_attention(True)  # the model's own dense baseline (exact, unfused)
+    elif setting == "full-sdpa":
+        model = load_model(path)
+        use_fused_full_attention(model)
     elif setting == "none":
         model = load_model(path)
         use_no_attention(model)
@@ -101,6 +119,8 @@ def evaluate(path: Path, heldout: Tensor, context: int, windows: int, setting: s
 def label(setting: str) -> str:
     if setting == "full":
         return "full attention"
+    if setting == "full-sdpa":
+        return "full attention (fused SDPA)"
     if setting == "none":
         return "LSH layers removed (ablation)"
     rounds = int(setting.split("-")[1])
@@ -131,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| context | windows | attention | held-out bits/byte | vs full |")
     print("|---|---|---|---|---|")
     for context, setting, bpb, _ in rows:
-        full = next((b for c, s, b, _ in rows if c == context and s == "full"), None)
+        full = next((b for c, s, b, _ in rows if c == context and s.startswith("full")), None)
         rel = f"{100 * (bpb - full) / full:+.2f}%" if full else "n/a"
         n = min(args.windows, (heldout.numel() - 1) // context)
         print(f"| {context} | {n} | {label(setting)} "
