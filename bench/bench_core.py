@@ -233,7 +233,9 @@ def main() -> None:
     for T in args.contexts:
         po = run_worker(["prefill-ours", model_dir, str(T)])
         ph = run_worker(["prefill-hf", model_dir, str(T)]) if T <= args.hf_max_prefill else {}
-        dec = run_worker(["decode", model_dir, str(T), str(args.steps), str(tmp / "spec.json")])
+        # at the very end of the context, leave room for the timed steps
+        T_dec = min(T, spec["max_position_embeddings"] - args.steps - 2)
+        dec = run_worker(["decode", model_dir, str(T_dec), str(args.steps), str(tmp / "spec.json")])
         results.append((T, po, ph, dec))
         err = dec.get("error")
         for name, pre, key in (("reformer-serve", po, "ours"), ("transformers", ph, "hf")):

@@ -51,8 +51,9 @@ class LSHLayerState:
 
     def write_prefill(self, k: Tensor, v: Tensor, order: Tensor | None, buckets: Tensor | None = None) -> None:
         T = k.shape[1]
-        self.keys[:, :T] = k
-        self.values[:, :T] = v
+        if k.data_ptr() != self.keys.data_ptr():  # prefill may have computed them in place already
+            self.keys[:, :T] = k
+            self.values[:, :T] = v
         if order is not None:
             self._alloc_index()
             self.order[:, :, :T] = order.to(torch.int32)

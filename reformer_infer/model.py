@@ -214,8 +214,11 @@ class LSHSelfAttention(nn.Module):
         H, D, C = self.H, self.D, self.C
         hashed = not (n_padded <= C or self.full_attention)
         qk = h.new_empty(B, H, T, D)
-        k = h.new_empty(B, H, T, D)
-        v = h.new_empty(B, H, T, D)
+        if state is not None and B == 1 and not torch.is_grad_enabled():
+            # keys and values are computed straight into the decode cache (no second copy at 64K)
+            k, v = state[0].keys[:, :T].unsqueeze(0), state[0].values[:, :T].unsqueeze(0)
+        else:
+            k, v = h.new_empty(B, H, T, D), h.new_empty(B, H, T, D)
         buckets = torch.empty(B, H, self.num_hashes, T, dtype=torch.long, device=h.device) if hashed else None
         for s0, s1 in _slices(T, step):
             x = layer_norm(h[:, s0:s1])
@@ -249,13 +252,12 @@ class LSHSelfAttention(nn.Module):
         if state is not None:
             for b in range(B):
                 state[b].write_prefill(k[b], v[b], order[b], buckets[b])
-        # Pads: index T points at a zero row placed after every real position of the round.
+        # Pads: row index T, placed after every real position of the round. They take a position beyond
+        # every real token, so the causal mask hides them from all real queries; their vectors are never
+        # seen (gathered from row T-1) and their outputs land on row T, which is dropped.
         pad = n_padded - T
         if pad:
             order = torch.cat([order, order.new_full((B, H, R, pad), T)], dim=-1)  # (B, H, R, Tp)
-        zero = qk.new_zeros(B, H, 1, D)
-        qk_p, k_p, v_p = (torch.cat([t, zero], dim=2) for t in (qk, k, v))  # (B, H, T+1, D)
-        # Pads take positions beyond every real token: masked for all real queries by the causal mask.
         pos_p = torch.cat([pos, pos.new_tensor([T + n_padded])])
         flat = order.reshape(B, H, R * n_padded)  # sorted slot -> row, rounds flattened
         M = R * n_padded // C  # chunks over all rounds
@@ -275,9 +277,10 @@ class LSHSelfAttention(nn.Module):
                 k_slots = (win.unsqueeze(-1) * C + torch.arange(C, device=x.device)).reshape(-1)  # (G*W,)
                 k_rows = flat[:, :, k_slots]  # (B, H, G*W)
                 g = m1 - m0
-                q = _gather_rows(qk_p, q_rows).view(B, H, g, C, D)
-                kk = _gather_rows(k_p, k_rows).view(B, H, g, W, D)
-                vv = _gather_rows(v_p, k_rows).view(B, H, g, W, D)
+                q_real, k_real = q_rows.clamp(max=T - 1), k_rows.clamp(max=T - 1)
+                q = _gather_rows(qk, q_real).view(B, H, g, C, D)
+                kk = _gather_rows(k, k_real).view(B, H, g, W, D)
+                vv = _gather_rows(v, k_real).view(B, H, g, W, D)
                 o, lse = _attend_window(
                     q, kk, vv, pos_p[q_rows].view(B, H, g, C), pos_p[k_rows].view(B, H, g, W), self_mask=True
                 )
@@ -365,9 +368,8 @@ class LocalSelfAttention(nn.Module):
         """Causal chunked attention over LN(h) (B, T, E) -> (B, T, H*D)."""
         B, T, _ = h.shape
         H, D, C = self.H, self.D, self.C
-        q = h.new_empty(B, H, T, D)
-        k = h.new_empty(B, H, T, D)
-        v = h.new_empty(B, H, T, D)
+        N = -(-T // C)  # chunks (the last one padded with zero rows, masked causally)
+        q, k, v = (h.new_zeros(B, H, N * C, D) for _ in range(3))
         for s0, s1 in _slices(T, step):
             x = layer_norm(h[:, s0:s1])
             q[:, :, s0:s1] = self.query(x).view(B, s1 - s0, H, D).transpose(1, 2)  # (B, H, t, D)
@@ -378,11 +380,6 @@ class LocalSelfAttention(nn.Module):
         if state is not None:
             for b in range(B):
                 state[b].write_prefill(k[b], v[b], T)
-        N = -(-T // C)  # chunks (last one padded)
-        pad = N * C - T
-        if pad:
-            z = q.new_zeros(B, H, pad, D)
-            q, k, v = (torch.cat([t, z], dim=2) for t in (q, k, v))
         pos = torch.arange(N * C, device=x.device)
         qc = q.view(B, H, N, C, D)
         kc = k.view(B, H, N, C, D)
