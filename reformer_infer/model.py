@@ -32,6 +32,9 @@ MASK_VALUE = {torch.float32: -1e9, torch.float16: -1e4, torch.bfloat16: -1e9}
 SELF_MASK_VALUE = {torch.float32: -1e5, torch.float16: -1e3, torch.bfloat16: -1e5}
 # Upper bound on the elements of one group's score block (B*H*G*C*W): bounds prefill memory.
 DEFAULT_SCORE_ELEMENTS = 1 << 23
+# Positions per slice of the position-wise work (layer norms, projections, feed-forward) of an inference
+# prefill: at 64K x 4096 the feed-forward's intermediate alone would be 1 GiB in one piece.
+MEMORY_SLICE = 4096
 
 ACT = {
     "relu": F.relu,
@@ -607,14 +610,19 @@ class ReformerLM(nn.Module):
         positions = torch.arange(T, device=input_ids.device)
         x = self.embeddings(input_ids, positions)  # (B, T, E)
         a, h = x, x  # the two reversible streams start equal
-        step = T if work_tokens is None else max(1, work_tokens)
+        if work_tokens is not None:
+            step = max(1, work_tokens)
+        elif torch.is_grad_enabled():
+            step = T  # training: one slice (fewer, larger ops; autograd keeps everything anyway)
+        else:
+            step = MEMORY_SLICE  # inference: position-wise work in slices bounds the temporaries
         budget = self.score_budget
         if work_tokens is not None:
             budget = min(budget, max(1, B * cfg.num_attention_heads * work_tokens * 2 * cfg.lsh_attn_chunk_length))
         for i, layer in enumerate(self.encoder.layers):
             att = layer.attention
             states = None if seqs is None else [s.layers[i] for s in seqs]
-            proj_step = None if work_tokens is None else step
+            proj_step = None if step >= T else step
             if att.kind == "lsh":
                 o = yield from att.self_attention.forward_work(h, att.layer_norm, Tp, states, budget, proj_step)
             else:
@@ -627,8 +635,7 @@ class ReformerLM(nn.Module):
                     a[:, s0:s1] += att.output.dense(o[:, s0:s1])
                     yield 0
             # chunked feed-forward along the sequence (memory only; the result is the same)
-            ff_chunk = cfg.chunk_size_feed_forward or step
-            ff_chunk = min(ff_chunk, step) if work_tokens is not None else ff_chunk
+            ff_chunk = min(cfg.chunk_size_feed_forward or step, step)
             if ff_chunk >= T:
                 h = h + layer.feed_forward(a)
                 yield T
