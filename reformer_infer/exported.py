@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .cache import ReformerCache
 from .config import ReformerConfig
 from .model import padded_length
 
@@ -138,29 +139,9 @@ class ExportedSequence:
         return (self.lsh_keys, self.lsh_values, self.lsh_order, self.lsh_counts, self.local_keys, self.local_values)
 
 
-class ExportedCache:
-    """A batch of per-sequence exported states (possibly of different lengths); grouping copies nothing."""
-
-    def __init__(self, sequences: Sequence[ExportedSequence]) -> None:
-        self.sequences = list(sequences)
-
-    @classmethod
-    def batch(cls, caches: Sequence[ExportedCache]) -> ExportedCache:
-        return cls([s for c in caches for s in c.sequences])
-
-    def split(self) -> list[ExportedCache]:
-        return [ExportedCache([s]) for s in self.sequences]
-
-    @property
-    def lengths(self) -> list[int]:
-        return [s.length for s in self.sequences]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.sequences)
-
-    def __len__(self) -> int:
-        return len(self.sequences)
+class ExportedCache(ReformerCache):
+    """A batch of per-sequence exported states (possibly of different lengths); grouping copies nothing.
+    The batching logic is the eager cache's: only the per-sequence state differs."""
 
 
 # ---------------------------------------------------------------------------------------------------
