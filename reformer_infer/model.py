@@ -267,8 +267,8 @@ class LSHSelfAttention(nn.Module):
         W = C * (1 + self.before + self.after)
         G = _group_size(C, W, B * H, score_budget)
         # Rounds are combined online: acc = sum_r out_r * exp(lse_r - logsumexp_r lse_r).
-        acc = qk.new_zeros(B, H, T + 1, D)
-        lse_acc = qk.new_full((B, H, T + 1), float("-inf"))
+        acc: Tensor | None = None
+        lse_acc: Tensor | None = None
         chunks_per_round = n_padded // C
         for r in range(R):
             out_r = qk.new_zeros(B, H, T + 1, D)
@@ -291,8 +291,16 @@ class LSHSelfAttention(nn.Module):
                 out_r.scatter_(2, q_rows.unsqueeze(-1).expand(B, H, g * C, D), o.reshape(B, H, g * C, D))
                 lse_r.scatter_(2, q_rows, lse.reshape(B, H, g * C))
                 yield g * C
+            if acc is None:
+                acc, lse_acc = out_r, lse_r
+                continue
             new_lse = torch.logaddexp(lse_acc, lse_r)
-            acc = acc * torch.exp(lse_acc - new_lse).unsqueeze(-1) + out_r * torch.exp(lse_r - new_lse).unsqueeze(-1)
+            w_acc = torch.exp(lse_acc - new_lse).unsqueeze(-1)
+            w_r = torch.exp(lse_r - new_lse).unsqueeze(-1)
+            if torch.is_grad_enabled():
+                acc = acc * w_acc + out_r * w_r
+            else:  # in place: no round-sized temporaries (a 64K prefill's largest buffers)
+                acc.mul_(w_acc).add_(out_r.mul_(w_r))
             lse_acc = new_lse
         return acc[:, :, :T].transpose(1, 2).reshape(B, T, H * D)
 
