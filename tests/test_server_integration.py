@@ -97,7 +97,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(
         assert e.value.details().startswith(f"{field_name}: ")
         assert dict(e.value.trailing_metadata())["reformer-error-field"] == field_name
     # ... and the server keeps serving
-    assert stub.Generate(pb.GenerateRequest(text="ok", max_new_tokens=2)).usage.generated_tokens == 2
+    assert stub.Generate(pb.GenerateRequest(text="ok", max_new_tokens=2, ignore_eos=True)).usage.generated_tokens == 2
 
 
 def test_cancelling_a_stream_frees_its_cache(stub: pb_grpc.TextGenerationStub, server: ServerProcess) -> None:  # noqa: F811
@@ -218,7 +218,7 @@ def test_queue_full_is_resource_exhausted(tiny_model_dir: Path, tmp_path: Path) 
             running.cancel()
             waiting.cancel()
             assert srv.wait_metric("reformer_cache_bytes_in_use", 0.0) == 0.0
-            assert stub.Generate(pb.GenerateRequest(text="z", max_new_tokens=2)).usage.generated_tokens == 2
+            assert stub.Generate(pb.GenerateRequest(text="z", max_new_tokens=2, ignore_eos=True)).usage.generated_tokens == 2
     finally:
         assert srv.stop() == 0, srv.log()
 
