@@ -201,6 +201,9 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
 
     if args.worker:
+        from reformer_infer.memory import release_large_buffers_promptly
+
+        release_large_buffers_promptly()  # as the server does
         kind, model_dir, T = args.worker[0], args.worker[1], int(args.worker[2])
         if kind == "prefill-ours":
             r = worker_prefill_ours(model_dir, T)

@@ -353,3 +353,13 @@ def test_an_abandoned_prefill_does_not_leave_inference_mode_on(tmp_path):
     assert not torch.is_inference_mode_enabled()
     assert torch.is_grad_enabled()
     del gen
+
+
+def test_memory_tuning_applies_on_glibc():
+    import platform
+
+    from reformer_infer.memory import release_large_buffers_promptly
+
+    applied = release_large_buffers_promptly()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied

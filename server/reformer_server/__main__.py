@@ -21,6 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The engine thread and the gRPC event loop share the GIL. With Python's default 5 ms switch interval a
     # token event can wait that long for the loop to run; 0.5 ms keeps streaming at the engine's pace.
     sys.setswitchinterval(cfg.switch_interval)
+    from reformer_infer.memory import release_large_buffers_promptly
+
+    release_large_buffers_promptly()  # long prefills would otherwise ratchet RSS up through heap fragmentation
 
     try:
         asyncio.run(serve(cfg))
