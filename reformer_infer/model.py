@@ -232,8 +232,8 @@ class LSHSelfAttention(nn.Module):
             if buckets is not None:
                 buckets[..., s0:s1] = self.hash(qk_s)
             yield 0
-        x = h
-        pos = torch.arange(T, device=x.device)
+        dev = h.device
+        pos = torch.arange(T, device=dev)
         if n_padded <= C or self.full_attention:
             # Short sequences: plain causal attention (as transformers), no buckets. `full_attention` uses
             # the same path at any length (the paper's full-attention baseline; evaluation only), in blocks
@@ -276,8 +276,8 @@ class LSHSelfAttention(nn.Module):
             for m0 in range(r * chunks_per_round, (r + 1) * chunks_per_round, G):
                 m1 = min(m0 + G, (r + 1) * chunks_per_round)
                 q_rows = flat[:, :, m0 * C : m1 * C]  # (B, H, G*C)
-                win = _window_chunk_index(M, m0, m1, self.before, self.after, x.device)  # (G, n)
-                k_slots = (win.unsqueeze(-1) * C + torch.arange(C, device=x.device)).reshape(-1)  # (G*W,)
+                win = _window_chunk_index(M, m0, m1, self.before, self.after, dev)  # (G, n)
+                k_slots = (win.unsqueeze(-1) * C + torch.arange(C, device=dev)).reshape(-1)  # (G*W,)
                 k_rows = flat[:, :, k_slots]  # (B, H, G*W)
                 g = m1 - m0
                 q_real, k_real = q_rows.clamp(max=T - 1), k_rows.clamp(max=T - 1)
@@ -387,11 +387,11 @@ class LocalSelfAttention(nn.Module):
             k[:, :, s0:s1] = self.key(x).view(B, s1 - s0, H, D).transpose(1, 2) / math.sqrt(D)
             v[:, :, s0:s1] = self.value(x).view(B, s1 - s0, H, D).transpose(1, 2)
             yield 0
-        x = h
+        dev = h.device
         if state is not None:
             for b in range(B):
                 state[b].write_prefill(k[b], v[b], T)
-        pos = torch.arange(N * C, device=x.device)
+        pos = torch.arange(N * C, device=dev)
         qc = q.view(B, H, N, C, D)
         kc = k.view(B, H, N, C, D)
         vc = v.view(B, H, N, C, D)
@@ -401,7 +401,7 @@ class LocalSelfAttention(nn.Module):
         out = q.new_empty(B, H, N, C, D)
         for m0 in range(0, N, G):
             m1 = min(m0 + G, N)
-            win = _window_chunk_index(N, m0, m1, self.before, self.after, x.device)  # (g, n)
+            win = _window_chunk_index(N, m0, m1, self.before, self.after, dev)  # (g, n)
             g = m1 - m0
             kk = kc[:, :, win].reshape(B, H, g, W, D)
             vv = vc[:, :, win].reshape(B, H, g, W, D)
