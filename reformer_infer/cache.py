@@ -1,34 +1,28 @@
 """The decode cache: explicit per-sequence state, passed into and returned from `decode_step`.
 
-LSH layers keep, for every past position, the length-normalised shared-QK key and the value (not hidden
-states to re-project), plus bucket bookkeeping per hash round:
-  * `counts` (H, R, K): tokens per bucket. The new token's slot in the (bucket, position)-sorted order is
-    the number of cached tokens whose bucket is <= its own (it has the largest position), an O(K) prefix sum.
-  * `order` (H, R, capacity): positions in (bucket, position) order, so the window around that slot is a
-    gather of W = C x (1 + before + after) entries per round. Inserting the new token shifts the int32 tail
-    of this table (a memmove-sized gather; the keys/values are never copied or re-sorted).
-Local layers keep a ring of the last (chunks_before + 1) x chunk keys/values: all they can still attend to.
+A prefill fills each sequence's state in its own tensors, sized to the prompt (a `SequenceCache`):
+LSH layers keep, for every position, the length-normalised shared-QK key and the value (not hidden states
+to re-project) and, per head and hash round, the positions sorted by (bucket, position) (`order`) with the
+tokens per bucket (`counts`); local layers keep a ring of the last (chunks_before + 1) x chunk keys/values,
+all they can still attend to.
 
-Sequences of different lengths are batched by grouping their caches (`ReformerCache.batch`): no tensor is
-copied; `decode_step` gathers each sequence's window and runs the dense math for the whole batch at once.
+On its first decode step a sequence is adopted into a `pool.DecodePool` (paged storage shared by many
+sequences, so that a batched step does the same number of ops for 1 or 64 sequences); its own tensors are
+then dropped. `ReformerCache` groups sequences of different lengths for one step without copying.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import LSHSelfAttention, ReformerLM
-
-# Below this many order-table entries (T x H x R) one vectorised gather inserts the new token faster than
-# per-row memmoves (fewer ops); above it the memmoves win by far on CPU.
-SMALL_INSERT = 1 << 16
-
+    from .model import ReformerLM
+    from .pool import DecodePool
 
 @dataclass
 class LSHLayerState:
@@ -38,6 +32,7 @@ class LSHLayerState:
     num_buckets: int
     order: Tensor | None = None  # (H, R, cap) int32; None while the sequence is shorter than one chunk
     counts: Tensor | None = None  # (H, R, K) int32
+    order_buffer: Tensor | None = field(default=None, repr=False)  # where `order` goes (a pool's, when given)
 
     @property
     def capacity(self) -> int:
@@ -63,7 +58,10 @@ class LSHLayerState:
     def _alloc_index(self) -> None:
         H = self.keys.shape[0]
         dev = self.keys.device
-        self.order = torch.zeros(H, self.num_hashes, self.capacity, dtype=torch.int32, device=dev)
+        if self.order_buffer is not None:
+            self.order = self.order_buffer
+        else:
+            self.order = torch.zeros(H, self.num_hashes, self.capacity, dtype=torch.int32, device=dev)
         self.counts = torch.zeros(H, self.num_hashes, self.num_buckets, dtype=torch.int32, device=dev)
 
     def grow(self, capacity: int) -> None:
@@ -79,77 +77,6 @@ class LSHLayerState:
             n = self.order.new_zeros(H, self.num_hashes, capacity)
             n[:, :, :old] = self.order
             self.order = n
-
-    def append(
-        self, k: Tensor, v: Tensor, bucket: Tensor, T: int, layer: LSHSelfAttention, C: int | None, slot: Tensor | None = None
-    ) -> None:
-        """Store the new token (position T): key/value rows and its slot in every round's order."""
-        self.keys[:, T] = k
-        self.values[:, T] = v
-        if self.order is None:
-            if C is not None and T + 1 >= C:
-                # From one chunk on, transformers hashes every cached position and decodes by LSH windows.
-                buckets = layer.hash(self.keys[:, : T + 1])  # (H, R, T+1); argmax ignores the key norm
-                pos = torch.arange(T + 1, device=k.device)
-                order = torch.argsort(buckets * (T + 1) + pos, dim=-1)
-                self.write_prefill(self.keys[:, : T + 1], self.values[:, : T + 1], order, buckets)
-            return
-        p = slot
-        if p is None:
-            p = self.counts.cumsum(-1).gather(-1, bucket.unsqueeze(-1)).squeeze(-1).long()
-        if self.order.is_cuda or T * p.numel() <= SMALL_INSERT:
-            # one vectorised gather: cheap on a GPU (no host sync) and for short sequences (few ops)
-            idx = torch.arange(T + 1, device=k.device)
-            pe = p.unsqueeze(-1)
-            src = (idx - (idx > pe).long()).clamp(max=max(T - 1, 0))  # (H, R, T+1)
-            shifted = self.order.gather(-1, src)
-            self.order[:, :, : T + 1] = torch.where(idx == pe, torch.tensor(T, dtype=torch.int32), shifted)
-        else:
-            # a memmove of each row's tail: ~15x faster than the gather on CPU (1.2 vs 19 ms at 64K, H*R = 32)
-            for h, row_slots in enumerate(p.tolist()):
-                for r, q in enumerate(row_slots):
-                    row = self.order[h, r]
-                    if q < T:
-                        row[q + 1 : T + 1] = row[q:T].clone()
-                    row[q] = T
-        self.counts.scatter_add_(-1, bucket.unsqueeze(-1), torch.ones_like(bucket, dtype=torch.int32).unsqueeze(-1))
-
-
-def lsh_windows(
-    states: Sequence[LSHLayerState], buckets: Tensor, lengths: Sequence[int], C: int, before: int, after: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The new tokens' attention windows for a batch of windowed sequences, per head and hash round.
-
-    buckets (n, H, R): the new tokens' buckets. Returns keys and values (n, H, R, W, D), positions (n, H, R, W)
-    and the new tokens' sorted slots p (n, H, R). A new token (position T) lands at slot p of the T+1 sorted
-    entries of its round (p = number of cached tokens whose bucket is <= its own: a prefix sum of the
-    counts); it sees slots [(p // C - before) * C, + W) modulo T+1 within that round, which is what
-    transformers' cached decode attends to. Slot p holds the new token itself, whose key is not cached yet:
-    the caller substitutes it where position == T. Everything is vectorised over the batch except one gather
-    per sequence into its own order table and key/value rows.
-    """
-    n, H, R = buckets.shape
-    W = C * (1 + before + after)
-    dev = buckets.device
-    counts = torch.stack([st.counts for st in states])  # (n, H, R, K)
-    p = counts.cumsum(-1).gather(-1, buckets.unsqueeze(-1)).squeeze(-1).long()  # (n, H, R)
-    T = torch.tensor(list(lengths), device=dev).view(n, 1, 1, 1)
-    start = (torch.div(p, C, rounding_mode="floor") - before) * C
-    slots = torch.remainder(start.unsqueeze(-1) + torch.arange(W, device=dev), T + 1)  # (n, H, R, W)
-    pe = p.unsqueeze(-1)
-    src = torch.minimum(torch.where(slots > pe, slots - 1, slots), T - 1)
-    pos = torch.stack([st.order.gather(-1, src[i]) for i, st in enumerate(states)]).long()
-    pos = torch.where(slots == pe, T, pos)  # (n, H, R, W)
-    D = states[0].keys.shape[-1]
-    # rows of the flattened (H * capacity, D) buffers: index_select is ~10x faster than an expanded gather
-    head = torch.arange(H, device=dev).view(1, H, 1, 1)
-    kk = states[0].keys.new_empty(n, H * R * W, D)
-    vv = states[0].values.new_empty(n, H * R * W, D)
-    for i, st in enumerate(states):
-        rows = (pos[i] + head[0] * st.capacity).reshape(-1)  # (H * R * W,)
-        torch.index_select(st.keys.view(-1, D), 0, rows, out=kk[i])
-        torch.index_select(st.values.view(-1, D), 0, rows, out=vv[i])
-    return kk.view(n, H, R, W, D), vv.view(n, H, R, W, D), pos, p
 
 
 @dataclass
@@ -170,15 +97,6 @@ class LocalLayerState:
         self.values[:, slots] = v[:, first:T]
         self.positions[slots] = pos
 
-    def append(self, k: Tensor, v: Tensor, T: int) -> None:
-        slot = T % self.positions.shape[0]
-        self.keys[:, slot] = k
-        self.values[:, slot] = v
-        self.positions[slot] = T
-
-    def grow(self, capacity: int) -> None:  # the ring never grows
-        return
-
 
 LayerState = LSHLayerState | LocalLayerState
 
@@ -188,37 +106,54 @@ class SequenceCache:
     """Everything one sequence needs to decode its next token."""
 
     length: int
-    layers: list[LayerState]
+    layers: list[LayerState]  # the prefill's state; emptied once the sequence is adopted into a pool
+    pool: DecodePool | None = field(default=None, repr=False)
+    slot: int = -1
+    reserved: tuple[DecodePool, int] | None = field(default=None, repr=False)  # prefilled into a pool's run
+    _finalizer: Any = field(default=None, repr=False)
 
     @classmethod
-    def allocate(cls, model: ReformerLM, capacity: int) -> SequenceCache:
+    def allocate(cls, model: ReformerLM, capacity: int, pool: DecodePool | None = None) -> SequenceCache:
+        """Empty state for `capacity` positions. With a pool that has a free run of pages for them, the
+        tensors are views into the pool, so the prefill writes there and adoption copies nothing."""
         cfg = model.config
         H, D = cfg.num_attention_heads, cfg.attention_head_size
         dev, dt = model.device, model.dtype
+        place = pool.reserve_run(capacity) if pool is not None else None
         layers: list[LayerState] = []
-        for kind in cfg.attn_layers:
+        for i, kind in enumerate(cfg.attn_layers):
             if kind == "lsh":
-                layers.append(
-                    LSHLayerState(
-                        keys=torch.zeros(H, capacity, D, device=dev, dtype=dt),
-                        values=torch.zeros(H, capacity, D, device=dev, dtype=dt),
-                        num_hashes=next(model.lsh_layers()).num_hashes,
-                        num_buckets=cfg.total_buckets,
-                    )
-                )
+                if place is not None:
+                    keys, values, order = pool.lsh_views(i, place, capacity)
+                else:
+                    keys = torch.zeros(H, capacity, D, device=dev, dtype=dt)
+                    values, order = torch.zeros_like(keys), None
+                layers.append(LSHLayerState(keys=keys, values=values, num_hashes=next(model.lsh_layers()).num_hashes,
+                                            num_buckets=cfg.total_buckets, order_buffer=order))
             else:
                 ring = (cfg.local_num_chunks_before + 1) * cfg.local_attn_chunk_length
-                layers.append(
-                    LocalLayerState(
-                        keys=torch.zeros(H, ring, D, device=dev, dtype=dt),
-                        values=torch.zeros(H, ring, D, device=dev, dtype=dt),
-                        positions=torch.full((ring,), -1, dtype=torch.long, device=dev),
-                    )
-                )
-        return cls(length=0, layers=layers)
+                if place is not None:
+                    keys, values = pool.local_views(i, place)
+                else:
+                    keys = torch.zeros(H, ring, D, device=dev, dtype=dt)
+                    values = torch.zeros_like(keys)
+                positions = torch.full((ring,), -1, dtype=torch.long, device=dev)
+                layers.append(LocalLayerState(keys=keys, values=values, positions=positions))
+        seq = cls(length=0, layers=layers)
+        if place is not None:
+            pool.hold(seq, place[0])
+        return seq
 
     @staticmethod
     def projected_bytes(model: ReformerLM, num_tokens: int) -> int:
+        """Bytes one sequence of `num_tokens` positions holds: as the prefill builds it, or in a decode pool
+        (pages, per-slot counts and delta), whichever is more."""
+        from .pool import pooled_bytes
+
+        return max(SequenceCache.prefill_bytes(model, num_tokens), pooled_bytes(model, num_tokens))
+
+    @staticmethod
+    def prefill_bytes(model: ReformerLM, num_tokens: int) -> int:
         cfg = model.config
         H, D = cfg.num_attention_heads, cfg.attention_head_size
         elt = torch.empty((), dtype=model.dtype).element_size()
@@ -235,13 +170,36 @@ class SequenceCache:
         return total
 
     def reserve(self, needed: int) -> None:
-        """Make room for `needed` positions (capacity doubles, so growth is amortised, never per step)."""
+        """Make room for `needed` positions in the prefill's tensors (capacity doubles, so growth is amortised;
+        pooled sequences get pages as they grow instead)."""
         for st in self.layers:
             if isinstance(st, LSHLayerState) and needed > st.capacity:
                 st.grow(max(needed, 2 * st.capacity))
 
     def nbytes(self) -> int:
+        if self.pool is not None:
+            return self.pool.sequence_bytes(self.slot)
         return sum(st.nbytes() for st in self.layers)
+
+    def sorted_positions(self, layer: int) -> Tensor | None:
+        """LSH layer `layer`'s (H, R, length) positions sorted by (bucket, position) per head and round (None
+        while the sequence is shorter than one chunk and not hashed yet). For inspection and tests."""
+        if self.pool is not None:
+            return self.pool.sorted_positions(layer, self.slot)
+        st = self.layers[layer]
+        return None if st.order is None else st.order[:, :, : self.length]
+
+    def bucket_counts(self, layer: int) -> Tensor | None:
+        """LSH layer `layer`'s (H, R, K) tokens per bucket (None while not hashed). For inspection and tests."""
+        if self.pool is not None:
+            return self.pool.bucket_counts(layer, self.slot)
+        st = self.layers[layer]
+        return None if st.order is None else st.counts
+
+    def release(self) -> None:
+        """Give a pooled sequence's slot and pages back now (also done when the object is collected)."""
+        if self._finalizer is not None:
+            self._finalizer()
 
 
 class ReformerCache:

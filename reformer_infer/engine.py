@@ -218,6 +218,14 @@ class Engine:
         self._batch_caches: Callable[[Sequence[Any]], Any] = getattr(
             model, "batch_caches", ReformerCache.batch
         )
+        # One decode pool for every sequence (the eager model): a step's ops do not grow with the batch.
+        # Sized to the admission budget up front so it never grows (and copies) mid-serving; on a CPU its
+        # pages take memory only once written.
+        self._pool = None
+        if hasattr(model, "new_decode_pool"):
+            per_token = max(float(model.cache_bytes_per_token()), 1.0)
+            tokens = min(int(self.config.cache_memory_bytes / per_token), self.config.max_batch * self.max_context)
+            self._pool = model.new_decode_pool(self.config.max_batch, tokens)
         self._scheduler = Scheduler(
             SchedulerConfig(
                 max_running=self.config.max_batch,
@@ -441,7 +449,8 @@ class Engine:
             if gen is None:
                 ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self._device)  # (1, T)
                 capacity = n + req.params.max_new_tokens
-                gen = self.model.prefill_iter(ids, capacity=capacity, last_only=True, work_tokens=chunk)
+                kw = {} if self._pool is None else {"pool": self._pool}
+                gen = self.model.prefill_iter(ids, capacity=capacity, last_only=True, work_tokens=chunk, **kw)
                 with self._cond:
                     if req.finished:
                         return 0, 0
@@ -468,6 +477,9 @@ class Engine:
                         req.stream.put(PrefillProgress(req.request_id, tokens_done, n))
                 return delta, req.prefill_done_work - start_work
             logits, cache = result
+            if self._pool is not None:
+                for seq in cache.sequences:
+                    self._pool.adopt(seq)
             out = sample_batch(logits[:, -1, :], [req.sampler])
         except Exception as exc:  # one request's failure (OOM included) must not take the engine down
             oom = _is_oom(exc)

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import LocalLayerState, LSHLayerState, ReformerCache, SequenceCache, lsh_windows
+from .cache import LocalLayerState, LSHLayerState, ReformerCache, SequenceCache
 from .config import ReformerConfig
+from .pool import DecodePool, StepBatch
 
 # Mask values of the reference implementation (fp32 / fp16). They are finite on purpose: a query whose
 # window holds nothing visible but itself attends to itself (self mask -1e5 beats mask -1e9).
@@ -305,45 +306,50 @@ class LSHSelfAttention(nn.Module):
         return acc[:, :, :T].transpose(1, 2).reshape(B, T, H * D)
 
     # ---- cached decode -----------------------------------------------------------------------
-    def decode(self, x: Tensor, states: list[LSHLayerState], lengths: list[int]) -> Tensor:
-        """One new token per sequence: x (B, E) layer-normed -> (B, H*D). Updates `states` in place."""
+    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch) -> tuple[Tensor, list[int]]:
+        """One new token per sequence: x (B, E) layer-normed -> (B, H*D), with the pool slots of sequences
+        that reached one chunk at this token (from the next token on they decode by LSH windows).
+
+        Hashed sequences attend to their window in the (bucket, position)-sorted order of every round, the
+        rounds combined by their logsumexp weights; shorter ones (and the full-attention switch) attend
+        densely to every position so far. The pool is updated in place."""
         B = x.shape[0]
-        H, D, C = self.H, self.D, self.C
-        qk = self.query_key(x).view(B, H, 1, D)
-        v = self.value(x).view(B, H, 1, D)
-        k = len_norm(qk) / math.sqrt(D)
-        buckets = self.hash(qk)[..., 0]  # (B, H, R)
-        outs: list[Tensor | None] = [None] * B
-        windowed = [] if self.full_attention else [b for b in range(B) if states[b].order is not None]
-        slots: list[Tensor | None] = [None] * B
-        if windowed:
-            for b in windowed:  # the new token's key/value first, so the window gather fetches it at slot p
-                states[b].keys[:, lengths[b]] = k[b, :, 0]
-                states[b].values[:, lengths[b]] = v[b, :, 0]
-            idx = torch.tensor(windowed, device=x.device)
-            kk, vv, pp, p = lsh_windows([states[b] for b in windowed], buckets[idx],
-                                        [lengths[b] for b in windowed], C, self.before, self.after)
-            tpos = torch.tensor([lengths[b] for b in windowed], device=x.device).view(-1, 1, 1, 1)
-            R = self.num_hashes
-            q = qk[idx].unsqueeze(2).expand(-1, -1, R, -1, -1)  # (n, H, R, 1, D)
-            o, lse = _attend_window(q, kk, vv, tpos.expand(-1, H, R, 1), pp, self_mask=True, causal=False)
+        H, D, C, R = self.H, self.D, self.C, self.num_hashes
+        qk = self.query_key(x).view(B, H, D)
+        v = self.value(x).view(B, H, D)
+        pool.write_lsh(j, batch, len_norm(qk) / math.sqrt(D), v)  # before the gathers: the window fetches it
+        buckets = self.hash(qk.unsqueeze(2))[..., 0]  # (B, H, R)
+        out = qk.new_empty(B, H, D)
+        hashed = batch.hashed_idx
+        dense = torch.arange(B, device=x.device) if self.full_attention else batch.dense_idx
+        if hashed.numel() and not self.full_attention:
+            n = hashed.numel()
+            kk, vv, pp = pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # + insert
+            q = qk[hashed].view(n, H, 1, 1, D).expand(n, H, R, 1, D)
+            tpos = batch.lengths[hashed].view(n, 1, 1, 1).expand(n, H, R, 1)
+            o, lse = _attend_window(q, kk, vv, tpos, pp, self_mask=True, causal=False)
             w = torch.softmax(lse, dim=2)  # (n, H, R, 1): round weights exp(lse_r - logsumexp_r lse)
-            combined = (o * w.unsqueeze(-1)).sum(dim=2)[:, :, 0]  # (n, H, D)
-            for i, b in enumerate(windowed):
-                outs[b] = combined[i]
-                slots[b] = p[i]
-        for b in range(B):
-            st = states[b]
-            T = lengths[b]
-            if outs[b] is None:
-                # Dense phase (fewer than one chunk so far): attend to every cached position and itself.
-                keys = torch.cat([st.keys[:, :T], k[b, :, 0:1]], dim=1).unsqueeze(0)
-                vals = torch.cat([st.values[:, :T], v[b, :, 0:1]], dim=1).unsqueeze(0)
-                kp = torch.arange(T + 1, device=x.device)
-                o, _ = _attend_window(qk[b : b + 1], keys, vals, kp[T:], kp, self_mask=True, causal=False)
-                outs[b] = o[0, :, 0]
-            st.append(k[b, :, 0], v[b, :, 0], buckets[b], T, self, None if self.full_attention else C, slots[b])
-        return torch.stack(outs).reshape(B, H * D)
+            out[hashed] = (o * w.unsqueeze(-1)).sum(dim=2)[:, :, 0]
+        transitioned: list[int] = []
+        if dense.numel():
+            lengths = [batch.length_list[i] for i in dense.tolist()]
+            kk, vv, kp = pool.dense_keys(j, batch, dense, max(lengths) + 1)
+            tpos = batch.lengths[dense].view(-1, 1, 1)
+            # rows past a sequence's new token are masked, but a zero weight times a never-written row (any
+            # bits, NaN included) is not zero: blank them
+            vv = vv.masked_fill((kp.view(1, -1) > tpos.view(-1, 1)).view(-1, 1, kp.numel(), 1), 0.0)
+            o, _ = _attend_window(qk[dense].unsqueeze(2), kk, vv, tpos, kp, self_mask=True, causal=True)
+            out[dense] = o[:, :, 0]
+            if not self.full_attention:
+                # From one chunk on, transformers hashes every cached position and decodes by LSH windows.
+                for i, T in zip(dense.tolist(), lengths, strict=True):
+                    if T + 1 >= C:
+                        slot = int(batch.slots[i])
+                        pool.hash_all(j, slot, T + 1, self)
+                        transitioned.append(slot)
+        if hashed.numel() and self.full_attention:
+            pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # keeps the order
+        return out.reshape(B, H * D), transitioned
 
 
 def _gather_rows(t: Tensor, rows: Tensor) -> Tensor:
@@ -412,19 +418,15 @@ class LocalSelfAttention(nn.Module):
             yield g * C
         return out.view(B, H, N * C, D)[:, :, :T].transpose(1, 2).reshape(B, T, H * D)
 
-    def decode(self, x: Tensor, states: list[LocalLayerState], lengths: list[int]) -> Tensor:
+    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch) -> Tensor:
         """x (B, E) -> (B, H*D); the new token at position T sees [((T//C) - before) * C, T]."""
         B = x.shape[0]
         H, D, C = self.H, self.D, self.C
         q = self.query(x).view(B, H, 1, D)
         k = (self.key(x) / math.sqrt(D)).view(B, H, D)
         v = self.value(x).view(B, H, D)
-        for b in range(B):
-            states[b].append(k[b], v[b], lengths[b])
-        kk = torch.stack([s.keys for s in states])  # (B, H, ring, D)
-        vv = torch.stack([s.values for s in states])
-        pp = torch.stack([s.positions for s in states])  # (B, ring)
-        T = torch.tensor(lengths, device=x.device).view(B, 1)
+        kk, vv, pp = pool.local_step(j, batch, k, v)  # rings (B, H, ring, D), their positions (B, ring)
+        T = batch.lengths.view(B, 1)
         start = ((T // C) - self.before).clamp(min=0) * C
         hidden = (pp < start) | (pp < 0)
         dots = torch.matmul(q, kk.transpose(-1, -2))  # (B, H, 1, ring)
@@ -544,9 +546,11 @@ class ReformerLM(nn.Module):
         return _drain(self._forward_work(input_ids, None, last_only=False))
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Tensor, capacity: int | None = None, last_only: bool = False) -> tuple[Tensor, ReformerCache]:
-        """Full forward over the prompt that also builds the decode cache. Returns (logits, cache)."""
-        return _drain(self.prefill_iter(input_ids, capacity=capacity, last_only=last_only, work_tokens=None))
+    def prefill(self, input_ids: Tensor, capacity: int | None = None, last_only: bool = False,
+                pool: DecodePool | None = None) -> tuple[Tensor, ReformerCache]:
+        """Full forward over the prompt that also builds the decode cache. Returns (logits, cache).
+        With a `pool`, the cache is written straight into it where it has room (see `DecodePool`)."""
+        return _drain(self.prefill_iter(input_ids, capacity=capacity, last_only=last_only, work_tokens=None, pool=pool))
 
     def prefill_iter(
         self,
@@ -555,16 +559,18 @@ class ReformerLM(nn.Module):
         capacity: int | None = None,
         last_only: bool = True,
         work_tokens: int | None = 4096,
+        pool: DecodePool | None = None,
     ) -> Generator[tuple[int, int], None, tuple[Tensor, ReformerCache]]:
         """Resumable prefill: yields (done, total) units of work; returns (logits, cache).
 
         A unit is about `work_tokens` positions of one layer's attention or feed-forward, so an engine can
         interleave decode steps of other sequences between units. Results equal `prefill` exactly.
+        With a `pool`, the state is written straight into it where it has room (see `DecodePool`).
         """
         B, T = input_ids.shape
         self._check_length(T)
         cap = max(T, capacity or 0)
-        seqs = [SequenceCache.allocate(self, cap) for _ in range(B)]
+        seqs = [SequenceCache.allocate(self, cap, pool) for _ in range(B)]
         gen = self._forward_work(input_ids, seqs, last_only=last_only, work_tokens=work_tokens)
         total = self._work_total(T)
         done = 0
@@ -662,32 +668,67 @@ class ReformerLM(nn.Module):
         return self.lm_head.decoder(y) + self.lm_head.bias
 
     # ---- decode ------------------------------------------------------------------------------
+    def new_decode_pool(self, sequences: int = 1, tokens: int = 0) -> DecodePool:
+        """A pool for the decode state of up to `sequences` sequences holding `tokens` positions in all
+        (it grows past either when needed). An engine keeps one so all its sequences decode together."""
+        return DecodePool(self, sequences=sequences, tokens=tokens)
+
     @torch.inference_mode()
     def decode_step(self, input_ids: Tensor, cache: ReformerCache) -> tuple[Tensor, ReformerCache]:
         """One token for every sequence in the batch: (B, 1) -> logits (B, 1, V). Sequences may have
-        different lengths; each cache is updated in place (and returned for convenience)."""
+        different lengths; each cache is updated in place (and returned for convenience).
+
+        Sequences not in a decode pool yet are adopted into the batch's pool (a new one if none has one);
+        sequences of different pools decode in one pass per pool."""
         seqs = cache.sequences
         B = input_ids.shape[0]
         if B != len(seqs):
             raise ValueError(f"input_ids has {B} rows but the cache holds {len(seqs)} sequences")
-        lengths = [s.length for s in seqs]
-        for T in lengths:
-            if T + 1 > self.config.max_context:
-                raise ValueError(f"sequence would exceed the model's context of {self.config.max_context}")
         for s in seqs:
-            s.reserve(s.length + 1)
-        pos = torch.tensor(lengths, device=input_ids.device)
-        x = self.embeddings(input_ids[:, 0], pos)  # (B, E)
-        a, h = x, x
-        for i, layer in enumerate(self.encoder.layers):
-            att = layer.attention
-            states = [s.layers[i] for s in seqs]
-            o = att.self_attention.decode(att.layer_norm(h), states, lengths)
-            a = a + att.output.dense(o)
-            h = h + layer.feed_forward(a)
+            if s.length + 1 > self.config.max_context:
+                raise ValueError(f"sequence would exceed the model's context of {self.config.max_context}")
+        loose = [s for s in seqs if s.pool is None]
+        if loose:
+            pool = next((s.pool for s in seqs if s.pool is not None), None)
+            pool = pool or next((s.reserved[0] for s in loose if s.reserved is not None), None)
+            if pool is None:
+                pool = self.new_decode_pool(len(loose), sum(s.length + 64 for s in loose))
+            for s in loose:  # a sequence prefilled into a pool joins that one
+                (pool if s.reserved is None else s.reserved[0]).adopt(s)
+        groups: dict[int, list[int]] = {}
+        for b, s in enumerate(seqs):
+            groups.setdefault(id(s.pool), []).append(b)
+        logits: Tensor | None = None
+        for rows in groups.values():
+            rows.sort(key=lambda b: seqs[b].slot)  # a compact range of slots, in order, is read through views
+            ids = input_ids[:, 0] if rows == list(range(B)) else input_ids[rows, 0]
+            part = self._decode_pooled(ids, seqs[rows[0]].pool, [seqs[b].slot for b in rows])
+            if rows == list(range(B)):
+                logits = part
+            else:
+                if logits is None:
+                    logits = part.new_empty(B, part.shape[-1])
+                logits[rows] = part
         for s in seqs:
             s.length += 1
-        return self._head(a, h).unsqueeze(1), cache
+        return logits.unsqueeze(1), cache
+
+    def _decode_pooled(self, ids: Tensor, pool: DecodePool, slots: list[int]) -> Tensor:
+        batch = pool.begin_step(slots)
+        x = self.embeddings(ids, batch.lengths)  # (B, E)
+        a, h = x, x
+        hashed_now: set[int] = set()
+        for i, layer in enumerate(self.encoder.layers):
+            att = layer.attention
+            if att.kind == "lsh":
+                o, newly = att.self_attention.decode(att.layer_norm(h), pool, pool.lsh_index[i], batch)
+                hashed_now.update(newly)
+            else:
+                o = att.self_attention.decode(att.layer_norm(h), pool, pool.local_index[i], batch)
+            a = a + att.output.dense(o)
+            h = h + layer.feed_forward(a)
+        pool.end_step(slots, sorted(hashed_now))
+        return self._head(a, h)
 
     def cache_bytes(self, num_tokens: int) -> int:
         """Projected cache bytes of one sequence holding `num_tokens` positions."""

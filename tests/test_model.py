@@ -14,9 +14,11 @@ from reformer_infer import (
     ReformerCache,
     ReformerConfig,
     ReformerLM,
+    SequenceCache,
     load_model,
     save_model,
 )
+from reformer_infer.pool import DecodePool
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -78,7 +80,8 @@ def test_full_forward_matches_transformers(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["buckets4_rounds2", "factorised_buckets", "four_rounds"])
 @pytest.mark.parametrize("prompt_len", [5, 13, 24])
-def test_cached_decode_matches_transformers_step_by_step(tmp_path, name, prompt_len):
+@pytest.mark.parametrize("pool", ["default", "tiny_pages_and_delta"])
+def test_cached_decode_matches_transformers_step_by_step(tmp_path, name, prompt_len, pool):
     hf, d = make_hf(tmp_path, name, **CONFIGS[name])
     ours = load_model(d)
     ids = ids_of(prompt_len, seed=prompt_len)
@@ -86,6 +89,8 @@ def test_cached_decode_matches_transformers_step_by_step(tmp_path, name, prompt_
         out = hf(ids, use_cache=True)
     past = out.past_buckets_states
     logits, cache = ours.prefill(ids)
+    if pool != "default":  # pages of 2 positions, delta merged every 2 tokens: every boundary is crossed
+        DecodePool(ours, page_size=2, delta_size=2).adopt(cache.sequences[0])
     assert (out.logits - logits).abs().max().item() <= TOL
     g = torch.Generator().manual_seed(7)
     for step in range(36):  # crosses the dense -> LSH-window transition for short prompts
@@ -152,10 +157,9 @@ def test_cached_decode_equals_full_recompute_where_lsh_windows_coincide(tmp_path
         T = cache.lengths[0]
         # predict where the new token lands before decoding it
         xs = model.embeddings(torch.cat([seq, tok], 1), torch.arange(T + 1))
-        st = cache.sequences[0].layers[1]
         lg, cache = model.decode_step(tok, cache)
         seq = torch.cat([seq, tok], dim=1)
-        slot = st.order[:, :, : T + 1] == T  # (H, R, T+1) where the new token was inserted
+        slot = cache.sequences[0].sorted_positions(1) == T  # (H, R, T+1) where the new token was inserted
         p = slot.float().argmax(-1)
         if (T + 1) % C == 0 and bool((p >= C).all()):
             full = model(seq)[:, -1]
@@ -211,10 +215,13 @@ def test_cache_reports_its_size_in_bytes(tmp_path):
     _, d = make_hf(tmp_path, "m")
     model = load_model(d)
     _, cache = model.prefill(ids_of(40))
-    assert cache.nbytes == model.cache_bytes(40)
+    assert cache.nbytes == SequenceCache.prefill_bytes(model, 40) <= model.cache_bytes(40)
     before = cache.nbytes
     cache.sequences[0].reserve(41)  # growth doubles capacity: amortised, never per step
     assert cache.nbytes > before
+    for T in range(40, 60):  # pooled: pages as it grows, within the projection the engine admits by
+        model.decode_step(ids_of(1, seed=T), cache)
+        assert 0 < cache.nbytes <= model.cache_bytes(T + 1)
     # local layers keep only their window: cache bytes grow with the LSH layers only
     per_token = model.cache_bytes_per_token()
     cfg = model.config

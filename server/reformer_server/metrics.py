@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -22,6 +22,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from reformer_infer.requests import EngineStats, FinishEvent
 
@@ -88,7 +89,6 @@ class ServerMetrics:
         self.waiting = Gauge("reformer_num_requests_waiting", "Requests waiting for admission", registry=r)
         self.cache_in_use = Gauge("reformer_cache_bytes_in_use", "Cache bytes held by admitted requests", registry=r)
         self.cache_budget = Gauge("reformer_cache_bytes_budget", "Cache byte budget for admission", registry=r)
-        self.engine_steps = Gauge("reformer_engine_steps", "Engine steps run so far", registry=r)
         self.engine_alive = Gauge("reformer_engine_alive", "1 while the engine loop runs", registry=r)
         self.streams_open = Gauge("reformer_grpc_streams_open", "Generation RPCs in progress", registry=r)
         self.model_info = Info("reformer_model", "The served model", registry=r)
@@ -102,7 +102,8 @@ class ServerMetrics:
         self.waiting.set_function(lambda: stats().waiting)
         self.cache_in_use.set_function(lambda: stats().cache_bytes_in_use)
         self.cache_budget.set_function(lambda: stats().cache_bytes_budget)
-        self.engine_steps.set_function(lambda: stats().steps_total)
+        # a counter read from the engine's own running total at scrape time (Counter has no set_function)
+        self.registry.register(_EngineStepsCollector(stats))
         self.engine_alive.set_function(lambda: 1.0 if stats().alive else 0.0)
 
     def set_model(self, name: str, backend: str, info: dict[str, str]) -> None:
@@ -192,3 +193,13 @@ class RequestTracker:
         """The RPC ended before the engine finished (client cancel, deadline, stall, shutdown)."""
         self._m.e2e_latency.labels(**self._labels).observe(time.perf_counter() - self.arrived)
         self._m.request_finished.labels(self._labels["model"], "cancelled").inc()
+
+
+class _EngineStepsCollector:
+    """`reformer_engine_steps_total`: engine steps run so far, as a counter (rate() works on it)."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("reformer_engine_steps", "Engine steps run so far", value=self._stats().steps_total)

@@ -1,0 +1,503 @@
+"""Pooled decode state: every running sequence's cache in shared, paged tensors, so that one decode step does
+the same number of tensor ops for 1 or 64 sequences.
+
+A prefill builds a sequence's state in its own tensors (`cache.SequenceCache`, contiguous, sized to the
+prompt). Before its first decode step the sequence is *adopted* into a `DecodePool` (one copy of its state;
+the prefill tensors are then freed) and from then on decodes there, batched with every other sequence of
+the same pool. The engine keeps one pool for all its requests; `decode_step` on caches that belong to no
+pool creates one for them.
+
+Layout (Ll LSH layers, Lc local layers, S sequence slots, N pages of P positions):
+  * LSH keys / values (Ll, H, N*P, D): page i of a sequence holds its positions [i*P, (i+1)*P) in rows
+    [page*P, page*P + P) of every head; a per-slot page table maps the two. Pages are allocated as a
+    sequence grows and returned when it ends: nothing is ever copied to grow.
+  * LSH bucket order, split in two so that a decode step never shifts a long table:
+      - the *static* order (Ll, H, R, N*P) int32: positions sorted by (bucket, position), paged like the keys
+        (sorted slot s lives where position s would), with per-bucket counts `counts` (Ll, S, H, R, K);
+      - the *delta* (Ll, S, H, R, M) int32: the positions decoded since, also sorted by (bucket, position),
+        with their own counts `dcounts`. A new token is inserted into the delta (a vectorised shift of at
+        most M entries for the whole batch); when a sequence's delta is full it is merged into its static
+        order in one linear pass (O(T) once per M tokens, not per token).
+    The merged order is never materialised: a window slot s is mapped to (bucket j, index i within j) by a
+    search over the per-bucket cumulative counts, then to the static part (i < counts[j]) or the delta.
+  * Local rings (Lc, S, H, ring, D): slot = position % ring (the positions are implied by the length).
+
+All per-step work is batched over the sequences of a step; Python loops run only over layers, and per
+sequence only once per page (P tokens) and once per merge (M tokens).
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache import SequenceCache
+    from .model import LSHSelfAttention, ReformerLM
+
+PAGE_SIZE = 64
+DELTA_SIZE = 128
+
+
+class PoolExhaustedError(MemoryError):
+    """The pool could not allocate a slot or page (the host or device is out of memory)."""
+
+
+@dataclass
+class StepBatch:
+    """The sequences of one decode step, as index tensors (built once per step, shared by all layers)."""
+
+    slots: Tensor  # (n,) int64 pool slots
+    lengths: Tensor  # (n,) int64 positions of the new tokens
+    length_list: list[int]
+    hashed: Tensor  # (n,) bool: sequences decoding by LSH windows (false: still dense, shorter than a chunk)
+    hashed_idx: Tensor  # (n_h,) rows of the batch that are hashed
+    dense_idx: Tensor  # (n_d,) the others
+    new_rows: Tensor  # (n,) pool row of each new token's position (its page row)
+    first: int | None  # the slots are first, first + 1, ...: per-slot tensors are read through views
+
+    def select(self, t: Tensor, idx: Tensor | None = None) -> Tensor:
+        """Rows of per-slot tensor t (slots first) for the batch rows `idx` (all rows when None)."""
+        if idx is None or idx.numel() == self.slots.numel():
+            if self.first is not None:
+                return t.narrow(0, self.first, self.slots.numel())
+            return t.index_select(0, self.slots)
+        return t.index_select(0, self.slots[idx])
+
+
+class DecodePool:
+    """Paged decode state for many sequences of one model (see the module docstring)."""
+
+    def __init__(self, model: ReformerLM, *, sequences: int = 1, tokens: int = 0, page_size: int = PAGE_SIZE,
+                 delta_size: int = DELTA_SIZE) -> None:
+        cfg = model.config
+        self.H, self.D = cfg.num_attention_heads, cfg.attention_head_size
+        self.P, self.M = int(page_size), int(delta_size)
+        if self.P < 1 or self.P & (self.P - 1) or self.M < 1:
+            raise ValueError("page_size must be a power of two and delta_size positive")
+        self.shift = self.P.bit_length() - 1  # page of a position: pos >> shift; offset: pos & (P - 1)
+        kinds = cfg.attn_layers
+        self.lsh_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k == "lsh")}
+        self.local_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k != "lsh")}
+        self.R = next(model.lsh_layers()).num_hashes if self.lsh_index else 1
+        self.K = cfg.total_buckets
+        self.ring = (cfg.local_num_chunks_before + 1) * cfg.local_attn_chunk_length
+        self.max_pages_per_seq = -(-cfg.max_context // self.P) + 1
+        self.device, self.dtype = model.device, model.dtype
+        self._free_slots: list[int] = []
+        self._free_pages: list[int] = []
+        self._scratch: dict[str, Tensor] = {}
+        # Slots and pages are taken by the engine thread and given back by whichever thread drops a
+        # sequence's last reference (an abort): the free lists are guarded.
+        self._lock = threading.RLock()
+        self.S = self.N = 0
+        self._alloc_slots(max(1, sequences))
+        self._alloc_pages(max(1, -(-max(tokens, 1) // self.P) + sequences))
+        # per-slot bookkeeping (host side)
+        self.length = [0] * self.S
+        self.static_len = [0] * self.S
+        self.is_hashed = [False] * self.S
+        self.pages: list[list[int]] = [[] for _ in range(self.S)]
+
+    # ---- storage ---------------------------------------------------------------------------------
+    def _alloc_slots(self, S: int) -> None:
+        """Grow every per-slot tensor to S slots (copying the old ones: rare, amortised by doubling)."""
+        Ll, Lc, H, D, R, K = len(self.lsh_index), len(self.local_index), self.H, self.D, self.R, self.K
+        dev, dt = self.device, self.dtype
+        new = {
+            "cum_static": torch.zeros(Ll, S, H, R, K, dtype=torch.int32, device=dev),
+            "dbuckets": torch.full((Ll, S, H, R, self.M), K, dtype=torch.int32, device=dev),
+            "dorder": torch.zeros(Ll, S, H, R, self.M, dtype=torch.int32, device=dev),
+            "local_keys": torch.zeros(Lc, S, H, self.ring, D, dtype=dt, device=dev),
+            "local_values": torch.zeros(Lc, S, H, self.ring, D, dtype=dt, device=dev),
+            "page_table": torch.zeros(S, self.max_pages_per_seq, dtype=torch.long, device=dev),
+        }
+        for name, t in new.items():
+            if self.S:
+                old = getattr(self, name)
+                if name == "page_table":
+                    t[: self.S] = old
+                else:
+                    t[:, : self.S] = old
+            setattr(self, name, t)
+        if self.S:
+            self.length += [0] * (S - self.S)
+            self.static_len += [0] * (S - self.S)
+            self.is_hashed += [False] * (S - self.S)
+            self.pages += [[] for _ in range(S - self.S)]
+        for slot in range(self.S, S):
+            heapq.heappush(self._free_slots, slot)
+        self.S = S
+
+    def _alloc_pages(self, N: int) -> None:
+        """Grow the paged tensors to N pages. `torch.empty`: on a CPU, pages never written take no memory."""
+        Ll, H, D, R, P = len(self.lsh_index), self.H, self.D, self.R, self.P
+        dev, dt = self.device, self.dtype
+        keys = torch.empty(Ll, H, N * P, D, dtype=dt, device=dev)
+        values = torch.empty(Ll, H, N * P, D, dtype=dt, device=dev)
+        order = torch.empty(Ll, H, R, N * P, dtype=torch.int32, device=dev)
+        if self.N:
+            keys[:, :, : self.N * P] = self.keys
+            values[:, :, : self.N * P] = self.values
+            order[..., : self.N * P] = self.order
+        self.keys, self.values, self.order = keys, values, order
+        self._free_pages = list(range(N - 1, self.N - 1, -1)) + self._free_pages
+        self.N = N
+
+    def _gather_rows(self, name: str, src: Tensor, index: Tensor, dim: int = 0) -> Tensor:
+        """`src.index_select(dim, index)` into a buffer reused across steps (the caller is done with the last
+        result before asking again under the same name). Window gathers are MBs per step; a fresh buffer
+        each time would be fresh pages to fault in (large allocations are mmapped, see memory.py)."""
+        shape = list(src.shape)
+        shape[dim] = index.numel()
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != src.dtype:
+            buf = self._scratch[name] = src.new_empty(numel)
+        return torch.index_select(src, dim, index, out=buf[:numel].view(shape))
+
+    def _take_slot(self) -> int:
+        with self._lock:
+            if not self._free_slots:
+                self._alloc_slots(2 * self.S)
+            return heapq.heappop(self._free_slots)  # the lowest: running sequences stay on a compact range
+
+    def _take_pages(self, n: int) -> list[int]:
+        with self._lock:
+            if len(self._free_pages) < n:
+                self._alloc_pages(max(2 * self.N, self.N + n - len(self._free_pages)))
+            return [self._free_pages.pop() for _ in range(n)]
+
+    def _ensure_pages(self, slot: int, positions: int) -> None:
+        need = -(-positions // self.P) - len(self.pages[slot])
+        if need > 0:
+            got = self._take_pages(need)
+            first = len(self.pages[slot])
+            self.pages[slot].extend(got)
+            self.page_table[slot, first : first + need] = torch.tensor(got, device=self.device)
+
+    def release(self, slot: int) -> None:
+        """Return a sequence's slot and pages (idempotent per adoption)."""
+        with self._lock:
+            if self.pages[slot] is None:
+                return
+            self._free_pages.extend(reversed(self.pages[slot]))
+            self.pages[slot] = None  # type: ignore[call-overload]
+            self.length[slot] = self.static_len[slot] = 0
+            self.is_hashed[slot] = False
+            heapq.heappush(self._free_slots, slot)
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.S - len(self._free_slots)
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.N - len(self._free_pages)
+
+    def page_bytes(self) -> int:
+        return _page_bytes(len(self.lsh_index), self.H, self.D, self.R, self.P, self.dtype)
+
+    def slot_bytes(self) -> int:
+        return _slot_bytes(len(self.lsh_index), len(self.local_index), self.H, self.D, self.R, self.K, self.M,
+                           self.ring, self.dtype)
+
+    def sequence_bytes(self, slot: int) -> int:
+        return len(self.pages[slot] or ()) * self.page_bytes() + self.slot_bytes()
+
+    # ---- prefill placement and adoption ---------------------------------------------------------
+    def reserve_run(self, capacity: int) -> tuple[int, int] | None:
+        """A slot and a run of consecutive pages for `capacity` positions (slot, first page), so that a
+        prefill can write its keys, values and order straight into the pool; None if no run is free."""
+        n = max(1, -(-capacity // self.P))
+        with self._lock:
+            first, count, prev = -1, 0, -2
+            for page in sorted(self._free_pages):
+                count = count + 1 if page == prev + 1 else 1
+                prev = page
+                if count == n:
+                    first = page - n + 1
+                    break
+            if first < 0:
+                return None
+            run = range(first, first + n)
+            self._free_pages = [p for p in self._free_pages if not first <= p < first + n]
+            slot = self._take_slot()
+            self.pages[slot] = list(run)
+            self.page_table[slot, :n] = torch.arange(first, first + n, device=self.device)
+        return slot, first
+
+    def lsh_views(self, layer: int, place: tuple[int, int], capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(H, capacity, D) keys and values and (H, R, capacity) order of a reserved run, as views."""
+        j, r0 = self.lsh_index[layer], place[1] * self.P
+        return (self.keys[j, :, r0 : r0 + capacity], self.values[j, :, r0 : r0 + capacity],
+                self.order[j, :, :, r0 : r0 + capacity])
+
+    def local_views(self, layer: int, place: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        j = self.local_index[layer]
+        return self.local_keys[j, place[0]], self.local_values[j, place[0]]
+
+    def hold(self, seq: SequenceCache, slot: int) -> None:
+        """Tie a reserved slot to the sequence being prefilled into it: released if it is dropped unadopted."""
+        seq.reserved = (self, slot)
+        seq._finalizer = weakref.finalize(seq, _release_if_alive, weakref.ref(self), slot)
+
+    def adopt(self, seq: SequenceCache) -> None:
+        """Move a prefilled sequence's state into the pool: nothing to copy if it was prefilled into a run of
+        this pool (unless the pool grew since, which moved its tensors), else one copy. The sequence's own
+        tensors are dropped."""
+        from .cache import LSHLayerState
+
+        if seq.pool is self:
+            return
+        if seq.pool is not None:
+            raise ValueError("the sequence already belongs to another pool")
+        reserved = seq.reserved is not None and seq.reserved[0] is self
+        if seq.reserved is not None and not reserved:
+            raise ValueError("the sequence was prefilled into another pool")
+        if reserved:
+            slot = seq.reserved[1]
+        else:
+            slot = self._take_slot()
+            self.pages[slot] = []
+        try:
+            T = seq.length
+            self._ensure_pages(slot, T + 1)
+            hashed = False
+            rows = self._rows(slot, T)
+            for i, st in enumerate(seq.layers):
+                if isinstance(st, LSHLayerState):
+                    j = self.lsh_index[i]
+                    if not _same(st.keys, self.keys[j], 1, rows):
+                        self.keys[j].index_copy_(1, rows, st.keys[:, :T])
+                        self.values[j].index_copy_(1, rows, st.values[:, :T])
+                    if st.order is not None:
+                        hashed = True
+                        if not _same(st.order, self.order[j], 2, rows):
+                            self.order[j].index_copy_(-1, rows, st.order[:, :, :T])
+                        self.cum_static[j, slot] = st.counts.cumsum(-1)
+                    self.dbuckets[j, slot] = self.K
+                else:
+                    j = self.local_index[i]
+                    if st.keys.data_ptr() != self.local_keys[j, slot].data_ptr():
+                        self.local_keys[j, slot] = st.keys
+                        self.local_values[j, slot] = st.values
+        except BaseException:
+            self.release(slot)
+            raise
+        self.length[slot] = T
+        self.static_len[slot] = T
+        self.is_hashed[slot] = hashed
+        seq.layers = []
+        seq.pool, seq.slot, seq.reserved = self, slot, None
+        if not reserved:
+            seq._finalizer = weakref.finalize(seq, _release_if_alive, weakref.ref(self), slot)
+
+    def _rows(self, slot: int, n: int, start: int = 0) -> Tensor:
+        """Pool rows of a sequence's positions (or static sorted slots) [start, start + n)."""
+        pos = torch.arange(start, start + n, device=self.device)
+        return self.page_table[slot, pos >> self.shift] * self.P + (pos & (self.P - 1))
+
+    # ---- one decode step -----------------------------------------------------------------------
+    def begin_step(self, slots: list[int]) -> StepBatch:
+        """Make room for every sequence's new token and build the step's index tensors."""
+        for s in slots:
+            self._ensure_pages(s, self.length[s] + 1)
+        dev = self.device
+        sl = torch.tensor(slots, device=dev)
+        lens = [self.length[s] for s in slots]
+        T = torch.tensor(lens, device=dev)
+        hashed = torch.tensor([self.is_hashed[s] for s in slots], device=dev)
+        rows = self.page_table[sl, T >> self.shift] * self.P + (T & (self.P - 1))
+        first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        return StepBatch(sl, T, lens, hashed, hashed.nonzero().flatten(), (~hashed).nonzero().flatten(), rows, first)
+
+    def end_step(self, slots: list[int], hashed_now: list[int]) -> None:
+        """Advance lengths; merge full deltas."""
+        for s in slots:
+            self.length[s] += 1
+        for s in hashed_now:
+            self.is_hashed[s] = True
+            self.static_len[s] = self.length[s]
+        for s in slots:
+            if self.is_hashed[s] and self.length[s] - self.static_len[s] >= self.M:
+                self._merge(s)
+
+    def write_lsh(self, j: int, batch: StepBatch, k: Tensor, v: Tensor) -> None:
+        """Store the new tokens' keys/values (n, H, D) of LSH layer j."""
+        self.keys[j].index_copy_(1, batch.new_rows, k.transpose(0, 1))
+        self.values[j].index_copy_(1, batch.new_rows, v.transpose(0, 1))
+
+    def lsh_window(self, j: int, batch: StepBatch, idx: Tensor, buckets: Tensor, C: int, before: int, after: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention windows of the hashed sequences `idx` (rows of the batch), per head and round; then
+        inserts their new tokens into the delta order.
+
+        buckets (n, H, R). The new token (position T) lands at slot p of its round's T+1 sorted entries (p =
+        cached tokens with bucket <= its own) and sees slots [(p // C - before) * C, + W) modulo T + 1, as
+        transformers' cached decode does. Returns keys, values (n, H, R, W, D) and positions (n, H, R, W).
+        Nothing here is O(buckets) or O(length): the merged order is addressed through the delta's slots.
+        """
+        H, R, P, N, K, M = self.H, self.R, self.P, self.N * self.P, self.K, self.M
+        W = C * (1 + before + after)
+        dev = buckets.device
+        sl, T = batch.slots[idx], batch.lengths[idx].view(-1, 1, 1, 1)
+        n = sl.shape[0]
+        b = buckets.unsqueeze(-1).int()  # (n, H, R, 1)
+        hr = torch.arange(H * R, device=dev).view(1, H, R, 1)
+        base = (sl.view(n, 1, 1, 1) * (H * R) + hr) * K  # row of each (sequence, head, round) in cum_static
+        cum = self.cum_static[j].view(-1)
+        dbk = batch.select(self.dbuckets[j], idx)  # (n, H, R, M) sorted; unused entries hold K
+        dor = batch.select(self.dorder[j], idx)
+        q = torch.searchsorted(dbk, b, right=True)  # delta entries with bucket <= b: where the new one goes
+        p = cum.take(base + b) + q  # the new token's slot in the merged order
+        # merged slot of delta entry k: every static entry of its bucket and below, and the k delta entries
+        # before it; unused entries sort last
+        ar_m = torch.arange(M, device=dev, dtype=torch.int32)
+        dms = torch.where(dbk < K, cum.take(base + dbk.clamp(max=K - 1)) + ar_m, torch.iinfo(torch.int32).max)
+        start = (torch.div(p, C, rounding_mode="floor") - before) * C
+        slots = torch.remainder(start + torch.arange(W, device=dev), T + 1)  # (n, H, R, W)
+        is_new = slots == p
+        s = torch.where(slots > p, slots - 1, slots).clamp_(max=(T - 1).clamp(min=0)).int()  # among the T cached
+        nd = torch.searchsorted(dms, s)  # delta entries before merged slot s
+        ndc = nd.clamp(max=M - 1)
+        in_delta = dms.gather(-1, ndc) == s
+        si = s - nd  # otherwise it is static entry s - nd
+        pt, sh = batch.select(self.page_table, idx), self.shift  # (n, pages)
+        srow = pt.gather(1, (si >> sh).view(n, -1).long()).view_as(si) * P + (si & (P - 1))
+        spos = self.order[j].view(-1).take(hr * N + srow)
+        pos = torch.where(is_new, T, torch.where(in_delta, dor.gather(-1, ndc), spos).long())
+        rows = pt.gather(1, (pos >> sh).view(n, -1)).view_as(pos) * P + (pos & (P - 1))
+        flat = (rows + torch.arange(H, device=dev).view(1, H, 1, 1) * N).view(-1)
+        kk = self._gather_rows("keys", self.keys[j].view(-1, self.D), flat).view(n, H, R, W, self.D)
+        vv = self._gather_rows("values", self.values[j].view(-1, self.D), flat).view(n, H, R, W, self.D)
+        # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
+        ar = torch.arange(M, device=dev)
+        src = (ar - (ar > q).long()).clamp_(min=0)
+        self.dbuckets[j].index_copy_(0, sl, torch.where(ar == q, b, dbk.gather(-1, src)))
+        self.dorder[j].index_copy_(0, sl, torch.where(ar == q, T.int(), dor.gather(-1, src)))
+        return kk, vv, pos
+
+    def dense_keys(self, j: int, batch: StepBatch, idx: Tensor, span: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values (n, H, span, D) at positions [0, span) of the sequences `idx`, and those positions
+        (span,). Positions past a sequence's new token are the caller's to mask (causally); they read
+        whatever row their page-table entry names, never memory outside the pool."""
+        H, D, P, N = self.H, self.D, self.P, self.N * self.P
+        sl = batch.slots[idx]
+        n = sl.shape[0]
+        pos = torch.arange(span, device=sl.device)
+        rows = batch.select(self.page_table, idx)[:, pos >> self.shift] * P + (pos & (P - 1))  # (n, span)
+        flat = (rows.unsqueeze(1) + torch.arange(H, device=sl.device).view(1, H, 1) * N).reshape(-1)
+        kk = self._gather_rows("keys", self.keys[j].view(-1, D), flat).view(n, H, span, D)
+        vv = self._gather_rows("values", self.values[j].view(-1, D), flat).view(n, H, span, D)
+        return kk, vv, pos
+
+    def hash_all(self, j: int, slot: int, T1: int, layer: LSHSelfAttention) -> None:
+        """A sequence reaching one chunk (T1 positions, the new token's included): hash every position and
+        sort them, as transformers does when it starts decoding by LSH windows."""
+        rows = self._rows(slot, T1)
+        keys = self.keys[j].index_select(1, rows)  # (H, T1, D)
+        buckets = layer.hash(keys)  # (H, R, T1); argmax ignores the key norm
+        pos = torch.arange(T1, device=keys.device)
+        self.order[j].index_copy_(-1, rows, torch.argsort(buckets * T1 + pos, dim=-1).to(torch.int32))
+        counts = torch.zeros_like(self.cum_static[j, slot]).scatter_add_(-1, buckets, torch.ones_like(buckets, dtype=torch.int32))
+        self.cum_static[j, slot] = counts.cumsum(-1)
+        self.dbuckets[j, slot] = self.K
+
+    def _merged_order(self, j: int, slot: int) -> tuple[Tensor, Tensor]:
+        """LSH layer j's (H, R, length) sorted order with its static order and delta merged (one linear
+        pass), and the inclusive per-bucket cumulative counts of the merged order."""
+        Ts, L = self.static_len[slot], self.length[slot]
+        m = L - Ts
+        cum = self.cum_static[j, slot]  # (H, R, K)
+        dbk, dor = self.dbuckets[j, slot, :, :, :m].long(), self.dorder[j, slot, :, :, :m]
+        dms = cum.gather(-1, dbk) + torch.arange(m, device=self.device)  # the delta entries' merged slots
+        in_delta = torch.zeros(*cum.shape[:2], L, dtype=torch.bool, device=self.device)
+        in_delta.scatter_(-1, dms, True)
+        merged = torch.empty(*cum.shape[:2], L, dtype=torch.int32, device=self.device)
+        merged.masked_scatter_(in_delta, dor.contiguous())  # every row holds m delta entries, in order
+        merged.masked_scatter_(~in_delta, self.order[j].index_select(-1, self._rows(slot, Ts)))
+        dcounts = torch.zeros_like(cum).scatter_add_(-1, dbk, torch.ones_like(dor))
+        return merged, cum + dcounts.cumsum(-1)
+
+    def _merge(self, slot: int) -> None:
+        """Fold a sequence's full delta into its static order (O(length) once per `M` tokens)."""
+        rows = self._rows(slot, self.length[slot])
+        for j in range(len(self.lsh_index)):
+            merged, cum = self._merged_order(j, slot)
+            self.order[j].index_copy_(-1, rows, merged)
+            self.cum_static[j, slot] = cum
+            self.dbuckets[j, slot] = self.K
+        self.static_len[slot] = self.length[slot]
+
+    # ---- local layers --------------------------------------------------------------------------
+    def local_step(self, j: int, batch: StepBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Write the new tokens' local keys/values (n, H, D) and return every ring (n, H, ring, D) with the
+        position each ring entry holds (n, ring; negative: never written)."""
+        ring = self.ring
+        at = batch.lengths % ring
+        lk, lv = self.local_keys[j], self.local_values[j]
+        lk[batch.slots, :, at] = k
+        lv[batch.slots, :, at] = v
+        T = batch.lengths.view(-1, 1)
+        r = torch.arange(ring, device=k.device)
+        pos = T - torch.remainder(T - r, ring)
+        if batch.first is not None:  # a compact range of slots: views, no copies
+            return lk.narrow(0, batch.first, T.shape[0]), lv.narrow(0, batch.first, T.shape[0]), pos
+        return self._gather_rows("keys", lk, batch.slots), self._gather_rows("values", lv, batch.slots), pos
+
+    # ---- inspection (tests, verification) ------------------------------------------------------
+    def sorted_positions(self, layer: int, slot: int) -> Tensor | None:
+        """The (H, R, length) order of a sequence's positions by (bucket, position) in LSH layer `layer`
+        (None while the sequence is not hashed yet)."""
+        if not self.is_hashed[slot]:
+            return None
+        return self._merged_order(self.lsh_index[layer], slot)[0]
+
+    def bucket_counts(self, layer: int, slot: int) -> Tensor | None:
+        """(H, R, K) tokens per bucket of a sequence in LSH layer `layer` (None while not hashed)."""
+        if not self.is_hashed[slot]:
+            return None
+        cum = self._merged_order(self.lsh_index[layer], slot)[1]
+        return torch.diff(cum, dim=-1, prepend=torch.zeros_like(cum[..., :1]))
+
+
+def _page_bytes(Ll: int, H: int, D: int, R: int, P: int, dtype: torch.dtype) -> int:
+    return Ll * P * H * (2 * D * torch.empty((), dtype=dtype).element_size() + R * 4)  # keys, values, order
+
+
+def _slot_bytes(Ll: int, Lc: int, H: int, D: int, R: int, K: int, M: int, ring: int, dtype: torch.dtype) -> int:
+    elt = torch.empty((), dtype=dtype).element_size()
+    return Ll * H * R * (K + 2 * M) * 4 + Lc * H * ring * D * 2 * elt  # cumulative counts, delta; local rings
+
+
+def pooled_bytes(model: ReformerLM, num_tokens: int, page_size: int = PAGE_SIZE, delta_size: int = DELTA_SIZE) -> int:
+    """Bytes a sequence of `num_tokens` positions holds in a pool with this layout."""
+    cfg = model.config
+    Ll = cfg.attn_layers.count("lsh")
+    H, D = cfg.num_attention_heads, cfg.attention_head_size
+    R = next(model.lsh_layers()).num_hashes if Ll else 1
+    ring = (cfg.local_num_chunks_before + 1) * cfg.local_attn_chunk_length
+    pages = -(-num_tokens // page_size)
+    return pages * _page_bytes(Ll, H, D, R, page_size, model.dtype) + _slot_bytes(
+        Ll, len(cfg.attn_layers) - Ll, H, D, R, cfg.total_buckets, delta_size, ring, model.dtype)
+
+
+def _same(view: Tensor, pooled: Tensor, dim: int, rows: Tensor) -> bool:
+    """Whether `view` is the pool's own storage from row rows[0] of `dim` on (a prefill written in place)."""
+    return rows.numel() == 0 or view.data_ptr() == pooled.select(dim, int(rows[0])).data_ptr()
+
+
+def _release_if_alive(pool_ref: weakref.ref, slot: int) -> None:
+    pool = pool_ref()
+    if pool is not None:
+        pool.release(slot)
+

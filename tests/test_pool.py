@@ -1,0 +1,146 @@
+"""The pooled decode state: paging, the delta order and its merges, sharing and releasing slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reformer_infer import ReformerCache, ReformerConfig, ReformerLM
+from reformer_infer.pool import DecodePool
+
+
+def tiny_model(**kw) -> ReformerLM:
+    cfg = dict(
+        attn_layers=["lsh", "local", "lsh"], hidden_size=32, num_attention_heads=2, attention_head_size=16,
+        feed_forward_size=64, axial_pos_shape=[16, 16], axial_pos_embds_dim=[16, 16], max_position_embeddings=256,
+        lsh_attn_chunk_length=8, local_attn_chunk_length=4, num_buckets=[2, 4], num_hashes=2, vocab_size=258,
+    )
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return ReformerLM(ReformerConfig(**cfg)).eval()
+
+
+def ids_of(T: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 258, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_order(model: ReformerLM, seq, layer: int) -> torch.Tensor:
+    """Positions sorted by (bucket, position) from scratch: hash every cached key of the sequence."""
+    pool, j = seq.pool, seq.pool.lsh_index[layer]
+    L = seq.length
+    keys = pool.keys[j].index_select(1, pool._rows(seq.slot, L))
+    buckets = model.encoder.layers[layer].attention.self_attention.hash(keys)
+    return torch.argsort(buckets * L + torch.arange(L), dim=-1).to(torch.int32)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 12, 30])
+def test_small_pages_and_deltas_decode_like_the_default_pool(prompt_len):
+    model = tiny_model()
+    ids = ids_of(prompt_len, seed=prompt_len)
+    _, ref = model.prefill(ids)
+    _, got = model.prefill(ids)
+    DecodePool(model, page_size=2, delta_size=2).adopt(got.sequences[0])
+    g = torch.Generator().manual_seed(1)
+    for _ in range(40):  # crosses pages, merges and (for short prompts) the dense -> LSH transition
+        tok = torch.randint(3, 258, (1, 1), generator=g)
+        a, ref = model.decode_step(tok, ref)
+        b, got = model.decode_step(tok, got)
+        assert (a - b).abs().max().item() <= 1e-5
+        for layer in (0, 2):
+            order = got.sequences[0].sorted_positions(layer)
+            if order is not None:
+                assert torch.equal(order, reference_order(model, got.sequences[0], layer))
+                assert torch.equal(order, ref.sequences[0].sorted_positions(layer))
+
+
+def test_sequences_share_one_pool_and_give_it_back():
+    model = tiny_model()
+    pool = DecodePool(model, sequences=1, tokens=4, page_size=4, delta_size=3)  # grows for the rest
+    caches = [model.prefill(ids_of(T, seed=T))[1] for T in (2, 9, 25, 40)]
+    for c in caches:
+        pool.adopt(c.sequences[0])
+    assert pool.slots_in_use == 4 and pool.S >= 4
+    batch = ReformerCache.batch(caches)
+    singles = [model.prefill(ids_of(T, seed=T))[1] for T in (2, 9, 25, 40)]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        toks = torch.randint(3, 258, (4, 1), generator=g)
+        together, _ = model.decode_step(toks, batch)
+        for i, c in enumerate(singles):
+            alone, _ = model.decode_step(toks[i : i + 1], c)
+            assert (together[i] - alone[0]).abs().max().item() <= 1e-5
+    assert batch.nbytes == sum(pool.sequence_bytes(s.slot) for s in batch.sequences)
+    pages = pool.pages_in_use
+    assert pages >= sum(-(-(T + 10) // 4) for T in (2, 9, 25, 40))
+    caches[0].sequences[0].release()
+    assert pool.slots_in_use == 3 and pool.pages_in_use < pages
+    del batch, caches, c, together
+    assert pool.slots_in_use == 0 and pool.pages_in_use == 0  # collected sequences give their pages back
+
+
+def test_sequences_of_different_pools_decode_together():
+    model = tiny_model()
+    a = model.prefill(ids_of(10, seed=1))[1]
+    b = model.prefill(ids_of(20, seed=2))[1]
+    DecodePool(model).adopt(a.sequences[0])
+    DecodePool(model, page_size=8).adopt(b.sequences[0])
+    a1 = model.prefill(ids_of(10, seed=1))[1]
+    b1 = model.prefill(ids_of(20, seed=2))[1]
+    tok = torch.tensor([[7], [9]])
+    both, _ = model.decode_step(tok, ReformerCache.batch([a, b]))
+    assert (both[0] - model.decode_step(tok[:1], a1)[0][0]).abs().max().item() <= 1e-5
+    assert (both[1] - model.decode_step(tok[1:], b1)[0][0]).abs().max().item() <= 1e-5
+
+
+def test_a_sequence_cannot_move_between_pools():
+    model = tiny_model()
+    _, c = model.prefill(ids_of(5, seed=0))
+    DecodePool(model).adopt(c.sequences[0])
+    with pytest.raises(ValueError, match="another pool"):
+        DecodePool(model).adopt(c.sequences[0])
+
+
+def test_prefill_into_a_pool_writes_in_place_and_decodes_the_same():
+    model = tiny_model()
+    pool = DecodePool(model, sequences=2, tokens=128, page_size=4)
+    ids = ids_of(30, seed=3)
+    _, placed = model.prefill(ids, capacity=36, pool=pool)
+    seq = placed.sequences[0]
+    assert seq.pool is None and seq.reserved == (pool, seq.reserved[1])
+    first_row = int(pool.page_table[seq.reserved[1], 0]) * pool.P
+    assert seq.layers[0].keys.data_ptr() == pool.keys[0, :, first_row].data_ptr()  # written in place
+    assert seq.layers[0].order.data_ptr() == pool.order[0, :, :, first_row].data_ptr()
+    _, plain = model.prefill(ids)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(12):
+        tok = torch.randint(3, 258, (1, 1), generator=g)
+        a, _ = model.decode_step(tok, plain)
+        b, _ = model.decode_step(tok, placed)
+        assert (a - b).abs().max().item() <= 1e-5
+    assert seq.pool is pool and seq.layers == []
+
+
+def test_prefill_into_a_pool_that_grows_before_adoption_is_copied_correctly():
+    model = tiny_model()
+    pool = DecodePool(model, sequences=1, tokens=32, page_size=4)
+    ids = ids_of(20, seed=5)
+    _, placed = model.prefill(ids, pool=pool)
+    assert placed.sequences[0].reserved is not None
+    _, big = model.prefill(ids_of(90, seed=6))
+    pool.adopt(big.sequences[0])  # needs more pages and a second slot: the pool's tensors move
+    _, plain = model.prefill(ids)
+    tok = torch.tensor([[11]])
+    a, _ = model.decode_step(tok, plain)
+    b, _ = model.decode_step(tok, placed)
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_an_abandoned_prefill_gives_its_reserved_run_back():
+    model = tiny_model()
+    pool = DecodePool(model, sequences=2, tokens=128, page_size=4)
+    gen = model.prefill_iter(ids_of(40, seed=7), capacity=48, pool=pool, work_tokens=8)
+    next(gen)
+    assert pool.slots_in_use == 1 and pool.pages_in_use == 12
+    gen.close()
+    del gen
+    assert pool.slots_in_use == 0 and pool.pages_in_use == 0
