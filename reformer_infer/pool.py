@@ -220,6 +220,10 @@ class DecodePool:
         n = max(1, -(-capacity // self.P))
         with self._lock:
             first, count, prev = -1, 0, -2
+            top = self._free_pages[-n:]  # the next pages to be handed out are usually a run already
+            if top == list(range(top[0], top[0] - n, -1)):
+                del self._free_pages[-n:]
+                return self._place_run(top[-1], n)
             for page in sorted(self._free_pages):
                 count = count + 1 if page == prev + 1 else 1
                 prev = page
@@ -228,11 +232,13 @@ class DecodePool:
                     break
             if first < 0:
                 return None
-            run = range(first, first + n)
             self._free_pages = [p for p in self._free_pages if not first <= p < first + n]
-            slot = self._take_slot()
-            self.pages[slot] = list(run)
-            self.page_table[slot, :n] = torch.arange(first, first + n, device=self.device)
+            return self._place_run(first, n)
+
+    def _place_run(self, first: int, n: int) -> tuple[int, int]:
+        slot = self._take_slot()
+        self.pages[slot] = list(range(first, first + n))
+        self.page_table[slot, :n] = torch.arange(first, first + n, device=self.device)
         return slot, first
 
     def lsh_views(self, layer: int, place: tuple[int, int], capacity: int) -> tuple[Tensor, Tensor, Tensor]:

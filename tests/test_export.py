@@ -47,7 +47,7 @@ CASES = [(c, "torchscript") for c in CONFIGS] + [
 
 
 def tiny(name: str) -> ReformerLM:
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # a seed whose greedy continuation of the server test's prompt is not one repeated byte
     model = ReformerLM(ReformerConfig(**BASE, **CONFIGS[name])).eval()
     with torch.no_grad():  # larger matrices than the init: greedy paths that move from token to token
         for p in model.parameters():
