@@ -161,13 +161,17 @@ class LocalLayerState:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.positions.nbytes
 
-    def write_prefill(self, k: Tensor, v: Tensor, T: int) -> None:
+    def write_prefill(self, k: Tensor, v: Tensor, T: int, start: int = 0) -> None:
+        """Keep the ring's share of a prefill of T positions. k, v (H, n, D) hold positions [start, start + n),
+        so a prefill working slice by slice hands each slice over as it goes (only the last ring is kept)."""
         ring = self.positions.shape[0]
-        first = max(0, T - ring)
-        pos = torch.arange(first, T, device=k.device)
+        first, end = max(start, T - ring), min(T, start + k.shape[1])
+        if first >= end:
+            return
+        pos = torch.arange(first, end, device=k.device)
         slots = pos % ring
-        self.keys[:, slots] = k[:, first:T]
-        self.values[:, slots] = v[:, first:T]
+        self.keys[:, slots] = k[:, first - start : end - start]
+        self.values[:, slots] = v[:, first - start : end - start]
         self.positions[slots] = pos
 
     def append(self, k: Tensor, v: Tensor, T: int) -> None:

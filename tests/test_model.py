@@ -61,6 +61,9 @@ CONFIGS = {
     "one_round": dict(num_hashes=1),
     "four_rounds": dict(num_hashes=4),
     "lsh_only": dict(attn_layers=["lsh", "lsh"]),
+    # two chunks back: the first chunks' windows wrap around the chunk axis (transformers' _look_adjacent) to
+    # the last ones, which the causal mask hides; a slice of one chunk needs two kept from earlier slices
+    "wide_windows": dict(local_num_chunks_before=2, lsh_num_chunks_before=2),
 }
 
 
@@ -74,6 +77,32 @@ def test_full_forward_matches_transformers(tmp_path, name):
             ref = hf(ids).logits
         got = ours(ids)
         assert (ref - got).abs().max().item() <= TOL, (name, T)
+
+
+def _run(gen):
+    """Drain a prefill_iter: (its result, the progress it reported)."""
+    progress = []
+    while True:
+        try:
+            progress.append(next(gen))
+        except StopIteration as stop:
+            return stop.value, progress
+
+
+@pytest.mark.parametrize("name", ["buckets4_rounds2", "four_rounds", "wide_windows"])
+def test_prefill_in_small_units_matches_transformers(tmp_path, name):
+    """Inference works slice by slice (local keys/values kept across slices, attention output projected into
+    the streams in place, hash rounds merged group by group): still transformers' full forward."""
+    hf, d = make_hf(tmp_path, name, **CONFIGS[name])
+    ours = load_model(d)
+    for T in (3, 13, 40, 77):
+        ids = ids_of(T, seed=T)
+        with torch.no_grad():
+            ref = hf(ids).logits
+        for work_tokens in (4, 24):  # one local chunk per slice (fewer than it looks back on), and several
+            (logits, _), progress = _run(ours.prefill_iter(ids, last_only=False, work_tokens=work_tokens))
+            assert (ref - logits).abs().max().item() <= TOL, (name, T, work_tokens)
+            assert [done == total for done, total in progress].count(True) == 1  # the work total is exact
 
 
 @pytest.mark.parametrize("name", ["buckets4_rounds2", "factorised_buckets", "four_rounds"])
@@ -180,6 +209,8 @@ def test_prefill_iter_equals_prefill_and_reports_progress(tmp_path):
             logits, cache = stop.value
             break
     assert len(progress) > 10
+    # the work total is exact: only the last unit reaches it (an overcount would be clamped, an undercount stop short)
+    assert [done == total for done, total in progress].count(True) == 1
     assert progress[-1][0] == progress[-1][1]
     assert all(a[0] <= b[0] for a, b in zip(progress, progress[1:], strict=False))
     assert (logits - ref_logits).abs().max().item() <= 1e-5
