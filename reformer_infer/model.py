@@ -399,7 +399,17 @@ class LSHSelfAttention(nn.Module):
 
 def _gather_rows(t: Tensor, rows: Tensor) -> Tensor:
     """t (B, H, T, D), rows (B, H, N) -> (B, H, N, D)."""
-    return torch.gather(t, 2, rows.unsqueeze(-1).expand(*rows.shape, t.shape[-1]))
+    B, H, T, D = t.shape
+    sb, sh, st, sd = t.stride()
+    if torch.is_grad_enabled() or sd != 1 or st != D or sb % D or sh % D:
+        return torch.gather(t, 2, rows.unsqueeze(-1).expand(*rows.shape, D))
+    # At inference, one index_select of whole D-rows of the storage: several times faster on CPU than the
+    # expanded gather (which indexes every element). t's rows are D apart, its heads and batch rows whole
+    # multiples of D (the cache's key rows are (H, capacity, D): heads `capacity` rows apart).
+    n = ((B - 1) * sb + (H - 1) * sh) // D + T
+    storage = t.as_strided((n, D), (D, 1))  # every row t's (b, h, position) rows live in
+    base = (torch.arange(B, device=t.device) * (sb // D)).view(B, 1, 1) + (torch.arange(H, device=t.device) * (sh // D)).view(1, H, 1)
+    return storage.index_select(0, (rows + base).reshape(-1)).view(B, H, rows.shape[-1], D)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -646,7 +656,7 @@ class ReformerLM(nn.Module):
         B, T = input_ids.shape
         self._check_length(T)
         cap = max(T, capacity or 0)
-        seqs = [SequenceCache.allocate(self, cap) for _ in range(B)]
+        seqs = [SequenceCache.allocate(self, cap, prefilled=T) for _ in range(B)]
         gen = self._forward_work(input_ids, seqs, last_only=last_only, work_tokens=work_tokens)
         total = self._work_total(T)
         done = 0
