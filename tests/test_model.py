@@ -238,6 +238,25 @@ def test_decode_works_with_chunked_feed_forward(tmp_path):
         assert (xa - xb).abs().max().item() <= 1e-5
 
 
+def test_prefill_writes_every_prompt_row_of_the_cache_and_zeroes_the_rest(tmp_path):
+    """The cache's LSH rows are allocated unzeroed for the prefill to fill: every prompt row must be written
+    (the keys equal the normalised shared-QK rows of a batch-of-two prefill, which copies them in), and the
+    rows kept for decoding are zero."""
+    from reformer_infer.cache import LSHLayerState
+
+    _, d = make_hf(tmp_path, "m")
+    model = load_model(d)
+    ids = ids_of(40)
+    _, cache = model.prefill(ids, capacity=64)
+    _, pair = model.prefill(torch.cat([ids, ids_of(40, seed=1)]), capacity=64)
+    lsh = [(a, b) for a, b in zip(cache.sequences[0].layers, pair.sequences[0].layers, strict=True)
+           if isinstance(a, LSHLayerState)]
+    assert lsh
+    for a, b in lsh:
+        assert torch.equal(a.keys[:, :40], b.keys[:, :40]) and torch.equal(a.values[:, :40], b.values[:, :40])
+        assert not a.keys[:, 40:].any() and not a.values[:, 40:].any()
+
+
 def test_cache_reports_its_size_in_bytes(tmp_path):
     _, d = make_hf(tmp_path, "m")
     model = load_model(d)
