@@ -4,7 +4,9 @@ Computes what Hugging Face `ReformerModelWithLMHead` computes (its state-dict na
 `reformer.` prefix) with three differences of form, not of result:
   * LSH rotations are fixed buffers (`rotations`), never re-drawn: hashing is state, not a side effect.
   * Prefill runs in bounded memory: every layer works on slices of positions (attention on groups of
-    chunks, all hash rounds accumulated online with logsumexp weights), never all score blocks at once.
+    chunks, all hash rounds accumulated online with logsumexp weights), never all score blocks at once;
+    at inference each slice's output is added into the two residual streams in place, so beyond the
+    streams and the cache a layer's largest buffer is an LSH layer's (T, H*D) round accumulator.
   * Decode keeps an explicit per-sequence cache (keys/values, bucket bookkeeping for LSH layers; a ring of
     the attendable window for local layers) so a step's work does not grow with the context.
 
