@@ -88,13 +88,17 @@ class LocalLayerState:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.positions.nbytes
 
-    def write_prefill(self, k: Tensor, v: Tensor, T: int) -> None:
+    def write_prefill(self, k: Tensor, v: Tensor, T: int, start: int = 0) -> None:
+        """Keep the ring's share of a prefill of T positions. k, v (H, n, D) hold positions [start, start + n),
+        so a prefill working slice by slice hands each slice over as it goes (only the last ring is kept)."""
         ring = self.positions.shape[0]
-        first = max(0, T - ring)
-        pos = torch.arange(first, T, device=k.device)
+        first, end = max(start, T - ring), min(T, start + k.shape[1])
+        if first >= end:
+            return
+        pos = torch.arange(first, end, device=k.device)
         slots = pos % ring
-        self.keys[:, slots] = k[:, first:T]
-        self.values[:, slots] = v[:, first:T]
+        self.keys[:, slots] = k[:, first - start : end - start]
+        self.values[:, slots] = v[:, first - start : end - start]
         self.positions[slots] = pos
 
 
@@ -113,21 +117,30 @@ class SequenceCache:
     _finalizer: Any = field(default=None, repr=False)
 
     @classmethod
-    def allocate(cls, model: ReformerLM, capacity: int, pool: DecodePool | None = None) -> SequenceCache:
+    def allocate(cls, model: ReformerLM, capacity: int, pool: DecodePool | None = None,
+                 prefilled: int = 0) -> SequenceCache:
         """Empty state for `capacity` positions. With a pool that has a free run of pages for them, the
-        tensors are views into the pool, so the prefill writes there and adoption copies nothing."""
+        tensors are views into the pool, so the prefill writes there and adoption copies nothing.
+        Otherwise the LSH key/value rows of the first `prefilled` positions are left unwritten for the
+        caller's prefill, which writes every one of them: zeroing them here would touch the whole buffer
+        (1.6 GB at 64K on the enwik8 shape) in one go before the prefill's first unit."""
         cfg = model.config
         H, D = cfg.num_attention_heads, cfg.attention_head_size
         dev, dt = model.device, model.dtype
         place = pool.reserve_run(capacity) if pool is not None else None
         layers: list[LayerState] = []
+
+        def rows() -> Tensor:
+            t = torch.empty(H, capacity, D, device=dev, dtype=dt)
+            t[:, prefilled:] = 0
+            return t
+
         for i, kind in enumerate(cfg.attn_layers):
             if kind == "lsh":
                 if place is not None:
                     keys, values, order = pool.lsh_views(i, place, capacity)
                 else:
-                    keys = torch.zeros(H, capacity, D, device=dev, dtype=dt)
-                    values, order = torch.zeros_like(keys), None
+                    keys, values, order = rows(), rows(), None
                 layers.append(LSHLayerState(keys=keys, values=values, num_hashes=next(model.lsh_layers()).num_hashes,
                                             num_buckets=cfg.total_buckets, order_buffer=order))
             else:

@@ -518,7 +518,9 @@ class Engine:
                     delta = tokens_done - req.prefill_done_tokens
                     req.prefill_done_tokens = tokens_done
                     self._prefill_tokens_total += delta
-                    if n > chunk:  # only prompts longer than one chunk report progress
+                    # only prompts longer than one chunk report progress, and only when it moved (a step's
+                    # work can be a small share of a long prompt's, e.g. a slice of its embeddings)
+                    if n > chunk and delta > 0:
                         req.stream.put(PrefillProgress(req.request_id, tokens_done, n))
                 return delta, req.prefill_done_work - start_work
             logits, cache = result

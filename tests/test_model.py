@@ -63,6 +63,9 @@ CONFIGS = {
     "one_round": dict(num_hashes=1),
     "four_rounds": dict(num_hashes=4),
     "lsh_only": dict(attn_layers=["lsh", "lsh"]),
+    # two chunks back: the first chunks' windows wrap around the chunk axis (transformers' _look_adjacent) to
+    # the last ones, which the causal mask hides; a slice of one chunk needs two kept from earlier slices
+    "wide_windows": dict(local_num_chunks_before=2, lsh_num_chunks_before=2),
 }
 
 
@@ -76,6 +79,32 @@ def test_full_forward_matches_transformers(tmp_path, name):
             ref = hf(ids).logits
         got = ours(ids)
         assert (ref - got).abs().max().item() <= TOL, (name, T)
+
+
+def _run(gen):
+    """Drain a prefill_iter: (its result, the progress it reported)."""
+    progress = []
+    while True:
+        try:
+            progress.append(next(gen))
+        except StopIteration as stop:
+            return stop.value, progress
+
+
+@pytest.mark.parametrize("name", ["buckets4_rounds2", "four_rounds", "wide_windows"])
+def test_prefill_in_small_units_matches_transformers(tmp_path, name):
+    """Inference works slice by slice (local keys/values kept across slices, attention output projected into
+    the streams in place, hash rounds merged group by group): still transformers' full forward."""
+    hf, d = make_hf(tmp_path, name, **CONFIGS[name])
+    ours = load_model(d)
+    for T in (3, 13, 40, 77):
+        ids = ids_of(T, seed=T)
+        with torch.no_grad():
+            ref = hf(ids).logits
+        for work_tokens in (4, 24):  # one local chunk per slice (fewer than it looks back on), and several
+            (logits, _), progress = _run(ours.prefill_iter(ids, last_only=False, work_tokens=work_tokens))
+            assert (ref - logits).abs().max().item() <= TOL, (name, T, work_tokens)
+            assert [done == total for done, total in progress].count(True) == 1  # the work total is exact
 
 
 @pytest.mark.parametrize("name", ["buckets4_rounds2", "factorised_buckets", "four_rounds"])
@@ -184,6 +213,8 @@ def test_prefill_iter_equals_prefill_and_reports_progress(tmp_path):
             logits, cache = stop.value
             break
     assert len(progress) > 10
+    # the work total is exact: only the last unit reaches it (an overcount would be clamped, an undercount stop short)
+    assert [done == total for done, total in progress].count(True) == 1
     assert progress[-1][0] == progress[-1][1]
     assert all(a[0] <= b[0] for a, b in zip(progress, progress[1:], strict=False))
     assert (logits - ref_logits).abs().max().item() <= 1e-5
@@ -209,6 +240,25 @@ def test_decode_works_with_chunked_feed_forward(tmp_path):
         xa, ca = plain.decode_step(tok, ca)
         xb, cb = chunked.decode_step(tok, cb)
         assert (xa - xb).abs().max().item() <= 1e-5
+
+
+def test_prefill_writes_every_prompt_row_of_the_cache_and_zeroes_the_rest(tmp_path):
+    """The cache's LSH rows are allocated unzeroed for the prefill to fill: every prompt row must be written
+    (the keys equal the normalised shared-QK rows of a batch-of-two prefill, which copies them in), and the
+    rows kept for decoding are zero."""
+    from reformer_infer.cache import LSHLayerState
+
+    _, d = make_hf(tmp_path, "m")
+    model = load_model(d)
+    ids = ids_of(40)
+    _, cache = model.prefill(ids, capacity=64)
+    _, pair = model.prefill(torch.cat([ids, ids_of(40, seed=1)]), capacity=64)
+    lsh = [(a, b) for a, b in zip(cache.sequences[0].layers, pair.sequences[0].layers, strict=True)
+           if isinstance(a, LSHLayerState)]
+    assert lsh
+    for a, b in lsh:
+        assert torch.equal(a.keys[:, :40], b.keys[:, :40]) and torch.equal(a.values[:, :40], b.values[:, :40])
+        assert not a.keys[:, 40:].any() and not a.values[:, 40:].any()
 
 
 def test_cache_reports_its_size_in_bytes(tmp_path):
