@@ -213,6 +213,7 @@ async def latency_under_prefill(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--model", help="a checkpoint directory instead of a random preset ('default': the bundled model)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--repeat", type=int, default=2, help="throughput runs per stream count (best kept)")
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -228,11 +229,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = ReformerConfig(**PRESETS[args.preset])
-    model = ReformerLM(cfg).eval().to(args.device)  # random init: speed does not depend on the weights
+    if args.model:
+        from reformer_infer import default_model_path, load_model
+
+        path = default_model_path() if args.model == "default" else args.model
+        model, name = load_model(path, device=args.device), str(path)
+        cfg = model.config
+    else:
+        cfg = ReformerConfig(**PRESETS[args.preset])
+        model = ReformerLM(cfg).eval().to(args.device)  # random init: speed does not depend on the weights
+        name = f"preset {args.preset}"
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"model: preset {args.preset}, {len(cfg.attn_layers)} layers, hidden {cfg.hidden_size} "
+        f"model: {name}, {len(cfg.attn_layers)} layers, hidden {cfg.hidden_size} "
         f"({n_params / 1e6:.1f}M params), device {args.device}, torch threads {torch.get_num_threads()}, "
         f"prompt {args.prompt_len} + {args.new_tokens} new tokens per stream, prefill chunk {args.prefill_chunk} units\n"
     )

@@ -183,6 +183,8 @@ def test_64_concurrent_requests_with_random_aborts_leave_nothing_behind(model: R
         assert stats.running == 0 and stats.waiting == 0
         await engine.shutdown()
         assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()
+        # every slot and page of the shared decode pool came back (aborted prefills' reserved runs included)
+        assert engine._pool.slots_in_use == 0 and engine._pool.pages_in_use == 0
 
     run(go)
     assert threading.active_count() == threads_before
