@@ -6,10 +6,12 @@ from .config import ConfigError, ReformerConfig
 from .defaults import default_model_path
 from .generation import generate
 from .model import ReformerLM
+from .pool import DecodePool
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DecodePool",
     "ReformerCache",
     "ReformerConfig",
     "ReformerLM",
