@@ -1,25 +1,27 @@
 """Pooled decode state: every running sequence's cache in shared, paged tensors, so that one decode step does
 the same number of tensor ops for 1 or 64 sequences.
 
-A prefill builds a sequence's state in its own tensors (`cache.SequenceCache`, contiguous, sized to the
-prompt). Before its first decode step the sequence is *adopted* into a `DecodePool` (one copy of its state;
-the prefill tensors are then freed) and from then on decodes there, batched with every other sequence of
-the same pool. The engine keeps one pool for all its requests; `decode_step` on caches that belong to no
-pool creates one for them.
+A prefill given a pool writes a sequence's state straight into a run of free pages (`reserve_run`); a
+prefill without one builds it in its own tensors (`cache.SequenceCache`) and the sequence is *adopted* at
+its first decode step (one copy; its own tensors are then freed). From then on it decodes in the pool,
+batched with every other sequence of the same pool. The engine keeps one pool for all its requests;
+`decode_step` on caches that belong to no pool creates one for them.
 
-Layout (Ll LSH layers, Lc local layers, S sequence slots, N pages of P positions):
+Layout (Ll LSH layers, Lc local layers, S sequence slots, N pages of P positions, K buckets, R rounds):
   * LSH keys / values (Ll, H, N*P, D): page i of a sequence holds its positions [i*P, (i+1)*P) in rows
     [page*P, page*P + P) of every head; a per-slot page table maps the two. Pages are allocated as a
-    sequence grows and returned when it ends: nothing is ever copied to grow.
+    sequence grows and returned when it ends: nothing is copied to grow a sequence.
   * LSH bucket order, split in two so that a decode step never shifts a long table:
       - the *static* order (Ll, H, R, N*P) int32: positions sorted by (bucket, position), paged like the keys
-        (sorted slot s lives where position s would), with per-bucket counts `counts` (Ll, S, H, R, K);
-      - the *delta* (Ll, S, H, R, M) int32: the positions decoded since, also sorted by (bucket, position),
-        with their own counts `dcounts`. A new token is inserted into the delta (a vectorised shift of at
-        most M entries for the whole batch); when a sequence's delta is full it is merged into its static
-        order in one linear pass (O(T) once per M tokens, not per token).
-    The merged order is never materialised: a window slot s is mapped to (bucket j, index i within j) by a
-    search over the per-bucket cumulative counts, then to the static part (i < counts[j]) or the delta.
+        (sorted slot s lives where position s would), with inclusive cumulative per-bucket counts
+        `cum_static` (Ll, S, H, R, K);
+      - the *delta*: the last <= M decoded positions, sorted by (bucket, position), with their buckets
+        (`dorder`, `dbuckets`: (Ll, S, H, R, M) int32; unused entries hold bucket K). A new token is
+        inserted into the delta (a vectorised shift of at most M entries for the whole batch); when a
+        sequence's delta is full it is merged into its static order in one linear pass (O(T) once per M
+        tokens, not per token).
+    The merged order is never materialised for a step: delta entry k sits at merged slot
+    cum_static[bucket_k] + k, and any other merged slot s is static entry s - (delta entries before s).
   * Local rings (Lc, S, H, ring, D): slot = position % ring (the positions are implied by the length).
 
 All per-step work is batched over the sequences of a step; Python loops run only over layers, and per
@@ -45,10 +47,6 @@ PAGE_SIZE = 64
 DELTA_SIZE = 128
 
 
-class PoolExhaustedError(MemoryError):
-    """The pool could not allocate a slot or page (the host or device is out of memory)."""
-
-
 @dataclass
 class StepBatch:
     """The sequences of one decode step, as index tensors (built once per step, shared by all layers)."""
@@ -56,8 +54,7 @@ class StepBatch:
     slots: Tensor  # (n,) int64 pool slots
     lengths: Tensor  # (n,) int64 positions of the new tokens
     length_list: list[int]
-    hashed: Tensor  # (n,) bool: sequences decoding by LSH windows (false: still dense, shorter than a chunk)
-    hashed_idx: Tensor  # (n_h,) rows of the batch that are hashed
+    hashed_idx: Tensor  # (n_h,) rows of the batch decoding by LSH windows
     dense_idx: Tensor  # (n_d,) the others
     new_rows: Tensor  # (n,) pool row of each new token's position (its page row)
     first: int | None  # the slots are first, first + 1, ...: per-slot tensors are read through views
@@ -321,10 +318,12 @@ class DecodePool:
         sl = torch.tensor(slots, device=dev)
         lens = [self.length[s] for s in slots]
         T = torch.tensor(lens, device=dev)
-        hashed = torch.tensor([self.is_hashed[s] for s in slots], device=dev)
+        hashed = [i for i, s in enumerate(slots) if self.is_hashed[s]]
+        dense = [i for i, s in enumerate(slots) if not self.is_hashed[s]]
         rows = self.page_table[sl, T >> self.shift] * self.P + (T & (self.P - 1))
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
-        return StepBatch(sl, T, lens, hashed, hashed.nonzero().flatten(), (~hashed).nonzero().flatten(), rows, first)
+        return StepBatch(sl, T, lens, torch.tensor(hashed, dtype=torch.long, device=dev),
+                         torch.tensor(dense, dtype=torch.long, device=dev), rows, first)
 
     def end_step(self, slots: list[int], hashed_now: list[int]) -> None:
         """Advance lengths; merge full deltas."""
