@@ -144,3 +144,26 @@ def test_an_abandoned_prefill_gives_its_reserved_run_back():
     gen.close()
     del gen
     assert pool.slots_in_use == 0 and pool.pages_in_use == 0
+
+
+def test_prefill_into_a_fragmented_pool_falls_back_to_a_copy():
+    model = tiny_model()
+    pool = DecodePool(model, sequences=12, tokens=4, page_size=4)  # 1 + 12 pages
+    pool._alloc_pages(24)
+    held = [model.prefill(ids_of(7, seed=i), capacity=8, pool=pool)[1] for i in range(12)]  # 2 pages each
+    assert pool.pages_in_use == 24
+    for c in held[::2]:  # every other run back: the free pages come in separate pairs
+        c.sequences[0].release()
+    assert pool.pages_in_use == 12 and pool.reserve_run(4 * 6) is None
+    assert pool.pages_in_use == 12  # a failed search takes nothing
+    ids = ids_of(20, seed=9)
+    _, placed = model.prefill(ids, capacity=24, pool=pool)
+    assert placed.sequences[0].reserved is None  # prefilled in its own tensors
+    pool.adopt(placed.sequences[0])  # one copy, into scattered pages
+    _, plain = model.prefill(ids)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(6):
+        tok = torch.randint(3, 258, (1, 1), generator=g)
+        a, _ = model.decode_step(tok, plain)
+        b, _ = model.decode_step(tok, placed)
+        assert (a - b).abs().max().item() <= 1e-5
