@@ -6,9 +6,10 @@ to re-project) and, per head and hash round, the positions sorted by (bucket, po
 tokens per bucket (`counts`); local layers keep a ring of the last (chunks_before + 1) x chunk keys/values,
 all they can still attend to.
 
-On its first decode step a sequence is adopted into a `pool.DecodePool` (paged storage shared by many
-sequences, so that a batched step does the same number of ops for 1 or 64 sequences); its own tensors are
-then dropped. `ReformerCache` groups sequences of different lengths for one step without copying.
+Decode runs in a `pool.DecodePool` (paged storage shared by many sequences, so that a batched step does
+the same number of ops for 1 or 64 sequences): a prefill given a pool builds these tensors as views into a
+run of its pages; otherwise the sequence is adopted at its first decode step (one copy) and its own
+tensors are dropped. `ReformerCache` groups sequences of different lengths for one step without copying.
 """
 
 from __future__ import annotations

@@ -826,9 +826,10 @@ class ReformerLM(nn.Module):
         logits: Tensor | None = None
         for rows in groups.values():
             rows.sort(key=lambda b: seqs[b].slot)  # a compact range of slots, in order, is read through views
-            ids = input_ids[:, 0] if rows == list(range(B)) else input_ids[rows, 0]
-            part = self._decode_pooled(ids, seqs[rows[0]].pool, [seqs[b].slot for b in rows])
-            if rows == list(range(B)):
+            whole = rows == list(range(B))
+            part = self._decode_pooled(input_ids[:, 0] if whole else input_ids[rows, 0], seqs[rows[0]].pool,
+                                       [seqs[b].slot for b in rows])
+            if whole:
                 logits = part
             else:
                 if logits is None:

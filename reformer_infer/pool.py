@@ -31,6 +31,7 @@ sequence only once per page (P tokens) and once per merge (M tokens).
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -153,9 +154,7 @@ class DecodePool:
         each time would be fresh pages to fault in (large allocations are mmapped, see memory.py)."""
         shape = list(src.shape)
         shape[dim] = index.numel()
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         buf = self._scratch.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != src.dtype:
             buf = self._scratch[name] = src.new_empty(numel)
@@ -218,7 +217,7 @@ class DecodePool:
         with self._lock:
             first, count, prev = -1, 0, -2
             top = self._free_pages[-n:]  # the next pages to be handed out are usually a run already
-            if top == list(range(top[0], top[0] - n, -1)):
+            if len(top) == n and top == list(range(top[0], top[0] - n, -1)):
                 del self._free_pages[-n:]
                 return self._place_run(top[-1], n)
             for page in sorted(self._free_pages):
@@ -304,10 +303,15 @@ class DecodePool:
         if not reserved:
             seq._finalizer = weakref.finalize(seq, _release_if_alive, weakref.ref(self), slot)
 
-    def _rows(self, slot: int, n: int, start: int = 0) -> Tensor:
-        """Pool rows of a sequence's positions (or static sorted slots) [start, start + n)."""
-        pos = torch.arange(start, start + n, device=self.device)
-        return self.page_table[slot, pos >> self.shift] * self.P + (pos & (self.P - 1))
+    def _page_rows(self, table: Tensor, pos: Tensor) -> Tensor:
+        """Pool rows of positions (or static sorted slots) `pos` (n, ...) of the sequences whose page-table
+        rows are `table` (n, pages)."""
+        page = table.gather(1, (pos >> self.shift).reshape(table.shape[0], -1).long()).view(pos.shape)
+        return page * self.P + (pos & (self.P - 1))
+
+    def _rows(self, slot: int, n: int) -> Tensor:
+        """Pool rows of a sequence's positions (or static sorted slots) [0, n)."""
+        return self._page_rows(self.page_table[slot : slot + 1], torch.arange(n, device=self.device).view(1, n))[0]
 
     # ---- one decode step -----------------------------------------------------------------------
     def begin_step(self, slots: list[int]) -> StepBatch:
@@ -320,7 +324,7 @@ class DecodePool:
         T = torch.tensor(lens, device=dev)
         hashed = [i for i, s in enumerate(slots) if self.is_hashed[s]]
         dense = [i for i, s in enumerate(slots) if not self.is_hashed[s]]
-        rows = self.page_table[sl, T >> self.shift] * self.P + (T & (self.P - 1))
+        rows = self._page_rows(self.page_table.index_select(0, sl), T.view(-1, 1)).view(-1)
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
         return StepBatch(sl, T, lens, torch.tensor(hashed, dtype=torch.long, device=dev),
                          torch.tensor(dense, dtype=torch.long, device=dev), rows, first)
@@ -351,7 +355,7 @@ class DecodePool:
         transformers' cached decode does. Returns keys, values (n, H, R, W, D) and positions (n, H, R, W).
         Nothing here is O(buckets) or O(length): the merged order is addressed through the delta's slots.
         """
-        H, R, P, N, K, M = self.H, self.R, self.P, self.N * self.P, self.K, self.M
+        H, R, N, K, M = self.H, self.R, self.N * self.P, self.K, self.M
         W = C * (1 + before + after)
         dev = buckets.device
         sl, T = batch.slots[idx], batch.lengths[idx].view(-1, 1, 1, 1)
@@ -376,14 +380,10 @@ class DecodePool:
         ndc = nd.clamp(max=M - 1)
         in_delta = dms.gather(-1, ndc) == s
         si = s - nd  # otherwise it is static entry s - nd
-        pt, sh = batch.select(self.page_table, idx), self.shift  # (n, pages)
-        srow = pt.gather(1, (si >> sh).view(n, -1).long()).view_as(si) * P + (si & (P - 1))
-        spos = self.order[j].view(-1).take(hr * N + srow)
+        pt = batch.select(self.page_table, idx)  # (n, pages)
+        spos = self.order[j].view(-1).take(hr * N + self._page_rows(pt, si))
         pos = torch.where(is_new, T, torch.where(in_delta, dor.gather(-1, ndc), spos).long())
-        rows = pt.gather(1, (pos >> sh).view(n, -1)).view_as(pos) * P + (pos & (P - 1))
-        flat = (rows + torch.arange(H, device=dev).view(1, H, 1, 1) * N).view(-1)
-        kk = self._gather_rows("keys", self.keys[j].view(-1, self.D), flat).view(n, H, R, W, self.D)
-        vv = self._gather_rows("values", self.values[j].view(-1, self.D), flat).view(n, H, R, W, self.D)
+        kk, vv = self._gather_kv(j, self._page_rows(pt, pos))
         # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
         ar = torch.arange(M, device=dev)
         src = (ar - (ar > q).long()).clamp_(min=0)
@@ -391,18 +391,23 @@ class DecodePool:
         self.dorder[j].index_copy_(0, sl, torch.where(ar == q, T.int(), dor.gather(-1, src)))
         return kk, vv, pos
 
+    def _gather_kv(self, j: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (n, H, ..., D) of LSH layer j at pool rows `rows` (n, H or 1, ...), every head."""
+        H, D = self.H, self.D
+        shape = (rows.shape[0], H, *rows.shape[2:])
+        flat = (rows + torch.arange(H, device=rows.device).view(1, H, *[1] * (rows.dim() - 2)) * (self.N * self.P))
+        flat = flat.expand(shape).reshape(-1)
+        kk = self._gather_rows("keys", self.keys[j].view(-1, D), flat).view(*shape, D)
+        vv = self._gather_rows("values", self.values[j].view(-1, D), flat).view(*shape, D)
+        return kk, vv
+
     def dense_keys(self, j: int, batch: StepBatch, idx: Tensor, span: int) -> tuple[Tensor, Tensor, Tensor]:
         """Keys and values (n, H, span, D) at positions [0, span) of the sequences `idx`, and those positions
         (span,). Positions past a sequence's new token are the caller's to mask (causally); they read
         whatever row their page-table entry names, never memory outside the pool."""
-        H, D, P, N = self.H, self.D, self.P, self.N * self.P
-        sl = batch.slots[idx]
-        n = sl.shape[0]
-        pos = torch.arange(span, device=sl.device)
-        rows = batch.select(self.page_table, idx)[:, pos >> self.shift] * P + (pos & (P - 1))  # (n, span)
-        flat = (rows.unsqueeze(1) + torch.arange(H, device=sl.device).view(1, H, 1) * N).reshape(-1)
-        kk = self._gather_rows("keys", self.keys[j].view(-1, D), flat).view(n, H, span, D)
-        vv = self._gather_rows("values", self.values[j].view(-1, D), flat).view(n, H, span, D)
+        pt = batch.select(self.page_table, idx)  # (n, pages)
+        pos = torch.arange(span, device=pt.device)
+        kk, vv = self._gather_kv(j, self._page_rows(pt, pos.expand(pt.shape[0], span)).unsqueeze(1))
         return kk, vv, pos
 
     def hash_all(self, j: int, slot: int, T1: int, layer: LSHSelfAttention) -> None:

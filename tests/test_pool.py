@@ -151,7 +151,7 @@ def test_prefill_into_a_fragmented_pool_falls_back_to_a_copy():
     pool = DecodePool(model, sequences=12, tokens=4, page_size=4)  # 1 + 12 pages
     pool._alloc_pages(24)
     held = [model.prefill(ids_of(7, seed=i), capacity=8, pool=pool)[1] for i in range(12)]  # 2 pages each
-    assert pool.pages_in_use == 24
+    assert pool.pages_in_use == 24 and pool.reserve_run(4) is None  # no free page at all
     for c in held[::2]:  # every other run back: the free pages come in separate pairs
         c.sequences[0].release()
     assert pool.pages_in_use == 12 and pool.reserve_run(4 * 6) is None
