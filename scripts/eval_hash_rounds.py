@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reformer_infer import default_model_path, load_model
-from reformer_infer.model import LSHSelfAttention, ReformerLM, len_norm
+from reformer_infer.model import Emit, LSHSelfAttention, ReformerLM, len_norm
 from reformer_infer.train import heldout_bits_per_byte, read_bytes_as_ids
 
 logger = logging.getLogger("eval_hash_rounds")
@@ -49,16 +49,17 @@ def dense_forward_work(
     n_padded: int,
     state: object,
     score_budget: int,
+    emit: Emit,
     step: int | None = None,
-) -> Generator[int, None, Tensor]:
-    """Full causal shared-QK attention over LN(h) (B, T, E) in place of LSH -> (B, T, H*D)."""
+) -> Generator[int, None, None]:
+    """Full causal shared-QK attention over LN(h) (B, T, E) in place of LSH; output rows (B, t, H*D) go to
+    `emit(s0, s1, o)` one query block at a time, as the model's attention hands them over."""
     x = layer_norm(h)
     B, T, _ = x.shape
     H, D = self.H, self.D
     qk = self.query_key(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
     v = self.value(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
     k = len_norm(qk) / math.sqrt(D)  # keys length-normalised, queries not (as in LSH attention)
-    out = torch.empty_like(qk)
     pos = torch.arange(T, device=x.device)
     for q0 in range(0, T, QUERY_BLOCK):
         q1 = min(q0 + QUERY_BLOCK, T)
@@ -67,11 +68,11 @@ def dense_forward_work(
         # (-1e5 against real scores underflows to weight 0), i.e. only at position 0.
         visible = (kp < qp) | ((qp == 0) & (kp == 0))  # (Q, q1)
         # Keys are pre-scaled by 1/sqrt(D) (as in the model), hence scale=1.
-        out[:, :, q0:q1] = F.scaled_dot_product_attention(
+        out = F.scaled_dot_product_attention(
             qk[:, :, q0:q1], k[:, :, :q1], v[:, :, :q1], attn_mask=visible, scale=1.0
         )
+        emit(q0, q1, out.transpose(1, 2).reshape(B, q1 - q0, H * D))
         yield q1 - q0
-    return out.transpose(1, 2).reshape(B, T, H * D)
 
 
 def no_attention_work(
@@ -81,11 +82,12 @@ def no_attention_work(
     n_padded: int,
     state: object,
     score_budget: int,
+    emit: Emit,
     step: int | None = None,
-) -> Generator[int, None, Tensor]:
+) -> Generator[int, None, None]:
     """Ablation: the LSH layers contribute nothing (their residual update is zero)."""
+    emit(0, h.shape[1], h.new_zeros(h.shape[0], h.shape[1], self.H * self.D))
     yield h.shape[1]
-    return h.new_zeros(h.shape[0], h.shape[1], self.H * self.D)
 
 
 def use_no_attention(model: ReformerLM) -> None:
