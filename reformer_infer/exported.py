@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .cache import ReformerCache
 from .config import ReformerConfig
-from .model import padded_length
+from .model import check_prompt_length, padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -245,14 +245,6 @@ class ExportedModel:
             local_values=torch.zeros(self.num_local, 1, H, self.ring, D, device=dev),
         )
 
-    def _check_length(self, T: int) -> None:
-        if T < 1:
-            raise ValueError("input_ids must hold at least one token")
-        Tp = padded_length(self.config, T)
-        if Tp > self.config.max_context:
-            raise ValueError(
-                f"sequence of {T} tokens (padded to {Tp}) exceeds the model's context of {self.config.max_context}")
-
     def prefill(self, input_ids: Tensor, capacity: int | None = None,
                 last_only: bool = False) -> tuple[Tensor, ExportedCache]:
         gen = self.prefill_iter(input_ids, capacity=capacity, last_only=last_only)
@@ -269,7 +261,7 @@ class ExportedModel:
         """Like `ReformerLM.prefill_iter`: yields (done, total); returns (logits, cache). A prefill-graph call
         is one unit (`work_tokens` cannot split a graph); a dense-regime prompt yields once per token."""
         B, T = input_ids.shape
-        self._check_length(T)
+        check_prompt_length(self.config, T)
         cap = max(T, capacity or 0)
         if not self._uses_prefill_graph(T):
             seqs, rows = [], []

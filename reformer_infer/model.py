@@ -69,6 +69,15 @@ def padded_length(config: ReformerConfig, n: int) -> int:
     return n
 
 
+def check_prompt_length(config: ReformerConfig, T: int) -> None:
+    """A prompt of T tokens must be non-empty and fit the context once padded as transformers pads it."""
+    if T < 1:
+        raise ValueError("input_ids must hold at least one token")
+    Tp = padded_length(config, T)
+    if Tp > config.max_context:
+        raise ValueError(f"sequence of {T} tokens (padded to {Tp}) exceeds the model's context of {config.max_context}")
+
+
 def len_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """Length normalisation of shared-QK keys: x / sqrt(mean(x^2) + eps)."""
     return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + eps)
@@ -668,7 +677,7 @@ class ReformerLM(nn.Module):
         With a `pool`, the state is written straight into it where it has room (see `DecodePool`).
         """
         B, T = input_ids.shape
-        self._check_length(T)
+        check_prompt_length(self.config, T)
         cap = max(T, capacity or 0)
         seqs = [SequenceCache.allocate(self, cap, pool, prefilled=T) for _ in range(B)]
         gen = self._forward_work(input_ids, seqs, last_only=last_only, work_tokens=work_tokens)
@@ -704,15 +713,6 @@ class ReformerLM(nn.Module):
             n += T  # feed-forward
         return n
 
-    def _check_length(self, T: int) -> None:
-        if T < 1:
-            raise ValueError("input_ids must hold at least one token")
-        Tp = padded_length(self.config, T)
-        if Tp > self.config.max_context:
-            raise ValueError(
-                f"sequence of {T} tokens (padded to {Tp}) exceeds the model's context of {self.config.max_context}"
-            )
-
     def _forward_work(
         self,
         input_ids: Tensor,
@@ -722,7 +722,7 @@ class ReformerLM(nn.Module):
     ) -> Generator[int, None, Tensor]:
         cfg = self.config
         B, T = input_ids.shape
-        self._check_length(T)
+        check_prompt_length(self.config, T)
         Tp = padded_length(cfg, T)
         positions = torch.arange(T, device=input_ids.device)
         training = torch.is_grad_enabled()

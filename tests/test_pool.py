@@ -24,6 +24,16 @@ def ids_of(T: int, seed: int) -> torch.Tensor:
     return torch.randint(3, 258, (1, T), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_decode_alike(model: ReformerLM, ref: ReformerCache, got: ReformerCache, steps: int, seed: int) -> None:
+    """Both caches take the same random tokens; their logits agree at every step."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        tok = torch.randint(3, 258, (1, 1), generator=g)
+        a, _ = model.decode_step(tok, ref)
+        b, _ = model.decode_step(tok, got)
+        assert (a - b).abs().max().item() <= 1e-5
+
+
 def reference_order(model: ReformerLM, seq, layer: int) -> torch.Tensor:
     """Positions sorted by (bucket, position) from scratch: hash every cached key of the sequence."""
     pool, j = seq.pool, seq.pool.lsh_index[layer]
@@ -111,12 +121,7 @@ def test_prefill_into_a_pool_writes_in_place_and_decodes_the_same():
     assert seq.layers[0].keys.data_ptr() == pool.keys[0, :, first_row].data_ptr()  # written in place
     assert seq.layers[0].order.data_ptr() == pool.order[0, :, :, first_row].data_ptr()
     _, plain = model.prefill(ids)
-    g = torch.Generator().manual_seed(4)
-    for _ in range(12):
-        tok = torch.randint(3, 258, (1, 1), generator=g)
-        a, _ = model.decode_step(tok, plain)
-        b, _ = model.decode_step(tok, placed)
-        assert (a - b).abs().max().item() <= 1e-5
+    assert_decode_alike(model, plain, placed, steps=12, seed=4)
     assert seq.pool is pool and seq.layers == []
 
 
@@ -161,9 +166,4 @@ def test_prefill_into_a_fragmented_pool_falls_back_to_a_copy():
     assert placed.sequences[0].reserved is None  # prefilled in its own tensors
     pool.adopt(placed.sequences[0])  # one copy, into scattered pages
     _, plain = model.prefill(ids)
-    g = torch.Generator().manual_seed(8)
-    for _ in range(6):
-        tok = torch.randint(3, 258, (1, 1), generator=g)
-        a, _ = model.decode_step(tok, plain)
-        b, _ = model.decode_step(tok, placed)
-        assert (a - b).abs().max().item() <= 1e-5
+    assert_decode_alike(model, plain, placed, steps=6, seed=8)
