@@ -66,6 +66,9 @@ _STATUS = {
     FinishReason.ERROR: RequestStatus.FINISHED_ERROR,
 }
 
+# Most prompt tokens one batched prefill of equal-length prompts takes (bounds its activations).
+GROUP_PREFILL_TOKENS = 8192
+
 # A fault hook gets (phase, request_id) at "step" (request_id None) and before each "prefill" chunk;
 # whatever it raises is handled exactly like a failure of that phase. Tests use it to inject faults.
 FaultHook = Callable[[str, "str | None"], None]
@@ -451,9 +454,18 @@ class Engine:
             decode_batch = [r for r in self._decoding if not r.finished]
             prefill_queue = [r for r in self._prefilling if not r.finished]
         decoded = self._execute_decode(decode_batch) if decode_batch else 0
+        prefilled = 0
+        if not decode_batch:
+            # Nothing is decoding, so no stream's inter-token latency is at stake: prompts that arrived
+            # together are prefilled together, one batched pass per prompt length (a burst of 16 short
+            # prompts costs ~0.6x of 16 passes, and the first tokens of all come sooner).
+            for group in self._prefill_groups(prefill_queue):
+                tokens = self._execute_prefill_group(group)
+                if tokens is not None:
+                    prefilled += tokens
+                    prefill_queue = [r for r in prefill_queue if r not in group]
         # Prefill budget of this step: the oldest prompt first; short prompts that finish leave the rest
         # of the budget to the next ones, so a burst of short requests is not admitted one per step.
-        prefilled = 0
         remaining = self.config.prefill_chunk_tokens
         for req in prefill_queue:
             tokens, used = self._execute_prefill(req, remaining)
@@ -542,21 +554,75 @@ class Engine:
                 )
             return 0, budget
         used = max(req.prefill_total_work, req.prefill_done_work) - start_work
+        return self._prefill_finished(req, cache, out.tokens[0], out.logprobs[0], time.monotonic()), used
+
+    def _prefill_groups(self, queue: list[_Request]) -> list[list[_Request]]:
+        """Groups of two or more not-yet-started prompts of one length, each at most `prefill_chunk_tokens`
+        long and at most GROUP_PREFILL_TOKENS in all (long prompts keep their chunked, reported prefill)."""
+        by_length: dict[int, list[_Request]] = {}
+        for req in queue:
+            n = len(req.prompt_ids)
+            if req.prefill_gen is None and not req.finished and n <= self.config.prefill_chunk_tokens:
+                by_length.setdefault(n, []).append(req)
+        groups = []
+        for n, reqs in by_length.items():
+            per = max(1, GROUP_PREFILL_TOKENS // n)
+            groups += [reqs[i : i + per] for i in range(0, len(reqs), per) if len(reqs[i : i + per]) > 1]
+        return groups
+
+    def _execute_prefill_group(self, group: list[_Request]) -> int | None:
+        """Prefill `group` (equal-length prompts, none started) in one batched pass and emit each first
+        token; returns the prompt tokens done. None, having changed nothing, when the pass raised: the caller
+        then prefills each prompt alone, so a failure (an out-of-memory included) stays with its request."""
+        n = len(group[0].prompt_ids)
+        try:
+            if self.fault_hook is not None:
+                for req in group:
+                    self.fault_hook("prefill", req.request_id)
+            ids = torch.tensor([r.prompt_ids for r in group], dtype=torch.long, device=self._device)  # (G, n)
+            kw = {} if self._pool is None else {"pool": self._pool}
+            gen = self.model.prefill_iter(ids, capacity=[n + r.params.max_new_tokens for r in group],
+                                          last_only=True, work_tokens=self.config.prefill_chunk_tokens, **kw)
+            while True:
+                try:
+                    next(gen)
+                except StopIteration as stop:
+                    logits, cache = stop.value
+                    break
+            if self._pool is not None:
+                for seq in cache.sequences:
+                    self._pool.adopt(seq)
+            out = sample_batch(logits[:, -1, :], [r.sampler for r in group])
+        except Exception as exc:
+            logger.info("batched prefill of %d prompts failed (%r); prefilling them one by one", len(group), exc)
+            return None
+        now = time.monotonic()
+        return sum(self._prefill_finished(req, type(cache)([cache.sequences[b]]), out.tokens[b], out.logprobs[b], now)
+                   for b, req in enumerate(group))
+
+    def _prefill_finished(self, req: _Request, cache: Any, token: int, logprob: TokenLogprob | None,
+                          now: float) -> int:
+        """Hand a finished prefill's cache and first token to its request; returns the prompt tokens it adds
+        to the prefill count (0 if the request finished meanwhile: its cache is given back)."""
         with self._cond:
             if req.finished:
-                return 0, used
-            delta = n - req.prefill_done_tokens
-            req.prefill_done_tokens = n
+                for seq in cache.sequences:
+                    release = getattr(seq, "release", None)
+                    if release is not None:
+                        release()
+                return 0
+            delta = len(req.prompt_ids) - req.prefill_done_tokens
+            req.prefill_done_tokens = len(req.prompt_ids)
             # Counted before the first token is emitted, so a caller that saw it also sees the stats.
             self._prefill_tokens_total += delta
             req.prefill_gen = None
             req.cache = cache
             req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(cache))
             self._prefilling = [r for r in self._prefilling if r is not req]
-            self._update(req, out.tokens[0], out.logprobs[0], time.monotonic())
+            self._update(req, token, logprob, now)
             if not req.finished:
                 self._decoding.append(req)
-        return delta, used
+        return delta
 
     # ---- execute: decode -------------------------------------------------------------------------
     def _execute_decode(self, batch: list[_Request]) -> int:

@@ -37,7 +37,14 @@ from torch import Tensor, nn
 
 from .checkpoint import load_model
 from .config import ReformerConfig
-from .model import MASK_VALUE, SELF_MASK_VALUE, LocalSelfAttention, LSHSelfAttention, ReformerLM, len_norm
+from .model import (
+    MASK_VALUE,
+    SELF_MASK_VALUE,
+    LocalSelfAttention,
+    LSHSelfAttention,
+    ReformerLM,
+    len_norm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +77,10 @@ def _softmax_attend(q: Tensor, k: Tensor, v: Tensor, dots_mask: Tensor, self_slo
     dots = dots.masked_fill(dots_mask, -1e9)
     dots = dots.masked_fill(self_slot, -1e5)
     m = dots.amax(dim=-1, keepdim=True)
-    e = torch.exp(dots - m)
+    x = dots - m
+    # as the eager `exp_shifted`: masked scores give exactly 0 without torch's slow CPU underflow path
+    # (-87.0 is model.EXP_FLOOR, written out: TorchScript cannot read a module global)
+    e = torch.exp(x.clamp(min=-87.0)).masked_fill(x < -87.0, 0.0)
     s = e.sum(dim=-1, keepdim=True)
     return torch.matmul(e, v) / s, (m + torch.log(s)).squeeze(-1)
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .cache import ReformerCache
 from .config import ReformerConfig
-from .model import check_prompt_length, padded_length
+from .model import check_prompt_length, padded_length, row_capacities
 
 logger = logging.getLogger(__name__)
 
@@ -255,18 +255,18 @@ class ExportedModel:
                 return stop.value
 
     def prefill_iter(
-        self, input_ids: Tensor, *, capacity: int | None = None, last_only: bool = True,
+        self, input_ids: Tensor, *, capacity: int | Sequence[int] | None = None, last_only: bool = True,
         work_tokens: int | None = None,
     ) -> Generator[tuple[int, int], None, tuple[Tensor, ExportedCache]]:
         """Like `ReformerLM.prefill_iter`: yields (done, total); returns (logits, cache). A prefill-graph call
         is one unit (`work_tokens` cannot split a graph); a dense-regime prompt yields once per token."""
         B, T = input_ids.shape
         check_prompt_length(self.config, T)
-        cap = max(T, capacity or 0)
+        caps = row_capacities(capacity, B, T)
         if not self._uses_prefill_graph(T):
             seqs, rows = [], []
             for b in range(B):
-                seq = self._empty_sequence(cap)
+                seq = self._empty_sequence(caps[b])
                 step_logits = []
                 for t in range(T):
                     step_logits.append(self._decode_one(seq, input_ids[b : b + 1, t : t + 1]))
@@ -285,7 +285,7 @@ class ExportedModel:
         logits, lk, lv, lo, lc, ck, cv = self._prefill(ids, lengths)
         seqs = []
         for b in range(B):
-            seq = self._empty_sequence(cap)
+            seq = self._empty_sequence(caps[b])
             seq.lsh_keys[:, 0, :, :T] = lk[:, b, :, :T]
             seq.lsh_values[:, 0, :, :T] = lv[:, b, :, :T]
             seq.lsh_order[:, 0, :, :, :T] = lo[:, b, :, :, :T]

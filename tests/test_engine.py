@@ -509,3 +509,66 @@ def test_burst_of_short_prompts_is_prefilled_within_one_step_budget(model: Refor
 
     # One step prefills all eight prompts (first tokens), two batched decode steps give the rest.
     assert run(go) <= 4
+
+
+def test_equal_length_burst_is_prefilled_in_one_batched_pass_with_the_same_results(model: ReformerLM) -> None:
+    """Prompts of one length that arrive while nothing decodes share one prefill pass; each request keeps
+    its own budget, seed and result, and an abort during the pass gives its cache back."""
+    prompts = [prompt(9, seed=i) for i in range(5)] + [prompt(14, seed=9)]
+    budgets = [4, 6, 8, 5, 7, 6]
+    batches: list[int] = []
+    prefill_iter = model.prefill_iter
+
+    def counting(ids: torch.Tensor, **kw: Any) -> Any:
+        batches.append(ids.shape[0])
+        return prefill_iter(ids, **kw)
+
+    async def go() -> list[list[Event]]:
+        engine = Engine(model, EngineConfig(max_batch=8, prefill_chunk_tokens=64))
+        aborted = engine.add_request(prompt(9, seed=20), greedy(5), request_id="gone")
+        streams = [
+            engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=0.8, seed=i, ignore_eos=True))
+            for i, (p, n) in enumerate(zip(prompts, budgets, strict=True))
+        ]
+        engine.fault_hook = lambda phase, rid: engine.abort("gone") if rid == "gone" else None
+        engine.start()
+        out = await asyncio.gather(*(collect(s) for s in streams))
+        assert finish_of(await collect(aborted)).finish_reason is FinishReason.ABORTED
+        stats = engine.stats()
+        assert stats.cache_bytes_in_use == 0 and engine._pool.slots_in_use == 0 and engine._pool.pages_in_use == 0
+        await engine.shutdown()
+        return out
+
+    model.prefill_iter = counting  # type: ignore[method-assign]
+    try:
+        results = run(go)
+    finally:
+        del model.prefill_iter
+    assert batches[0] == 6  # the five 9-token prompts and the aborted one; the 14-token prompt alone
+    for i, (p, n, events) in enumerate(zip(prompts, budgets, results, strict=True)):
+        assert finish_of(events).finish_reason is FinishReason.LENGTH
+        assert tokens_of(events) == list(generate(model, p, n, temperature=0.8, seed=i))
+
+
+def test_failure_in_a_batched_prefill_fails_only_its_request(model: ReformerLM) -> None:
+    async def go() -> list[list[Event]]:
+        engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=64))
+
+        def hook(phase: str, request_id: str | None) -> None:
+            if phase == "prefill" and request_id == "victim":
+                raise torch.OutOfMemoryError("injected: out of memory")
+
+        engine.fault_hook = hook
+        streams = [engine.add_request(prompt(12, seed=i), greedy(6)) for i in range(3)]
+        streams.insert(1, engine.add_request(prompt(12, seed=7), greedy(6), request_id="victim"))
+        engine.start()
+        out = await asyncio.gather(*(collect(s) for s in streams))
+        assert engine.stats().cache_bytes_in_use == 0
+        await engine.shutdown()
+        return out
+
+    victim, *others = (lambda r: [r[1], r[0], r[2], r[3]])(run(go))
+    fin = finish_of(victim)
+    assert fin.finish_reason is FinishReason.ERROR and fin.error_kind == "oom"
+    for seed, events in enumerate(others):
+        assert tokens_of(events) == list(generate(model, prompt(12, seed=seed), 6, temperature=0.0))
