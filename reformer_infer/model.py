@@ -427,11 +427,13 @@ class LSHSelfAttention(nn.Module):
             out[dense] = o[:, :, 0]
             if not self.full_attention:
                 # From one chunk on, transformers hashes every cached position and decodes by LSH windows.
+                by_length: dict[int, list[int]] = {}
                 for i, T in zip(dense.tolist(), lengths, strict=True):
                     if T + 1 >= C:
-                        slot = int(batch.slots[i])
-                        pool.hash_all(j, slot, T + 1, self)
-                        transitioned.append(slot)
+                        by_length.setdefault(T + 1, []).append(int(batch.slots[i]))
+                for T1, slots in by_length.items():
+                    pool.hash_all(j, slots, T1, self)
+                    transitioned += slots
         if hashed.numel() and self.full_attention:
             pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # keeps the order
         return out.reshape(B, H * D), transitioned

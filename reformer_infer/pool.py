@@ -410,17 +410,22 @@ class DecodePool:
         kk, vv = self._gather_kv(j, self._page_rows(pt, pos.expand(pt.shape[0], span)).unsqueeze(1))
         return kk, vv, pos
 
-    def hash_all(self, j: int, slot: int, T1: int, layer: LSHSelfAttention) -> None:
-        """A sequence reaching one chunk (T1 positions, the new token's included): hash every position and
-        sort them, as transformers does when it starts decoding by LSH windows."""
-        rows = self._rows(slot, T1)
-        keys = self.keys[j].index_select(1, rows)  # (H, T1, D)
-        buckets = layer.hash(keys)  # (H, R, T1); argmax ignores the key norm
+    def hash_all(self, j: int, slots: list[int], T1: int, layer: LSHSelfAttention) -> None:
+        """Sequences reaching one chunk (T1 positions each, the new token's included): hash every position
+        and sort them, as transformers does when it starts decoding by LSH windows; all in one pass."""
+        S = len(slots)
+        sl = torch.tensor(slots, device=self.device)
+        rows = self._page_rows(self.page_table.index_select(0, sl),
+                               torch.arange(T1, device=self.device).expand(S, T1)).view(-1)  # (S * T1,)
+        keys = self.keys[j].index_select(1, rows).view(self.H, S, T1, self.D).transpose(0, 1)  # (S, H, T1, D)
+        buckets = layer.hash(keys)  # (S, H, R, T1); argmax ignores the key norm
         pos = torch.arange(T1, device=keys.device)
-        self.order[j].index_copy_(-1, rows, torch.argsort(buckets * T1 + pos, dim=-1).to(torch.int32))
-        counts = torch.zeros_like(self.cum_static[j, slot]).scatter_add_(-1, buckets, torch.ones_like(buckets, dtype=torch.int32))
-        self.cum_static[j, slot] = counts.cumsum(-1)
-        self.dbuckets[j, slot] = self.K
+        order = torch.argsort(buckets * T1 + pos, dim=-1).to(torch.int32)  # (S, H, R, T1)
+        self.order[j].index_copy_(-1, rows, order.permute(1, 2, 0, 3).reshape(self.H, self.R, S * T1))
+        counts = torch.zeros(S, *self.cum_static.shape[2:], dtype=self.cum_static.dtype, device=self.device)
+        counts.scatter_add_(-1, buckets, torch.ones_like(buckets, dtype=counts.dtype))
+        self.cum_static[j].index_copy_(0, sl, counts.cumsum(-1).to(counts.dtype))
+        self.dbuckets[j].index_fill_(0, sl, self.K)
 
     def _merged_order(self, j: int, slot: int) -> tuple[Tensor, Tensor]:
         """LSH layer j's (H, R, length) sorted order with its static order and delta merged (one linear
