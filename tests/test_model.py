@@ -420,3 +420,20 @@ def test_memory_tuning_applies_on_glibc():
     applied = release_large_buffers_promptly()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert applied
+
+
+def test_exp_shifted_is_exp_with_underflow_set_to_zero() -> None:
+    from reformer_infer.model import EXP_FLOOR, exp_shifted
+
+    x = torch.cat([torch.linspace(-86.9, 0.0, 1000), torch.tensor([-87.5, -100.0, -1e5, -1e9, float("-inf")])])
+    with torch.inference_mode():
+        got = exp_shifted(x.clone())
+    assert torch.equal(got[:1000], torch.exp(x[:1000]))
+    assert torch.equal(got[1000:], torch.zeros(5))  # fp32 exp is denormal or 0 there
+    # under autograd: out of place, same values, gradient exp(x) above the floor and 0 below it
+    y = x.clone().requires_grad_(True)
+    out = exp_shifted(y)
+    out.sum().backward()
+    assert torch.equal(out.detach(), got) and torch.equal(x, y.detach())
+    assert torch.equal(y.grad[:1000], torch.exp(x[:1000])) and torch.equal(y.grad[1000:], torch.zeros(5))
+    assert EXP_FLOOR > -87.34  # exp(-87.34) is fp32's smallest normal number
