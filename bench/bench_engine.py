@@ -6,7 +6,8 @@ long chunked prefill. Prints one markdown table per part, every figure measured 
 
 Part 1: N streams (prompt --prompt-len random bytes, --new-tokens each, sampled with per-request seeds,
 eos ignored) are submitted at once to an engine with max_batch = N; aggregate tokens/s = generated tokens /
-wall time from submission to the last FinishEvent (prefills included).
+wall time from submission to the last FinishEvent (prefills included). --repeat rounds each run every N in
+turn; the table gives medians over rounds and the median of the per-round ratios to the first N.
 
 Part 2: --running streams decode while one --long-prompt prompt is prefilled in chunks of
 --prefill-chunk work units; we record, on the consumer side, the gaps between consecutive tokens of the
@@ -215,7 +216,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--model", help="a checkpoint directory instead of a random preset ('default': the bundled model)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--repeat", type=int, default=2, help="throughput runs per stream count (best kept)")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds of throughput runs over every stream count")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefill-chunk", type=int, default=4096, help="prefill work units per engine step")
@@ -246,26 +247,27 @@ def main() -> None:
         f"prompt {args.prompt_len} + {args.new_tokens} new tokens per stream, prefill chunk {args.prefill_chunk} units\n"
     )
 
-    rows = []
-    for n in args.streams:
-        # Best of --repeat runs: the machine is shared, and the best run is the least disturbed one.
-        runs = [
-            asyncio.run(throughput(model, n, args.prompt_len, args.new_tokens, args.prefill_chunk))
-            for _ in range(args.repeat)
-        ]
-        row = max(runs, key=lambda r: r["tok_s"])
-        row["bare_ms"] = model_decode_ms(model, n, args.prompt_len + args.new_tokens)
-        rows.append(row)
-    base = rows[0]["tok_s"]
+    # --repeat rounds, each running every stream count in turn, so a ratio compares runs taken moments
+    # apart: the machine is shared and its speed drifts. Reported: medians over the rounds, and the median
+    # of the per-round ratios to the first stream count.
+    rounds = [
+        {n: asyncio.run(throughput(model, n, args.prompt_len, args.new_tokens, args.prefill_chunk)) for n in args.streams}
+        for _ in range(args.repeat)
+    ]
+    first = args.streams[0]
     print(
-        f"| streams | generated tokens | wall s | engine steps | aggregate tok/s | vs {rows[0]['streams']} stream "
-        "| bare decode_step ms at this batch (min) |"
+        f"| streams | generated tokens | engine steps | wall s (median) | aggregate tok/s (median) "
+        f"| vs {first} stream (median of {args.repeat} rounds) | per round | bare decode_step ms at this batch (min) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    print("|---:|---:|---:|---:|---:|---:|---|---:|")
+    for n in args.streams:
+        runs = [r[n] for r in rounds]
+        ratios = [r[n]["tok_s"] / r[first]["tok_s"] for r in rounds]
+        bare = model_decode_ms(model, n, args.prompt_len + args.new_tokens)
         print(
-            f"| {r['streams']} | {r['tokens']} | {r['wall_s']:.2f} | {r['steps']} | {r['tok_s']:.1f} | "
-            f"{r['tok_s'] / base:.1f}× | {r['bare_ms']:.1f} |"
+            f"| {n} | {runs[0]['tokens']} | {statistics.median(r['steps'] for r in runs):.0f} | "
+            f"{statistics.median(r['wall_s'] for r in runs):.2f} | {statistics.median(r['tok_s'] for r in runs):.1f} | "
+            f"{statistics.median(ratios):.2f}× | {' '.join(f'{x:.2f}' for x in ratios)} | {bare:.1f} |"
         )
 
     if args.long_prompt:
