@@ -34,7 +34,7 @@ import heapq
 import math
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,6 +59,7 @@ class StepBatch:
     dense_idx: Tensor  # (n_d,) the others
     new_rows: Tensor  # (n,) pool row of each new token's position (its page row)
     first: int | None  # the slots are first, first + 1, ...: per-slot tensors are read through views
+    memo: dict = field(default_factory=dict)  # per-step tensors every LSH layer would otherwise rebuild
 
     def select(self, t: Tensor, idx: Tensor | None = None) -> Tensor:
         """Rows of per-slot tensor t (slots first) for the batch rows `idx` (all rows when None)."""
@@ -355,14 +356,9 @@ class DecodePool:
         transformers' cached decode does. Returns keys, values (n, H, R, W, D) and positions (n, H, R, W).
         Nothing here is O(buckets) or O(length): the merged order is addressed through the delta's slots.
         """
-        H, R, N, K, M = self.H, self.R, self.N * self.P, self.K, self.M
-        W = C * (1 + before + after)
-        dev = buckets.device
-        sl, T = batch.slots[idx], batch.lengths[idx].view(-1, 1, 1, 1)
-        n = sl.shape[0]
+        N, K, M = self.N * self.P, self.K, self.M
+        sl, T, T1, last, hr, base, ar_m, ar, offs, pt = self._window_constants(batch, idx, C * (1 + before + after))
         b = buckets.unsqueeze(-1).int()  # (n, H, R, 1)
-        hr = torch.arange(H * R, device=dev).view(1, H, R, 1)
-        base = (sl.view(n, 1, 1, 1) * (H * R) + hr) * K  # row of each (sequence, head, round) in cum_static
         cum = self.cum_static[j].view(-1)
         dbk = batch.select(self.dbuckets[j], idx)  # (n, H, R, M) sorted; unused entries hold K
         dor = batch.select(self.dorder[j], idx)
@@ -370,26 +366,41 @@ class DecodePool:
         p = cum.take(base + b) + q  # the new token's slot in the merged order
         # merged slot of delta entry k: every static entry of its bucket and below, and the k delta entries
         # before it; unused entries sort last
-        ar_m = torch.arange(M, device=dev, dtype=torch.int32)
         dms = torch.where(dbk < K, cum.take(base + dbk.clamp(max=K - 1)) + ar_m, torch.iinfo(torch.int32).max)
         start = (torch.div(p, C, rounding_mode="floor") - before) * C
-        slots = torch.remainder(start + torch.arange(W, device=dev), T + 1)  # (n, H, R, W)
+        slots = torch.remainder(start + offs, T1)  # (n, H, R, W)
         is_new = slots == p
-        s = torch.where(slots > p, slots - 1, slots).clamp_(max=(T - 1).clamp(min=0)).int()  # among the T cached
+        s = torch.where(slots > p, slots - 1, slots).clamp_(max=last).int()  # among the T cached
         nd = torch.searchsorted(dms, s)  # delta entries before merged slot s
         ndc = nd.clamp(max=M - 1)
         in_delta = dms.gather(-1, ndc) == s
         si = s - nd  # otherwise it is static entry s - nd
-        pt = batch.select(self.page_table, idx)  # (n, pages)
         spos = self.order[j].view(-1).take(hr * N + self._page_rows(pt, si))
         pos = torch.where(is_new, T, torch.where(in_delta, dor.gather(-1, ndc), spos).long())
         kk, vv = self._gather_kv(j, self._page_rows(pt, pos))
         # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
-        ar = torch.arange(M, device=dev)
         src = (ar - (ar > q).long()).clamp_(min=0)
         self.dbuckets[j].index_copy_(0, sl, torch.where(ar == q, b, dbk.gather(-1, src)))
         self.dorder[j].index_copy_(0, sl, torch.where(ar == q, T.int(), dor.gather(-1, src)))
         return kk, vv, pos
+
+    def _window_constants(self, batch: StepBatch, idx: Tensor, W: int) -> tuple[Tensor, ...]:
+        """Index tensors of `lsh_window` that depend on the step's sequences only, built once per step (every
+        LSH layer of the step reads them)."""
+        key = ("lsh_window", id(idx), W)
+        if key not in batch.memo:
+            H, R, K, M = self.H, self.R, self.K, self.M
+            dev = idx.device
+            sl, T = batch.slots[idx], batch.lengths[idx].view(-1, 1, 1, 1)
+            hr = torch.arange(H * R, device=dev).view(1, H, R, 1)
+            base = (sl.view(-1, 1, 1, 1) * (H * R) + hr) * K  # row of each (sequence, head, round) in cum_static
+            batch.memo[key] = (
+                sl, T, T + 1, (T - 1).clamp(min=0), hr, base,
+                torch.arange(M, device=dev, dtype=torch.int32), torch.arange(M, device=dev),
+                torch.arange(W, device=dev), batch.select(self.page_table, idx),
+                idx,  # keeps id(idx) from being reused by another tensor while the step lasts
+            )
+        return batch.memo[key][:-1]
 
     def _gather_kv(self, j: int, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (n, H, ..., D) of LSH layer j at pool rows `rows` (n, H or 1, ...), every head."""
