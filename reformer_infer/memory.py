@@ -1,4 +1,4 @@
-"""Process-level memory tuning for serving long contexts (opt-in: the server and benchmarks call it).
+"""Process-level memory and garbage-collector tuning for serving (opt-in: the server and benchmarks call it).
 
 A 64K prefill allocates and frees many tens-of-MB slices. glibc raises its mmap threshold dynamically up
 to 32 MiB after such frees, so later slices come from the heap, fragment it, and are never returned:
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 logger = logging.getLogger(__name__)
@@ -32,3 +33,21 @@ def release_large_buffers_promptly(threshold_bytes: int = 1 << 20) -> bool:
     ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
     logger.debug("mallopt mmap/trim thresholds %d bytes: %s", threshold_bytes, ok)
     return ok
+
+
+def freeze_startup_objects() -> int:
+    """Collect once, then move every object alive now out of the cyclic collector's reach (`gc.freeze`);
+    returns how many were frozen. Call it when startup is done (model loaded, warmed up).
+
+    Importing torch leaves ~170K tracked objects, and a full (generation 2) collection walks all of them:
+    ~50 ms here, holding the GIL, at a moment set by allocation counts. In a serving process that pause
+    lands inside an engine step (measured: a 4-stream decode step of 7 ms took 68 ms, and the largest
+    inter-token gap of streams decoding beside a 64K prefill doubled). Startup objects live as long as the
+    process, so the collector would never reclaim them anyway; what is allocated later is collected as
+    usual. SGLang and Ray Serve do the same after warm-up.
+    """
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.debug("froze %d startup objects out of the cyclic GC", frozen)
+    return frozen

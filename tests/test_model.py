@@ -437,3 +437,27 @@ def test_exp_shifted_is_exp_with_underflow_set_to_zero() -> None:
     assert torch.equal(out.detach(), got) and torch.equal(x, y.detach())
     assert torch.equal(y.grad[:1000], torch.exp(x[:1000])) and torch.equal(y.grad[1000:], torch.zeros(5))
     assert EXP_FLOOR > -87.34  # exp(-87.34) is fp32's smallest normal number
+
+
+def test_freeze_startup_objects_moves_live_objects_out_of_the_collector() -> None:
+    import gc
+
+    from reformer_infer.memory import freeze_startup_objects
+
+    before = gc.get_freeze_count()
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > before
+        cycle: list = []
+        cycle.append(cycle)  # created after the freeze: still collected
+        ref = __import__("weakref").ref(_Box(cycle))
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.unfreeze()
+
+
+class _Box:
+    def __init__(self, payload: object) -> None:
+        self.me = self
+        self.payload = payload
