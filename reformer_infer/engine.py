@@ -66,8 +66,9 @@ _STATUS = {
     FinishReason.ERROR: RequestStatus.FINISHED_ERROR,
 }
 
-# Most prompt tokens one batched prefill of equal-length prompts takes (bounds its activations).
-GROUP_PREFILL_TOKENS = 8192
+# While nothing decodes, one batched prefill of equal-length prompts takes at most this many steps' worth of
+# prefill work (bounds how long new arrivals and aborts wait for the step to end, and its activations).
+GROUP_PREFILL_STEPS = 32
 
 # A fault hook gets (phase, request_id) at "step" (request_id None) and before each "prefill" chunk;
 # whatever it raises is handled exactly like a failure of that phase. Tests use it to inject faults.
@@ -454,20 +455,37 @@ class Engine:
             decode_batch = [r for r in self._decoding if not r.finished]
             prefill_queue = [r for r in self._prefilling if not r.finished]
         decoded = self._execute_decode(decode_batch) if decode_batch else 0
+        # Prefill budget of this step. Every other step the prompts with the least work left go first, so a
+        # short prompt does not wait behind a long prefill for its whole length; on the other steps the
+        # oldest goes first, so nothing starves. Prompts that finish leave the rest of the budget to the
+        # next ones. A prompt not started yet is prefilled together with the other waiting prompts of its
+        # length in one batched pass (16 prompts of 64 tokens cost ~0.6x of 16 passes): while sequences
+        # decode, as many as the budget allows, counted one by one; while none does, no stream's inter-token
+        # latency is at stake and up to GROUP_PREFILL_STEPS steps' worth of work goes in one pass.
+        if self._steps % 2 == 0:
+            prefill_queue.sort(key=self._work_left)  # stable: FIFO among equals
         prefilled = 0
-        if not decode_batch:
-            # Nothing is decoding, so no stream's inter-token latency is at stake: prompts that arrived
-            # together are prefilled together, one batched pass per prompt length (a burst of 16 short
-            # prompts costs ~0.6x of 16 passes, and the first tokens of all come sooner).
-            for group in self._prefill_groups(prefill_queue):
-                tokens = self._execute_prefill_group(group)
-                if tokens is not None:
-                    prefilled += tokens
-                    prefill_queue = [r for r in prefill_queue if r not in group]
-        # Prefill budget of this step: the oldest prompt first; short prompts that finish leave the rest
-        # of the budget to the next ones, so a burst of short requests is not admitted one per step.
         remaining = self.config.prefill_chunk_tokens
+        done: set[int] = set()
+        failed: set[int] = set()  # prompt lengths whose batched pass raised this step: one at a time now
         for req in prefill_queue:
+            if id(req) in done:
+                continue
+            group = None
+            if len(req.prompt_ids) not in failed:
+                group = self._prefill_group(req, prefill_queue, done, remaining if decode_batch else None)
+            if group is not None:
+                tokens = self._execute_prefill_group(group)
+                if tokens is None:
+                    failed.add(len(req.prompt_ids))
+                else:
+                    prefilled += tokens
+                    done.update(id(r) for r in group)
+                    if decode_batch:
+                        remaining -= len(group) * self._prefill_work(len(req.prompt_ids))
+                        if remaining <= 0:
+                            break
+                    continue
             tokens, used = self._execute_prefill(req, remaining)
             prefilled += tokens
             remaining -= max(used, 1)
@@ -556,19 +574,29 @@ class Engine:
         used = max(req.prefill_total_work, req.prefill_done_work) - start_work
         return self._prefill_finished(req, cache, out.tokens[0], out.logprobs[0], time.monotonic()), used
 
-    def _prefill_groups(self, queue: list[_Request]) -> list[list[_Request]]:
-        """Groups of two or more not-yet-started prompts of one length, each at most `prefill_chunk_tokens`
-        long and at most GROUP_PREFILL_TOKENS in all (long prompts keep their chunked, reported prefill)."""
-        by_length: dict[int, list[_Request]] = {}
-        for req in queue:
-            n = len(req.prompt_ids)
-            if req.prefill_gen is None and not req.finished and n <= self.config.prefill_chunk_tokens:
-                by_length.setdefault(n, []).append(req)
-        groups = []
-        for n, reqs in by_length.items():
-            per = max(1, GROUP_PREFILL_TOKENS // n)
-            groups += [reqs[i : i + per] for i in range(0, len(reqs), per) if len(reqs[i : i + per]) > 1]
-        return groups
+    def _prefill_work(self, n: int) -> int:
+        """Work units of a prefill of n prompt tokens (what `prefill_iter` counts); 0 if the model does not
+        say (exported backends), which turns batched prefills off."""
+        work = getattr(self.model, "prefill_work", None)
+        return int(work(n)) if work is not None else 0
+
+    def _work_left(self, req: _Request) -> int:
+        total = req.prefill_total_work or self._prefill_work(len(req.prompt_ids))
+        return total - req.prefill_done_work
+
+    def _prefill_group(self, req: _Request, queue: list[_Request], done: set[int],
+                       budget: int | None) -> list[_Request] | None:
+        """`req` and the other not-started prompts of its length in `queue` that one batched prefill takes:
+        at most `budget` work units when given, else GROUP_PREFILL_STEPS steps' worth; None when that is
+        fewer than two prompts (long prompts keep their chunked, reported prefill)."""
+        n = len(req.prompt_ids)
+        work = self._prefill_work(n)
+        if req.prefill_gen is not None or work <= 0:
+            return None
+        size = (budget if budget is not None else GROUP_PREFILL_STEPS * self.config.prefill_chunk_tokens) // work
+        group = [r for r in queue if id(r) not in done and not r.finished and r.prefill_gen is None
+                 and len(r.prompt_ids) == n][:size]
+        return group if len(group) > 1 and group[0] is req else None
 
     def _execute_prefill_group(self, group: list[_Request]) -> int | None:
         """Prefill `group` (equal-length prompts, none started) in one batched pass and emit each first

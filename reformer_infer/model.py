@@ -706,7 +706,7 @@ class ReformerLM(nn.Module):
         check_prompt_length(self.config, T)
         seqs = [SequenceCache.allocate(self, cap, pool, prefilled=T) for cap in row_capacities(capacity, B, T)]
         gen = self._forward_work(input_ids, seqs, last_only=last_only, work_tokens=work_tokens)
-        total = self._work_total(T)
+        total = self.prefill_work(T)
         done = 0
         while True:
             # inference mode only around each unit: a `with` spanning the `yield` would leak the mode into
@@ -723,8 +723,9 @@ class ReformerLM(nn.Module):
             s.length = T
         return logits, ReformerCache(seqs)
 
-    def _work_total(self, T: int) -> int:
-        """Work units of a prefill of T tokens (with a cache): positions covered by every pass that yields."""
+    def prefill_work(self, T: int) -> int:
+        """Work units of a prefill of T tokens (with a cache): positions covered by every pass that yields.
+        An engine budgets its steps in these units."""
         cfg = self.config
         Tp = padded_length(cfg, T)
         n = T  # embeddings

@@ -534,9 +534,9 @@ def test_equal_length_burst_is_prefilled_in_one_batched_pass_with_the_same_resul
         engine.start()
         out = await asyncio.gather(*(collect(s) for s in streams))
         assert finish_of(await collect(aborted)).finish_reason is FinishReason.ABORTED
-        stats = engine.stats()
-        assert stats.cache_bytes_in_use == 0 and engine._pool.slots_in_use == 0 and engine._pool.pages_in_use == 0
-        await engine.shutdown()
+        assert engine.stats().cache_bytes_in_use == 0
+        await engine.shutdown()  # the last step's own references to finished sequences are gone after it
+        assert engine._pool.slots_in_use == 0 and engine._pool.pages_in_use == 0
         return out
 
     model.prefill_iter = counting  # type: ignore[method-assign]
@@ -572,3 +572,39 @@ def test_failure_in_a_batched_prefill_fails_only_its_request(model: ReformerLM) 
     assert fin.finish_reason is FinishReason.ERROR and fin.error_kind == "oom"
     for seed, events in enumerate(others):
         assert tokens_of(events) == list(generate(model, prompt(12, seed=seed), 6, temperature=0.0))
+
+
+def test_short_prompt_does_not_wait_behind_a_long_prefill(model: ReformerLM) -> None:
+    """Every other step the prompts with the least prefill work left go first: a short prompt that arrives
+    during a long prompt's chunked prefill is answered long before that prefill ends, and both results are
+    the ones each gets alone."""
+    long_prompt, short_prompt = prompt(200, seed=3), prompt(8, seed=4)
+
+    async def go() -> tuple[list[Event], list[Event], list[str]]:
+        engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=16))
+        engine.start()
+        order: list[str] = []
+
+        async def watch(name: str, stream: RequestStream) -> list[Event]:
+            events = []
+            async for ev in stream:
+                if isinstance(ev, (TokenEvent, FinishEvent)) and not any(
+                    isinstance(e, (TokenEvent, FinishEvent)) for e in events
+                ):
+                    order.append(name)  # each request's first token (or finish)
+                events.append(ev)
+            return events
+
+        long = engine.add_request(long_prompt, greedy(2))
+        while engine.stats().prefill_tokens_total == 0:  # the long prefill is under way
+            await asyncio.sleep(0.001)
+        short = engine.add_request(short_prompt, greedy(3))
+        long_events, short_events = await asyncio.gather(watch("long", long), watch("short", short))
+        await engine.shutdown()
+        return long_events, short_events, order
+
+    long_events, short_events, order = run(go)
+    assert order == ["short", "long"]
+    assert any(isinstance(ev, PrefillProgress) for ev in long_events)
+    assert tokens_of(short_events) == list(generate(model, short_prompt, 3, temperature=0.0))
+    assert tokens_of(long_events) == list(generate(model, long_prompt, 2, temperature=0.0))
