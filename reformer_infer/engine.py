@@ -2,10 +2,11 @@
 
 One engine step (vLLM v1 shape) is `schedule -> execute -> update`:
   * schedule: admit waiting requests while slots and cache bytes allow (`Scheduler`), expire deadlines;
-  * execute: one batched `decode_step` over every decoding sequence (their caches grouped with
-    `ReformerCache.batch`, no copies), then at most `prefill_chunk_tokens` units of ONE prompt's
-    resumable prefill (`model.prefill_iter`), so a 64K prompt is spread over many steps while running
-    streams keep getting a token every step;
+  * execute: one batched `decode_step` over every decoding sequence (their caches in one shared decode
+    pool), then about `prefill_chunk_tokens` units of resumable prefill (`model.prefill_iter`), so a 64K
+    prompt is spread over many steps while running streams keep getting a token every step. Prompts take
+    the budget oldest first and, every other step, least work left first (a short prompt does not wait
+    for a long prefill to end); waiting prompts of one length are prefilled together in one batched pass;
   * update: sample per row (`sampling.sample_batch`), detokenise UTF-8-safely, match stop strings and
     finish requests, releasing their slot and bytes at once.
 
