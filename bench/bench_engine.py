@@ -30,7 +30,7 @@ import torch
 from reformer_infer.cache import ReformerCache
 from reformer_infer.config import ReformerConfig
 from reformer_infer.engine import Engine, EngineConfig, RequestStream
-from reformer_infer.memory import freeze_startup_objects
+from reformer_infer.memory import freeze_startup_objects, release_large_buffers_promptly
 from reformer_infer.model import ReformerLM
 from reformer_infer.requests import FinishEvent, PrefillProgress, SamplingParams, TokenEvent
 
@@ -247,7 +247,10 @@ def main() -> None:
         cfg = ReformerConfig(**PRESETS[args.preset])
         model = ReformerLM(cfg).eval().to(args.device)  # random init: speed does not depend on the weights
         name = f"preset {args.preset}"
-    freeze_startup_objects()  # as the server does once it is up: no full-GC pauses inside engine steps
+    # process tuning as the server does it: large buffers on mmap (returned at once, no heap ratchet), and
+    # startup objects out of the cyclic GC (no full-GC pauses inside engine steps)
+    release_large_buffers_promptly()
+    freeze_startup_objects()
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {name}, {len(cfg.attn_layers)} layers, hidden {cfg.hidden_size} "

@@ -277,7 +277,17 @@ class LSHSelfAttention(nn.Module):
             qk = h.new_empty(B, H, T, D)
             k = state[0].keys[:, :T].unsqueeze(0) if in_cache else h.new_empty(B, H, T, D)
             buckets = None
+        if hashed:
+            # The rounds' outputs are accumulated here (laid out (B, T + 1, H, D) so its slices are the output
+            # rows; row T takes the pads). Attention writes it in sorted order, i.e. all over the buffer from
+            # its first group on: touched first there, its fresh pages (32 MB at 64K on the small preset) would
+            # all fault in during one unit. Zeroing it slice by slice with the projections spreads that out.
+            acc = qk.new_empty(B, T + 1, H, D)
+            lse_acc = qk.new_empty(B, T + 1, H)
         for s0, s1 in _slices(T, step):
+            if hashed:
+                acc[:, s0 : (T + 1 if s1 == T else s1)].zero_()
+                lse_acc[:, s0 : (T + 1 if s1 == T else s1)].zero_()
             x = layer_norm(h[:, s0:s1])
             qk_s = self.query_key(x).view(B, s1 - s0, H, D).transpose(1, 2)  # (B, H, t, D)
             qk[:, :, s0:s1] = qk_s
@@ -328,10 +338,7 @@ class LSHSelfAttention(nn.Module):
         if step is not None:
             G = min(G, max(1, step // C))
         # Rounds are combined online, group by group: acc = sum_r out_r * exp(lse_r - logsumexp_r lse_r),
-        # merged into the rows a group's queries came from. acc is laid out (B, T + 1, H, D) so its slices
-        # are the output rows (no transposed copy); row T takes the pads.
-        acc = qk.new_empty(B, T + 1, H, D)
-        lse_acc = qk.new_empty(B, T + 1, H)
+        # merged into the rows a group's queries came from (no transposed copy of the output).
         acc_rows, lse_rows = acc.view(-1, D), lse_acc.view(-1)
         # row of (b, head, position) in the flattened accumulator
         base = (torch.arange(B, device=dev).view(B, 1, 1) * (T + 1) * H + torch.arange(H, device=dev).view(1, H, 1))
