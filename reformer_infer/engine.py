@@ -276,6 +276,7 @@ class Engine:
             per_token = max(float(model.cache_bytes_per_token()), 1.0)
             tokens = min(int(self.config.cache_memory_bytes / per_token), self.config.max_batch * self.max_context)
             self._pool = model.new_decode_pool(self.config.max_batch, tokens)
+        self._pool_kw: dict[str, Any] = {} if self._pool is None else {"pool": self._pool}  # for prefills
         self._scheduler = Scheduler(
             SchedulerConfig(
                 max_running=self.config.max_batch,
@@ -525,8 +526,8 @@ class Engine:
             if gen is None:
                 ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self._device)  # (1, T)
                 capacity = n + req.params.max_new_tokens
-                kw = {} if self._pool is None else {"pool": self._pool}
-                gen = self.model.prefill_iter(ids, capacity=capacity, last_only=True, work_tokens=chunk, **kw)
+                gen = self.model.prefill_iter(ids, capacity=capacity, last_only=True, work_tokens=chunk,
+                                              **self._pool_kw)
                 with self._cond:
                     if req.finished:
                         return 0, 0
@@ -555,9 +556,7 @@ class Engine:
                         req.stream.put(PrefillProgress(req.request_id, tokens_done, n))
                 return delta, req.prefill_done_work - start_work
             logits, cache = result
-            if self._pool is not None:
-                for seq in cache.sequences:
-                    self._pool.adopt(seq)
+            self._adopt(cache)
             out = sample_batch(logits[:, -1, :], [req.sampler])
         except Exception as exc:  # one request's failure (OOM included) must not take the engine down
             oom = _is_oom(exc)
@@ -574,6 +573,12 @@ class Engine:
             return 0, budget
         used = max(req.prefill_total_work, req.prefill_done_work) - start_work
         return self._prefill_finished(req, cache, out.tokens[0], out.logprobs[0], time.monotonic()), used
+
+    def _adopt(self, cache: Any) -> None:
+        """Move a finished prefill's sequences into the engine's decode pool (no copy when it wrote there)."""
+        if self._pool is not None:
+            for seq in cache.sequences:
+                self._pool.adopt(seq)
 
     def _prefill_work(self, n: int) -> int:
         """Work units of a prefill of n prompt tokens (what `prefill_iter` counts); 0 if the model does not
@@ -609,18 +614,10 @@ class Engine:
                 for req in group:
                     self.fault_hook("prefill", req.request_id)
             ids = torch.tensor([r.prompt_ids for r in group], dtype=torch.long, device=self._device)  # (G, n)
-            kw = {} if self._pool is None else {"pool": self._pool}
-            gen = self.model.prefill_iter(ids, capacity=[n + r.params.max_new_tokens for r in group],
-                                          last_only=True, work_tokens=self.config.prefill_chunk_tokens, **kw)
-            while True:
-                try:
-                    next(gen)
-                except StopIteration as stop:
-                    logits, cache = stop.value
-                    break
-            if self._pool is not None:
-                for seq in cache.sequences:
-                    self._pool.adopt(seq)
+            # in one go: the group is sized to the budget it may take (`prefill` equals `prefill_iter` exactly)
+            logits, cache = self.model.prefill(ids, capacity=[n + r.params.max_new_tokens for r in group],
+                                               last_only=True, **self._pool_kw)
+            self._adopt(cache)
             out = sample_batch(logits[:, -1, :], [r.sampler for r in group])
         except Exception as exc:
             logger.info("batched prefill of %d prompts failed (%r); prefilling them one by one", len(group), exc)

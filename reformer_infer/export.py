@@ -37,14 +37,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_model
 from .config import ReformerConfig
-from .model import (
-    MASK_VALUE,
-    SELF_MASK_VALUE,
-    LocalSelfAttention,
-    LSHSelfAttention,
-    ReformerLM,
-    len_norm,
-)
+from .model import MASK_VALUE, SELF_MASK_VALUE, LocalSelfAttention, LSHSelfAttention, ReformerLM, len_norm
 
 logger = logging.getLogger(__name__)
 

@@ -245,7 +245,7 @@ class ExportedModel:
             local_values=torch.zeros(self.num_local, 1, H, self.ring, D, device=dev),
         )
 
-    def prefill(self, input_ids: Tensor, capacity: int | None = None,
+    def prefill(self, input_ids: Tensor, capacity: int | Sequence[int] | None = None,
                 last_only: bool = False) -> tuple[Tensor, ExportedCache]:
         gen = self.prefill_iter(input_ids, capacity=capacity, last_only=last_only)
         while True:

@@ -286,8 +286,9 @@ class LSHSelfAttention(nn.Module):
             lse_acc = qk.new_empty(B, T + 1, H)
         for s0, s1 in _slices(T, step):
             if hashed:
-                acc[:, s0 : (T + 1 if s1 == T else s1)].zero_()
-                lse_acc[:, s0 : (T + 1 if s1 == T else s1)].zero_()
+                end = T + 1 if s1 == T else s1  # the last slice takes the pads' row too
+                acc[:, s0:end].zero_()
+                lse_acc[:, s0:end].zero_()
             x = layer_norm(h[:, s0:s1])
             qk_s = self.query_key(x).view(B, s1 - s0, H, D).transpose(1, 2)  # (B, H, t, D)
             qk[:, :, s0:s1] = qk_s
@@ -687,7 +688,7 @@ class ReformerLM(nn.Module):
         return _drain(self._forward_work(input_ids, None, last_only=False))
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Tensor, capacity: int | None = None, last_only: bool = False,
+    def prefill(self, input_ids: Tensor, capacity: int | Sequence[int] | None = None, last_only: bool = False,
                 pool: DecodePool | None = None) -> tuple[Tensor, ReformerCache]:
         """Full forward over the prompt that also builds the decode cache. Returns (logits, cache).
         With a `pool`, the cache is written straight into it where it has room (see `DecodePool`)."""
