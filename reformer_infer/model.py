@@ -151,18 +151,55 @@ def _attend_window(
     Keys at positions after the query are masked (causal); with `self_mask` a query's own position gets
     the self-mask value (it is seen only when nothing else is).
     """
-    dots = torch.matmul(q, k.transpose(-1, -2))  # (..., Q, W)
+    e, s, m = _window_softmax(torch.matmul(q, k.transpose(-1, -2)), q_pos, k_pos, self_mask, causal)
+    out = torch.matmul(e, v) / s
+    return out, (m + torch.log(s)).squeeze(-1)
+
+
+def _window_softmax(dots: Tensor, q_pos: Tensor, k_pos: Tensor, self_mask: bool, causal: bool
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The masks of `_attend_window` on scores dots (..., Q, W), and a softmax with its log-normaliser in
+    one exp pass: returns e, s, m with probs = e / s and lse = m + log s (s and m (..., Q, 1))."""
     qp, kp = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
     if causal:
         dots = dots.masked_fill(kp > qp, MASK_VALUE.get(dots.dtype, -1e9))
     if self_mask:
         dots = dots.masked_fill(kp == qp, SELF_MASK_VALUE.get(dots.dtype, -1e5))
-    # softmax with its log-normaliser, one exp pass: probs = exp(dots - m) / s, lse = m + log s
     m = dots.amax(dim=-1, keepdim=True).detach()
     e = exp_shifted(dots - m if torch.is_grad_enabled() else dots.sub_(m))
-    s = e.sum(dim=-1, keepdim=True)
-    out = torch.matmul(e, v) / s
-    return out, (m + torch.log(s)).squeeze(-1)
+    return e, e.sum(dim=-1, keepdim=True), m
+
+
+# The adjoint of embedding_bag's per-sample weights: out[i] = grad[bag(i)] . weight[indices[i]], i.e. the
+# scores of queries against table rows read in place (public torch has no such gather-dot).
+_ROWS_DOT = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+
+
+def _bags(memo: dict, n: int, L: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Offsets (n,) and bag of every entry (n * L,) of n bags of L rows each (memoised in `memo`)."""
+    key = ("bags", n, L)
+    if key not in memo:
+        memo[key] = (torch.arange(0, n * L, L, device=device), torch.arange(n, device=device).repeat_interleave(L))
+    return memo[key]
+
+
+def _table_dots(q: Tensor, table: Tensor, rows: Tensor, memo: dict) -> Tensor:
+    """q (n, D), table (N, D), rows (n, L) -> (n, L): q[b] . table[rows[b, l]]. Each key row is read once,
+    where it lies: no (n, L, D) copy of the window is made (at 16 sequences that copy and its re-read cost
+    more than the scores)."""
+    n, L = rows.shape
+    if _ROWS_DOT is not None:
+        offsets, bag = _bags(memo, n, L, q.device)
+        return _ROWS_DOT(q, table, rows.reshape(-1), offsets, bag, 0, -1).view(n, L)
+    return torch.matmul(table.index_select(0, rows.reshape(-1)).view(n, L, -1), q.unsqueeze(-1)).view(n, L)
+
+
+def _table_sum(w: Tensor, table: Tensor, rows: Tensor, memo: dict) -> Tensor:
+    """w (n, L), table (N, D), rows (n, L) -> (n, D): sum over l of w[b, l] * table[rows[b, l]], each row read
+    where it lies (embedding_bag's weighted sum)."""
+    n, L = rows.shape
+    offsets, _ = _bags(memo, n, L, w.device)
+    return F.embedding_bag(rows.reshape(-1), table, offsets, mode="sum", per_sample_weights=w.reshape(-1))
 
 
 def _window_chunk_index(num_chunks: int, first: int, last: int, before: int, after: int, device) -> Tensor:
@@ -417,12 +454,16 @@ class LSHSelfAttention(nn.Module):
         dense = torch.arange(B, device=x.device) if self.full_attention else batch.dense_idx
         if hashed.numel() and not self.full_attention:
             n = hashed.numel()
-            kk, vv, pp = pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # + insert
-            q = qk[hashed].view(n, H, 1, 1, D).expand(n, H, R, 1, D)
+            rows, pp = pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # + insert
+            keys, values = pool.lsh_tables(j)
+            W = rows.shape[-1]
+            rows = rows.reshape(n * H, R * W)  # one bag per (sequence, head): every round's window
+            dots = _table_dots(qk[hashed].reshape(n * H, D), keys, rows, batch.memo).view(n, H, R, 1, W)
             tpos = batch.lengths[hashed].view(n, 1, 1, 1).expand(n, H, R, 1)
-            o, lse = _attend_window(q, kk, vv, tpos, pp, self_mask=True, causal=False)
-            w = torch.softmax(lse, dim=2)  # (n, H, R, 1): round weights exp(lse_r - logsumexp_r lse)
-            out[hashed] = (o * w.unsqueeze(-1)).sum(dim=2)[:, :, 0]
+            e, s, m = _window_softmax(dots, tpos, pp, self_mask=True, causal=False)
+            w = torch.softmax(m + torch.log(s), dim=2)  # (n, H, R, 1, 1): round weights from each round's lse
+            # rounds combined inside the weighted sum: sum_r w_r * (e_r / s_r) . v_r
+            out[hashed] = _table_sum((e * (w / s)).view(n * H, R * W), values, rows, batch.memo).view(n, H, D)
         transitioned: list[int] = []
         if dense.numel():
             lengths = [batch.length_list[i] for i in dense.tolist()]

@@ -353,7 +353,8 @@ class DecodePool:
 
         buckets (n, H, R). The new token (position T) lands at slot p of its round's T+1 sorted entries (p =
         cached tokens with bucket <= its own) and sees slots [(p // C - before) * C, + W) modulo T + 1, as
-        transformers' cached decode does. Returns keys, values (n, H, R, W, D) and positions (n, H, R, W).
+        transformers' cached decode does. Returns the window's rows in the layer's key and value tables
+        (`lsh_tables`) and their positions, both (n, H, R, W): the attention reads the rows where they lie.
         Nothing here is O(buckets) or O(length): the merged order is addressed through the delta's slots.
         """
         N, K, M = self.N * self.P, self.K, self.M
@@ -377,12 +378,12 @@ class DecodePool:
         si = s - nd  # otherwise it is static entry s - nd
         spos = self.order[j].view(-1).take(hr * N + self._page_rows(pt, si))
         pos = torch.where(is_new, T, torch.where(in_delta, dor.gather(-1, ndc), spos).long())
-        kk, vv = self._gather_kv(j, self._page_rows(pt, pos))
+        rows = self._table_rows(self._page_rows(pt, pos))
         # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
         src = (ar - (ar > q).long()).clamp_(min=0)
         self.dbuckets[j].index_copy_(0, sl, torch.where(ar == q, b, dbk.gather(-1, src)))
         self.dorder[j].index_copy_(0, sl, torch.where(ar == q, T.int(), dor.gather(-1, src)))
-        return kk, vv, pos
+        return rows, pos
 
     def _window_constants(self, batch: StepBatch, idx: Tensor, W: int) -> tuple[Tensor, ...]:
         """Index tensors of `lsh_window` that depend on the step's sequences only, built once per step (every
@@ -402,12 +403,21 @@ class DecodePool:
             )
         return batch.memo[key][:-1]
 
+    def lsh_tables(self, j: int) -> tuple[Tensor, Tensor]:
+        """LSH layer j's keys and values as (H * N * P, D) tables: head h's pool row r is table row
+        h * N * P + r (see `_table_rows`)."""
+        return self.keys[j].view(-1, self.D), self.values[j].view(-1, self.D)
+
+    def _table_rows(self, rows: Tensor) -> Tensor:
+        """Table rows (n, H, ...) of pool rows `rows` (n, H or 1, ...) in every head."""
+        H = self.H
+        return rows + torch.arange(H, device=rows.device).view(1, H, *[1] * (rows.dim() - 2)) * (self.N * self.P)
+
     def _gather_kv(self, j: int, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (n, H, ..., D) of LSH layer j at pool rows `rows` (n, H or 1, ...), every head."""
         H, D = self.H, self.D
         shape = (rows.shape[0], H, *rows.shape[2:])
-        flat = (rows + torch.arange(H, device=rows.device).view(1, H, *[1] * (rows.dim() - 2)) * (self.N * self.P))
-        flat = flat.expand(shape).reshape(-1)
+        flat = self._table_rows(rows).expand(shape).reshape(-1)
         kk = self._gather_rows("keys", self.keys[j].view(-1, D), flat).view(*shape, D)
         vv = self._gather_rows("values", self.values[j].view(-1, D), flat).view(*shape, D)
         return kk, vv
