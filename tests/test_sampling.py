@@ -119,3 +119,18 @@ def test_logprobs_are_raw_model_logprobs_with_top_n() -> None:
     assert first.logprob == pytest.approx(lp[0, out.tokens[0]].item(), abs=1e-6)
     assert [t for t, _ in first.top] == lp[0].topk(3).indices.tolist()
     assert math.isclose(first.top[0][1], lp[0].max().item(), abs_tol=1e-6)
+
+
+def test_race_draws_in_blocks_equal_one_draw_per_token() -> None:
+    """A request draws its exponential race a block of tokens at a time; the tokens equal those of drawing
+    one row per token from the same seeded generator (the block changes the cost, not the stream)."""
+    steps = 40  # crosses two block boundaries (16 rows per block at V = 32)
+    s = sampler(temperature=0.7, top_p=0.95, seed=3)
+    got = [sample_batch(random_logits(1, seed=t), [s]).tokens[0] for t in range(steps)]
+    g = torch.Generator().manual_seed(3)
+    want = []
+    for t in range(steps):
+        logits = filter_top_k_top_p(random_logits(1, seed=t) / 0.7, torch.tensor([0]), torch.tensor([0.95]))
+        race = torch.empty(1, V).exponential_(generator=g)
+        want.append(int((logits.log_softmax(-1) - race.log()).argmax(-1)))
+    assert got == want
