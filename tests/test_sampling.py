@@ -131,6 +131,6 @@ def test_race_draws_in_blocks_equal_one_draw_per_token() -> None:
     want = []
     for t in range(steps):
         logits = filter_top_k_top_p(random_logits(1, seed=t) / 0.7, torch.tensor([0]), torch.tensor([0.95]))
-        race = torch.empty(1, V).exponential_(generator=g)
-        want.append(int((logits.log_softmax(-1) - race.log()).argmax(-1)))
+        race = -torch.empty(1, V).uniform_(generator=g).log()  # E ~ Exp(1)
+        want.append(int((logits.log_softmax(-1) - race.log()).argmax(-1)))  # log p, normalised
     assert got == want
