@@ -823,19 +823,24 @@ class ReformerLM(nn.Module):
                 a[:, s0:s1] = self.embeddings(input_ids[:, s0:s1], positions[s0:s1])
                 h[:, s0:s1] = a[:, s0:s1]
                 yield s1 - s0
+        last = len(self.encoder.layers) - 1
         for i, layer in enumerate(self.encoder.layers):
             att = layer.attention
             states = None if seqs is None else [s.layers[i] for s in seqs]
             parts: list[Tensor] = []
+            # The last layer's outputs feed only the head: with last_only, only the last position's. Its
+            # keys and values (the cache) still cover every position; its output projection and
+            # feed-forward run for the last position alone (1/L of a prefill's position-wise work).
+            tail = T - 1 if last_only and not training and i == last else 0
 
             def emit(s0: int, s1: int, o: Tensor, dense: nn.Module = att.output.dense, parts: list = parts,
-                     stream: Tensor = a) -> None:
+                     stream: Tensor = a, tail: int = tail) -> None:
                 # y1 = x1 + Attn(x2): each slice of attention output is projected and added as soon as it
                 # exists (in place at inference; gathered for one out-of-place add under autograd)
                 if training:
                     parts.append(dense(o))
-                else:
-                    stream[:, s0:s1] += dense(o)
+                elif s1 > tail:
+                    stream[:, max(s0, tail) : s1] += dense(o[:, max(s0, tail) - s0 :])
 
             if att.kind == "lsh":
                 yield from att.self_attention.forward_work(h, att.layer_norm, Tp, states, budget, emit, proj_step)
@@ -847,12 +852,11 @@ class ReformerLM(nn.Module):
             ff_chunk = min(cfg.chunk_size_feed_forward or step, step)
             ff_parts: list[Tensor] = []
             for s0, s1 in _slices(T, ff_chunk):
-                y = layer.feed_forward(a[:, s0:s1])
                 if training:
-                    ff_parts.append(y)
-                else:
-                    h[:, s0:s1] += y
-                yield s1 - s0
+                    ff_parts.append(layer.feed_forward(a[:, s0:s1]))
+                elif s1 > tail:
+                    h[:, max(s0, tail) : s1] += layer.feed_forward(a[:, max(s0, tail) : s1])
+                yield s1 - s0  # counted even when skipped: the units stay those of `prefill_work`
             if training:
                 h = h + (ff_parts[0] if len(ff_parts) == 1 else torch.cat(ff_parts, dim=1))
         if last_only:

@@ -461,3 +461,24 @@ class _Box:
     def __init__(self, payload: object) -> None:
         self.me = self
         self.payload = payload
+
+
+@pytest.mark.parametrize("layers", [["local", "lsh"], ["lsh", "local"]])
+@pytest.mark.parametrize("work_tokens", [None, 8, 5])
+def test_last_only_prefill_equals_the_last_row_of_a_full_one(tmp_path, layers, work_tokens):
+    """With last_only the last layer projects and feeds forward the last position alone; its logits and
+    cache equal those of a prefill that computes every position (and transformers' last row)."""
+    hf, d = make_hf(tmp_path, "m", attn_layers=layers)
+    model = load_model(d)
+    ids = ids_of(37, seed=3, B=2)
+    (full, full_cache), _ = _run(model.prefill_iter(ids, last_only=False, work_tokens=work_tokens))
+    (last, last_cache), _ = _run(model.prefill_iter(ids, last_only=True, work_tokens=work_tokens))
+    assert last.shape == (2, 1, 258)
+    assert (last[:, 0] - full[:, -1]).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        ref = hf(ids).logits[:, -1]
+    assert (last[:, 0] - ref).abs().max().item() <= TOL
+    tok = ids_of(1, seed=9, B=2)
+    a, _ = model.decode_step(tok, full_cache)
+    b, _ = model.decode_step(tok, last_cache)
+    assert (a - b).abs().max().item() <= 1e-5
