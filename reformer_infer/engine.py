@@ -31,7 +31,8 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,30 @@ class EngineConfig:
     stream_buffer_events: int = 256  # bounded per-request hand-off; beyond it token events coalesce
 
 
+_HELD = threading.local()  # .wakers: the loop wakers whose wake-up this thread holds back (None: not holding)
+
+
+@contextmanager
+def _wakeups_held() -> Iterator[None]:
+    """Events put by this thread inside the block wake their event loops once, when the block ends.
+
+    Without it the first event of a 16-stream step woke the consumers' loop at once, and its Python ran
+    against the engine's for the GIL while the other 15 were still being emitted (then again for those)."""
+    if getattr(_HELD, "wakers", None) is not None:  # nested: the outermost block releases
+        yield
+        return
+    _HELD.wakers = held = set()
+    try:
+        yield
+    finally:
+        _HELD.wakers = None
+        for waker in held:
+            try:
+                waker.kick()
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
+
 class _LoopWaker:
     """One cross-thread wake-up of an event loop for every stream that got events since the last one.
     Each `call_soon_threadsafe` writes to the loop's self-pipe (~20 us); one per stream per step was a
@@ -105,7 +130,22 @@ class _LoopWaker:
             self._pending.append(stream)
             if self._scheduled:
                 return
+            held = getattr(_HELD, "wakers", None)
+            if held is not None:
+                held.add(self)
+                return
             self._scheduled = True
+        self._call()
+
+    def kick(self) -> None:
+        """Wake the loop for the streams that got events while a `_wakeups_held` block held them."""
+        with self._lock:
+            if self._scheduled or not self._pending:
+                return
+            self._scheduled = True
+        self._call()
+
+    def _call(self) -> None:
         try:
             self._loop.call_soon_threadsafe(self._flush)
         except RuntimeError:
@@ -623,8 +663,9 @@ class Engine:
             logger.info("batched prefill of %d prompts failed (%r); prefilling them one by one", len(group), exc)
             return None
         now = time.monotonic()
-        return sum(self._prefill_finished(req, type(cache)([cache.sequences[b]]), out.tokens[b], out.logprobs[b], now)
-                   for b, req in enumerate(group))
+        with _wakeups_held():
+            return sum(self._prefill_finished(req, type(cache)([cache.sequences[b]]), out.tokens[b],
+                                              out.logprobs[b], now) for b, req in enumerate(group))
 
     def _prefill_finished(self, req: _Request, cache: Any, token: int, logprob: TokenLogprob | None,
                           now: float) -> int:
@@ -676,7 +717,7 @@ class Engine:
                     )
             return 0
         now = time.monotonic()
-        with self._cond:
+        with self._cond, _wakeups_held():
             self._decode_tokens_total += len(batch)
             for req, token, lp in zip(batch, out.tokens, out.logprobs, strict=True):
                 if not req.finished:

@@ -608,3 +608,33 @@ def test_short_prompt_does_not_wait_behind_a_long_prefill(model: ReformerLM) -> 
     assert any(isinstance(ev, PrefillProgress) for ev in long_events)
     assert tokens_of(short_events) == list(generate(model, short_prompt, 3, temperature=0.0))
     assert tokens_of(long_events) == list(generate(model, long_prompt, 2, temperature=0.0))
+
+
+def test_events_of_one_step_wake_the_consumer_loop_once():
+    """Within a held block (a decode step's token updates), events for many streams wake their loop once,
+    when the block ends; outside one, the first event wakes it at once."""
+    from reformer_infer.engine import _wakeups_held
+
+    class CountingLoop:
+        def __init__(self) -> None:
+            self.calls: list[Callable[[], None]] = []
+
+        def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+            self.calls.append(fn)
+
+    async def main() -> None:
+        loop = CountingLoop()
+        streams = [RequestStream(f"r{i}", loop, 16) for i in range(16)]  # type: ignore[arg-type]
+        event = TokenEvent("r", (5,), "x", ())
+        with _wakeups_held():
+            for s in streams:
+                s.put(event)
+            assert loop.calls == []
+        assert len(loop.calls) == 1
+        loop.calls.pop()()  # the loop runs the wake-up: every stream is ready
+        for s in streams:
+            assert await asyncio.wait_for(s.__anext__(), 1) == event
+        streams[0].put(event)
+        assert len(loop.calls) == 1  # not held: at once
+
+    asyncio.run(main())
