@@ -363,7 +363,8 @@ class DecodePool:
         cum = self.cum_static[j].view(-1)
         dbk = batch.select(self.dbuckets[j], idx)  # (n, H, R, M) sorted; unused entries hold K
         dor = batch.select(self.dorder[j], idx)
-        q = torch.searchsorted(dbk, b, right=True)  # delta entries with bucket <= b: where the new one goes
+        # int32 slot arithmetic (half the bytes; int32 remainder is ~1.6x faster than int64 on CPU)
+        q = torch.searchsorted(dbk, b, right=True, out_int32=True)  # delta entries with bucket <= b: where it goes
         p = cum.take(base + b) + q  # the new token's slot in the merged order
         # merged slot of delta entry k: every static entry of its bucket and below, and the k delta entries
         # before it; unused entries sort last
@@ -371,7 +372,7 @@ class DecodePool:
         start = (torch.div(p, C, rounding_mode="floor") - before) * C
         slots = torch.remainder(start + offs, T1)  # (n, H, R, W)
         is_new = slots == p
-        s = torch.where(slots > p, slots - 1, slots).clamp_(max=last).int()  # among the T cached
+        s = torch.where(slots > p, slots - 1, slots).clamp_(max=last)  # among the T cached
         nd = torch.searchsorted(dms, s)  # delta entries before merged slot s
         ndc = nd.clamp(max=M - 1)
         in_delta = dms.gather(-1, ndc) == s
@@ -380,7 +381,7 @@ class DecodePool:
         pos = torch.where(is_new, T, torch.where(in_delta, dor.gather(-1, ndc), spos).long())
         rows = self._table_rows(self._page_rows(pt, pos))
         # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
-        src = (ar - (ar > q).long()).clamp_(min=0)
+        src = (ar - (ar > q).long()).clamp_(min=0)  # int64: a gather index
         self.dbuckets[j].index_copy_(0, sl, torch.where(ar == q, b, dbk.gather(-1, src)))
         self.dorder[j].index_copy_(0, sl, torch.where(ar == q, T.int(), dor.gather(-1, src)))
         return rows, pos
@@ -395,10 +396,11 @@ class DecodePool:
             sl, T = batch.slots[idx], batch.lengths[idx].view(-1, 1, 1, 1)
             hr = torch.arange(H * R, device=dev).view(1, H, R, 1)
             base = (sl.view(-1, 1, 1, 1) * (H * R) + hr) * K  # row of each (sequence, head, round) in cum_static
+            T32 = T.int()
             batch.memo[key] = (
-                sl, T, T + 1, (T - 1).clamp(min=0), hr, base,
+                sl, T, T32 + 1, (T32 - 1).clamp(min=0), hr, base,
                 torch.arange(M, device=dev, dtype=torch.int32), torch.arange(M, device=dev),
-                torch.arange(W, device=dev), batch.select(self.page_table, idx),
+                torch.arange(W, device=dev, dtype=torch.int32), batch.select(self.page_table, idx),
                 idx,  # keeps id(idx) from being reused by another tensor while the step lasts
             )
         return batch.memo[key][:-1]
