@@ -59,6 +59,7 @@ class StepBatch:
     dense_idx: Tensor  # (n_d,) the others
     new_rows: Tensor  # (n,) pool row of each new token's position (its page row)
     first: int | None  # the slots are first, first + 1, ...: per-slot tensors are read through views
+    delta_used: int = 0  # most LSH delta entries any hashed sequence of the step holds (before its insert)
     memo: dict = field(default_factory=dict)  # per-step tensors every LSH layer would otherwise rebuild
 
     def select(self, t: Tensor, idx: Tensor | None = None) -> Tensor:
@@ -327,8 +328,9 @@ class DecodePool:
         dense = [i for i, s in enumerate(slots) if not self.is_hashed[s]]
         rows = self._page_rows(self.page_table.index_select(0, sl), T.view(-1, 1)).view(-1)
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        used = max((self.length[slots[i]] - self.static_len[slots[i]] for i in hashed), default=0)
         return StepBatch(sl, T, lens, torch.tensor(hashed, dtype=torch.long, device=dev),
-                         torch.tensor(dense, dtype=torch.long, device=dev), rows, first)
+                         torch.tensor(dense, dtype=torch.long, device=dev), rows, first, used)
 
     def end_step(self, slots: list[int], hashed_now: list[int]) -> None:
         """Advance lengths; merge full deltas."""
@@ -357,12 +359,17 @@ class DecodePool:
         (`lsh_tables`) and their positions, both (n, H, R, W): the attention reads the rows where they lie.
         Nothing here is O(buckets) or O(length): the merged order is addressed through the delta's slots.
         """
-        N, K, M = self.N * self.P, self.K, self.M
+        N, K = self.N * self.P, self.K
         sl, T, T1, last, hr, base, ar_m, ar, offs, pt = self._window_constants(batch, idx, C * (1 + before + after))
+        # Only the first M entries of the delta can be in use, M = one more than the most any of these
+        # sequences holds (room for its new one): the rest hold bucket K in every row, so the delta's
+        # per-entry work is over the entries in use, not the delta's capacity.
+        M = ar.numel()
         b = buckets.unsqueeze(-1).int()  # (n, H, R, 1)
         cum = self.cum_static[j].view(-1)
-        dbk = batch.select(self.dbuckets[j], idx)  # (n, H, R, M) sorted; unused entries hold K
-        dor = batch.select(self.dorder[j], idx)
+        dbuckets, dorder = self.dbuckets[j].narrow(-1, 0, M), self.dorder[j].narrow(-1, 0, M)
+        dbk = batch.select(dbuckets, idx).contiguous()  # (n, H, R, M) sorted; unused entries hold K
+        dor = batch.select(dorder, idx)
         # int32 slot arithmetic (half the bytes; int32 remainder is ~1.6x faster than int64 on CPU)
         q = torch.searchsorted(dbk, b, right=True, out_int32=True)  # delta entries with bucket <= b: where it goes
         p = cum.take(base + b) + q  # the new token's slot in the merged order
@@ -382,8 +389,8 @@ class DecodePool:
         rows = self._table_rows(self._page_rows(pt, pos))
         # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
         src = (ar - (ar > q).long()).clamp_(min=0)  # int64: a gather index
-        self.dbuckets[j].index_copy_(0, sl, torch.where(ar == q, b, dbk.gather(-1, src)))
-        self.dorder[j].index_copy_(0, sl, torch.where(ar == q, T.int(), dor.gather(-1, src)))
+        dbuckets.index_copy_(0, sl, torch.where(ar == q, b, dbk.gather(-1, src)))
+        dorder.index_copy_(0, sl, torch.where(ar == q, T.int(), dor.gather(-1, src)))
         return rows, pos
 
     def _window_constants(self, batch: StepBatch, idx: Tensor, W: int) -> tuple[Tensor, ...]:
@@ -391,7 +398,9 @@ class DecodePool:
         LSH layer of the step reads them)."""
         key = ("lsh_window", id(idx), W)
         if key not in batch.memo:
-            H, R, K, M = self.H, self.R, self.K, self.M
+            H, R, K = self.H, self.R, self.K
+            # entries of the delta in use (see `lsh_window`); all of it for rows other than the step's hashed ones
+            M = min(self.M, batch.delta_used + 1) if idx is batch.hashed_idx else self.M
             dev = idx.device
             sl, T = batch.slots[idx], batch.lengths[idx].view(-1, 1, 1, 1)
             hr = torch.arange(H * R, device=dev).view(1, H, R, 1)
