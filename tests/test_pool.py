@@ -193,3 +193,36 @@ def test_window_attention_reads_table_rows_like_a_gather(monkeypatch):
             b, _ = model.decode_step(tok, got)
         assert (a - b).abs().max().item() <= 1e-5
         tok = a[:, -1].argmax(-1, keepdim=True)
+
+
+def test_sequences_with_different_delta_fill_decode_together_like_alone():
+    """A step works on the delta entries in use (one more than the fullest sequence's); sequences whose
+    deltas hold different numbers of entries decode together exactly as each does alone, and keep their
+    true bucket order."""
+    model = tiny_model()
+    lengths = (5, 9, 40)  # 5: dense until it reaches one chunk (8), then hashed with an empty delta
+    ref = [model.prefill(ids_of(T, seed=T))[1] for T in lengths]
+    got = [model.prefill(ids_of(T, seed=T))[1] for T in lengths]
+    pool = DecodePool(model, delta_size=16)
+    for c in got:
+        pool.adopt(c.sequences[0])
+    g = torch.Generator().manual_seed(4)
+    for _ in range(6):  # the 40-token sequence runs ahead alone: its delta holds 6 more entries
+        tok = torch.randint(3, 258, (1, 1), generator=g)
+        a, _ = model.decode_step(tok, ref[2])
+        b, _ = model.decode_step(tok, got[2])
+        assert (a - b).abs().max().item() <= 1e-5
+    batch = ReformerCache.batch(got)
+    seen_fills: set[tuple[int, ...]] = set()
+    for step in range(40):  # crosses merges of the 16-entry deltas at different steps
+        seen_fills.add(tuple(pool.length[s.slot] - pool.static_len[s.slot] for s in batch.sequences))
+        tok = torch.randint(3, 258, (3, 1), generator=g)
+        b, _ = model.decode_step(tok, batch)
+        for i, c in enumerate(ref):
+            a, _ = model.decode_step(tok[i : i + 1], c)
+            assert (a[0] - b[i]).abs().max().item() <= 1e-5, (step, i)
+        for s in batch.sequences:
+            if s.sorted_positions(0) is not None:
+                for layer in (0, 2):
+                    assert torch.equal(s.sorted_positions(layer), reference_order(model, s, layer))
+    assert any(len({f for f in fills if f >= 0}) > 1 for fills in seen_fills)  # fills did differ
