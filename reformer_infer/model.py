@@ -156,15 +156,17 @@ def _attend_window(
     return out, (m + torch.log(s)).squeeze(-1)
 
 
-def _window_softmax(dots: Tensor, q_pos: Tensor, k_pos: Tensor, self_mask: bool, causal: bool
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def _window_softmax(dots: Tensor, q_pos: Tensor | None, k_pos: Tensor | None, self_mask: bool, causal: bool,
+                    is_self: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The masks of `_attend_window` on scores dots (..., Q, W), and a softmax with its log-normaliser in
-    one exp pass: returns e, s, m with probs = e / s and lse = m + log s (s and m (..., Q, 1))."""
-    qp, kp = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
+    one exp pass: returns e, s, m with probs = e / s and lse = m + log s (s and m (..., Q, 1)). `is_self`
+    (broadcastable to dots), when given, says where a key is the query's own (instead of comparing positions)."""
+    if causal or (self_mask and is_self is None):
+        qp, kp = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
     if causal:
         dots = dots.masked_fill(kp > qp, MASK_VALUE.get(dots.dtype, -1e9))
     if self_mask:
-        dots = dots.masked_fill(kp == qp, SELF_MASK_VALUE.get(dots.dtype, -1e5))
+        dots = dots.masked_fill(kp == qp if is_self is None else is_self, SELF_MASK_VALUE.get(dots.dtype, -1e5))
     m = dots.amax(dim=-1, keepdim=True).detach()
     e = exp_shifted(dots - m if torch.is_grad_enabled() else dots.sub_(m))
     return e, e.sum(dim=-1, keepdim=True), m
@@ -454,13 +456,12 @@ class LSHSelfAttention(nn.Module):
         dense = torch.arange(B, device=x.device) if self.full_attention else batch.dense_idx
         if hashed.numel() and not self.full_attention:
             n = hashed.numel()
-            rows, pp = pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # + insert
+            rows, is_new = pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # + insert
             keys, values = pool.lsh_tables(j)
             W = rows.shape[-1]
             rows = rows.reshape(n * H, R * W)  # one bag per (sequence, head): every round's window
             dots = _table_dots(qk[hashed].reshape(n * H, D), keys, rows, batch.memo).view(n, H, R, 1, W)
-            tpos = batch.lengths[hashed].view(n, 1, 1, 1).expand(n, H, R, 1)
-            e, s, m = _window_softmax(dots, tpos, pp, self_mask=True, causal=False)
+            e, s, m = _window_softmax(dots, None, None, self_mask=True, causal=False, is_self=is_new.unsqueeze(-2))
             w = torch.softmax(m + torch.log(s), dim=2)  # (n, H, R, 1, 1): round weights from each round's lse
             # rounds combined inside the weighted sum: sum_r w_r * (e_r / s_r) . v_r
             out[hashed] = _table_sum((e * (w / s)).view(n * H, R * W), values, rows, batch.memo).view(n, H, D)

@@ -12,11 +12,12 @@ Layout (Ll LSH layers, Lc local layers, S sequence slots, N pages of P positions
     [page*P, page*P + P) of every head; a per-slot page table maps the two. Pages are allocated as a
     sequence grows and returned when it ends: nothing is copied to grow a sequence.
   * LSH bucket order, split in two so that a decode step never shifts a long table:
-      - the *static* order (Ll, H, R, N*P) int32: positions sorted by (bucket, position), paged like the keys
-        (sorted slot s lives where position s would), with inclusive cumulative per-bucket counts
-        `cum_static` (Ll, S, H, R, K);
-      - the *delta*: the last <= M decoded positions, sorted by (bucket, position), with their buckets
-        (`dorder`, `dbuckets`: (Ll, S, H, R, M) int32; unused entries hold bucket K). A new token is
+      - the *static* order (Ll, H, R, N*P) int32: a sequence's positions sorted by (bucket, position), each
+        held as the pool row of its key (page * P + offset; a decode step reads a window's keys without
+        mapping positions through the page table), paged like the keys (sorted slot s lives where position
+        s would), with inclusive cumulative per-bucket counts `cum_static` (Ll, S, H, R, K);
+      - the *delta*: the last <= M decoded positions, sorted by (bucket, position), as pool rows too, with
+        their buckets (`dorder`, `dbuckets`: (Ll, S, H, R, M) int32; unused entries hold bucket K). A new token is
         inserted into the delta (a vectorised shift of at most M entries for the whole batch); when a
         sequence's delta is full it is merged into its static order in one linear pass (O(T) once per M
         tokens, not per token).
@@ -139,6 +140,8 @@ class DecodePool:
         """Grow the paged tensors to N pages. `torch.empty`: on a CPU, pages never written take no memory."""
         Ll, H, D, R, P = len(self.lsh_index), self.H, self.D, self.R, self.P
         dev, dt = self.device, self.dtype
+        if N * P >= 2**31:
+            raise ValueError(f"a pool of {N * P} positions does not fit the int32 row numbers of its order tables")
         keys = torch.empty(Ll, H, N * P, D, dtype=dt, device=dev)
         values = torch.empty(Ll, H, N * P, D, dtype=dt, device=dev)
         order = torch.empty(Ll, H, R, N * P, dtype=torch.int32, device=dev)
@@ -285,8 +288,8 @@ class DecodePool:
                         self.values[j].index_copy_(1, rows, st.values[:, :T])
                     if st.order is not None:
                         hashed = True
-                        if not _same(st.order, self.order[j], 2, rows):
-                            self.order[j].index_copy_(-1, rows, st.order[:, :, :T])
+                        # positions -> pool rows (in place when the prefill wrote into this pool)
+                        self.order[j].index_copy_(-1, rows, self._pool_rows_of(slot, st.order[:, :, :T]))
                         self.cum_static[j, slot] = st.counts.cumsum(-1)
                     self.dbuckets[j, slot] = self.K
                 else:
@@ -314,6 +317,19 @@ class DecodePool:
     def _rows(self, slot: int, n: int) -> Tensor:
         """Pool rows of a sequence's positions (or static sorted slots) [0, n)."""
         return self._page_rows(self.page_table[slot : slot + 1], torch.arange(n, device=self.device).view(1, n))[0]
+
+    def _pool_rows_of(self, slot: int, positions: Tensor) -> Tensor:
+        """int32 pool rows (what the order tables hold) of a sequence's positions (any shape)."""
+        table = self.page_table[slot : slot + 1]
+        return self._page_rows(table, positions.reshape(1, -1).long()).view(positions.shape).to(torch.int32)
+
+    def _positions_of(self, slot: int, rows: Tensor) -> Tensor:
+        """The positions of a sequence's pool rows (the inverse of `_pool_rows_of`; for inspection)."""
+        inverse = torch.full((self.N,), -1, dtype=torch.long, device=self.device)
+        pages = self.pages[slot]
+        inverse[torch.tensor(pages, dtype=torch.long, device=self.device)] = torch.arange(len(pages), device=self.device)
+        rows = rows.long()
+        return (inverse[rows >> self.shift] * self.P + (rows & (self.P - 1))).to(torch.int32)
 
     # ---- one decode step -----------------------------------------------------------------------
     def begin_step(self, slots: list[int]) -> StepBatch:
@@ -349,18 +365,19 @@ class DecodePool:
         self.values[j].index_copy_(1, batch.new_rows, v.transpose(0, 1))
 
     def lsh_window(self, j: int, batch: StepBatch, idx: Tensor, buckets: Tensor, C: int, before: int, after: int
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   ) -> tuple[Tensor, Tensor]:
         """The attention windows of the hashed sequences `idx` (rows of the batch), per head and round; then
         inserts their new tokens into the delta order.
 
         buckets (n, H, R). The new token (position T) lands at slot p of its round's T+1 sorted entries (p =
         cached tokens with bucket <= its own) and sees slots [(p // C - before) * C, + W) modulo T + 1, as
         transformers' cached decode does. Returns the window's rows in the layer's key and value tables
-        (`lsh_tables`) and their positions, both (n, H, R, W): the attention reads the rows where they lie.
+        (`lsh_tables`), and where the window holds the new token itself (its self-attention is masked), both
+        (n, H, R, W): the attention reads the rows where they lie.
         Nothing here is O(buckets) or O(length): the merged order is addressed through the delta's slots.
         """
         N, K = self.N * self.P, self.K
-        sl, T, T1, last, hr, base, ar_m, ar, offs, pt = self._window_constants(batch, idx, C * (1 + before + after))
+        sl, T1, last, hr, base, ar_m, ar, offs, pt, new = self._window_constants(batch, idx, C * (1 + before + after))
         # Only the first M entries of the delta can be in use, M = one more than the most any of these
         # sequences holds (room for its new one): the rest hold bucket K in every row, so the delta's
         # per-entry work is over the entries in use, not the delta's capacity.
@@ -384,14 +401,13 @@ class DecodePool:
         ndc = nd.clamp(max=M - 1)
         in_delta = dms.gather(-1, ndc) == s
         si = s - nd  # otherwise it is static entry s - nd
-        spos = self.order[j].view(-1).take(hr * N + self._page_rows(pt, si))
-        pos = torch.where(is_new, T, torch.where(in_delta, dor.gather(-1, ndc), spos).long())
-        rows = self._table_rows(self._page_rows(pt, pos))
+        srow = self.order[j].view(-1).take(hr * N + self._page_rows(pt, si))  # the order holds pool rows
+        rows = self._table_rows(torch.where(is_new, new, torch.where(in_delta, dor.gather(-1, ndc), srow)).long())
         # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
         src = (ar - (ar > q).long()).clamp_(min=0)  # int64: a gather index
         dbuckets.index_copy_(0, sl, torch.where(ar == q, b, dbk.gather(-1, src)))
-        dorder.index_copy_(0, sl, torch.where(ar == q, T.int(), dor.gather(-1, src)))
-        return rows, pos
+        dorder.index_copy_(0, sl, torch.where(ar == q, new, dor.gather(-1, src)))
+        return rows, is_new
 
     def _window_constants(self, batch: StepBatch, idx: Tensor, W: int) -> tuple[Tensor, ...]:
         """Index tensors of `lsh_window` that depend on the step's sequences only, built once per step (every
@@ -402,14 +418,14 @@ class DecodePool:
             # entries of the delta in use (see `lsh_window`); all of it for rows other than the step's hashed ones
             M = min(self.M, batch.delta_used + 1) if idx is batch.hashed_idx else self.M
             dev = idx.device
-            sl, T = batch.slots[idx], batch.lengths[idx].view(-1, 1, 1, 1)
+            sl, T = batch.slots[idx], batch.lengths[idx].view(-1, 1, 1, 1).int()
             hr = torch.arange(H * R, device=dev).view(1, H, R, 1)
             base = (sl.view(-1, 1, 1, 1) * (H * R) + hr) * K  # row of each (sequence, head, round) in cum_static
-            T32 = T.int()
             batch.memo[key] = (
-                sl, T, T32 + 1, (T32 - 1).clamp(min=0), hr, base,
+                sl, T + 1, (T - 1).clamp(min=0), hr, base,
                 torch.arange(M, device=dev, dtype=torch.int32), torch.arange(M, device=dev),
                 torch.arange(W, device=dev, dtype=torch.int32), batch.select(self.page_table, idx),
+                batch.new_rows[idx].view(-1, 1, 1, 1).int(),  # the new tokens' pool rows
                 idx,  # keeps id(idx) from being reused by another tensor while the step lasts
             )
         return batch.memo[key][:-1]
@@ -452,7 +468,8 @@ class DecodePool:
         keys = self.keys[j].index_select(1, rows).view(self.H, S, T1, self.D).transpose(0, 1)  # (S, H, T1, D)
         buckets = layer.hash(keys)  # (S, H, R, T1); argmax ignores the key norm
         pos = torch.arange(T1, device=keys.device)
-        order = torch.argsort(buckets * T1 + pos, dim=-1).to(torch.int32)  # (S, H, R, T1)
+        order = torch.argsort(buckets * T1 + pos, dim=-1)  # (S, H, R, T1) positions
+        order = self._page_rows(self.page_table.index_select(0, sl), order).to(torch.int32)  # as pool rows
         self.order[j].index_copy_(-1, rows, order.permute(1, 2, 0, 3).reshape(self.H, self.R, S * T1))
         counts = torch.zeros(S, *self.cum_static.shape[2:], dtype=self.cum_static.dtype, device=self.device)
         counts.scatter_add_(-1, buckets, torch.ones_like(buckets, dtype=counts.dtype))
@@ -507,7 +524,7 @@ class DecodePool:
         (None while the sequence is not hashed yet)."""
         if not self.is_hashed[slot]:
             return None
-        return self._merged_order(self.lsh_index[layer], slot)[0]
+        return self._positions_of(slot, self._merged_order(self.lsh_index[layer], slot)[0])
 
     def bucket_counts(self, layer: int, slot: int) -> Tensor | None:
         """(H, R, K) tokens per bucket of a sequence in LSH layer `layer` (None while not hashed)."""
