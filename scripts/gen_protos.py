@@ -8,7 +8,9 @@ installed without grpcio-tools:
 
 Run `python scripts/gen_protos.py` after editing a .proto; `--check` exits non-zero when the committed
 stubs differ from what the generator produces now (tests/test_protos.py runs it). grpcio-tools embeds
-its protobuf version in the stubs, so `protobuf` must be pinned at or above it (see pyproject files).
+its own and its protobuf's versions in the stubs, as the oldest runtime they accept, so `grpcio` and
+`protobuf` must be pinned at or above the committed ones (see pyproject files). `--check` compares the
+stubs without those version stamps: a newer grpcio-tools that generates the same code is not a change.
 """
 
 from __future__ import annotations
@@ -63,6 +65,21 @@ def generate() -> dict[str, str]:
     return out
 
 
+# Lines that only record which generator version wrote a stub (and hence the oldest runtime it accepts).
+_VERSION_STAMPS = (
+    re.compile(r"^GRPC_GENERATED_VERSION = .*$", re.MULTILINE),
+    re.compile(r"^# Protobuf Python Version: .*$", re.MULTILINE),
+    re.compile(r"^_runtime_version\.ValidateProtobufRuntimeVersion\([^)]*\)", re.MULTILINE),
+)
+
+
+def without_version_stamps(text: str) -> str:
+    """The stub's text with the generator's version stamps blanked out."""
+    for pattern in _VERSION_STAMPS:
+        text = pattern.sub("<version>", text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only verify that the committed stubs are current")
@@ -75,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in files.items():
             path = target / name
             if args.check:
-                if not path.exists() or path.read_text() != text:
+                if not path.exists() or without_version_stamps(path.read_text()) != without_version_stamps(text):
                     stale.append(str(path.relative_to(ROOT)))
             else:
                 target.mkdir(parents=True, exist_ok=True)

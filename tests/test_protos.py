@@ -18,6 +18,48 @@ def test_committed_stubs_match_the_proto() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def _load_gen_protos():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _floor(pyproject: str, package: str) -> tuple[int, ...]:
+    match = re.search(rf'"{package}>=([0-9.]+)', (ROOT / pyproject).read_text())
+    assert match, f"{pyproject} pins no floor for {package}"
+    return tuple(int(x) for x in match.group(1).split("."))
+
+
+def test_stub_version_stamps_are_within_the_pinned_floors() -> None:
+    """The check ignores the generator's version stamps, so the stamps must stay runnable: the oldest grpcio
+    and protobuf the committed stubs accept are at or below what every pyproject lets pip install."""
+    stubs = ROOT / "server" / "reformer_server" / "_proto"
+    grpc_stamp = re.search(r"^GRPC_GENERATED_VERSION = '([0-9.]+)'", (stubs / "generation_pb2_grpc.py").read_text(), re.M)
+    pb_stamp = re.search(
+        r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),",
+        (stubs / "generation_pb2.py").read_text(),
+    )
+    assert grpc_stamp and pb_stamp
+    grpc_version = tuple(int(x) for x in grpc_stamp.group(1).split("."))
+    pb_version = tuple(int(x) for x in pb_stamp.groups())
+    for pyproject in ("pyproject.toml", "clients/python/pyproject.toml"):
+        assert grpc_version <= _floor(pyproject, "grpcio"), pyproject
+        assert pb_version <= _floor(pyproject, "protobuf"), pyproject
+
+
+def test_the_check_ignores_version_stamps_only() -> None:
+    gen = _load_gen_protos()
+    stub = (ROOT / "server" / "reformer_server" / "_proto" / "generation_pb2_grpc.py").read_text()
+    restamped = re.sub(r"^GRPC_GENERATED_VERSION = .*$", "GRPC_GENERATED_VERSION = '9.99.9'", stub, flags=re.M)
+    assert restamped != stub
+    assert gen.without_version_stamps(restamped) == gen.without_version_stamps(stub)
+    edited = stub.replace("def ", "def x_", 1)
+    assert gen.without_version_stamps(edited) != gen.without_version_stamps(stub)
+
+
 def test_server_and_client_stubs_are_identical() -> None:
     server = ROOT / "server" / "reformer_server" / "_proto"
     client = ROOT / "clients" / "python" / "reformer_client" / "_proto"
