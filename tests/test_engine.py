@@ -638,3 +638,56 @@ def test_events_of_one_step_wake_the_consumer_loop_once():
         assert len(loop.calls) == 1  # not held: at once
 
     asyncio.run(main())
+
+
+def test_a_step_does_not_start_a_prefill_unit_it_has_no_room_for(model: ReformerLM) -> None:
+    """A step's prefill stops after a unit that leaves less than half of the next one in its budget: a
+    pass ending on a 7-unit slice (budget 8) must not be followed by another 8-unit slice in the same
+    step (which made such steps twice the others and doubled the running streams' inter-token gap)."""
+    chunk = 8
+    units: list[tuple[int, int]] = []  # (engine step, units) of the long prompt's prefill
+    prefill_iter = model.prefill_iter
+    holder: dict[str, Engine] = {}
+
+    def recording(ids: torch.Tensor, **kw: Any) -> Any:
+        gen = prefill_iter(ids, **kw)
+        if ids.shape[1] != 15:
+            return gen
+
+        def wrapped() -> Any:
+            prev = 0
+            while True:
+                try:
+                    done, total = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                units.append((holder["engine"]._steps, done - prev))
+                prev = done
+                yield done, total
+
+        return wrapped()
+
+    async def go() -> list[int]:
+        engine = holder["engine"] = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=chunk))
+        engine.start()
+        running = engine.add_request(prompt(4), greedy(200))
+        await running.__anext__()
+        long = engine.add_request(prompt(15, seed=3), greedy(3))
+        out = tokens_of(await collect(long))
+        engine.abort(running.request_id)
+        await collect(running)
+        await engine.shutdown()
+        return out
+
+    model.prefill_iter = recording  # type: ignore[method-assign]
+    try:
+        tokens = run(go)
+    finally:
+        del model.prefill_iter
+    assert tokens == list(generate(model, prompt(15, seed=3), 3, temperature=0.0))
+    per_step: dict[int, list[int]] = {}
+    for step, n in units:
+        per_step.setdefault(step, []).append(n)
+    assert any(chunk - 1 in ns for ns in per_step.values())  # the prompt's passes do end on 7-unit slices
+    for ns in per_step.values():
+        assert sum(ns) <= chunk + chunk // 2, per_step
