@@ -691,3 +691,38 @@ def test_a_step_does_not_start_a_prefill_unit_it_has_no_room_for(model: Reformer
     assert any(chunk - 1 in ns for ns in per_step.values())  # the prompt's passes do end on 7-unit slices
     for ns in per_step.values():
         assert sum(ns) <= chunk + chunk // 2, per_step
+
+
+@pytest.mark.parametrize("window", [0.0, 2.0])
+def test_an_idle_engine_waits_for_the_rest_of_a_burst(model: ReformerLM, window: float) -> None:
+    """Requests handed over one by one, a few ms apart, while the engine is idle: with an arrival window
+    they share one batched prefill; with none the first is prefilled alone (it is not held back)."""
+    batches: list[int] = []  # rows of every prefill (batched or not, each goes through prefill_iter)
+    prefill_iter = model.prefill_iter
+
+    def counting(ids: torch.Tensor, **kw: Any) -> Any:
+        batches.append(ids.shape[0])
+        return prefill_iter(ids, **kw)
+
+    async def go() -> list[list[Event]]:
+        engine = Engine(model, EngineConfig(max_batch=8, prefill_chunk_tokens=64, arrival_window_s=window))
+        engine.start()
+        streams = []
+        for i in range(4):
+            streams.append(engine.add_request(prompt(9, seed=i), greedy(3)))
+            await asyncio.sleep(0.05)  # well within a quarter of the 2 s window; long enough to start a step
+        out = await asyncio.gather(*(collect(s) for s in streams))
+        await engine.shutdown()
+        return out
+
+    model.prefill_iter = counting  # type: ignore[method-assign]
+    try:
+        results = run(go)
+    finally:
+        del model.prefill_iter
+    if window:
+        assert batches == [4]
+    else:
+        assert batches[0] == 1 and sum(batches) == 4
+    for i, events in enumerate(results):
+        assert tokens_of(events) == list(generate(model, prompt(9, seed=i), 3, temperature=0.0))

@@ -25,8 +25,9 @@ def test_environment_variables_configure_the_server() -> None:
 
 
 def test_flag_wins_over_environment_variable() -> None:
-    cfg = parse_config(["--port", "7000", "--max-batch", "4"], env={"REFORMER_PORT": "6000"})
-    assert cfg.port == 7000 and cfg.max_batch == 4
+    cfg = parse_config(["--port", "7000", "--max-batch", "4"], env={"REFORMER_PORT": "6000",
+                                                                   "REFORMER_ARRIVAL_WINDOW": "0"})
+    assert cfg.port == 7000 and cfg.max_batch == 4 and cfg.arrival_window == 0.0
 
 
 def test_every_flag_documents_its_environment_variable() -> None:
@@ -42,6 +43,7 @@ def test_every_flag_documents_its_environment_variable() -> None:
         (["--tls-cert", "c.pem"], {}),
         (["--tls-client-ca", "ca.pem"], {}),
         (["--max-batch", "0"], {}),
+        (["--arrival-window", "-0.001"], {}),
         ([], {"REFORMER_PORT": "not-a-port"}),
         ([], {"REFORMER_DEVICE": "tpu"}),
     ],

@@ -59,6 +59,7 @@ class ServerConfig:
     default_max_new_tokens: int = 64
     prefill_chunk_tokens: int = 512
     stream_buffer_events: int = 256
+    arrival_window: float = 0.002  # seconds an idle engine waits for the rest of a burst of requests
     stall_timeout: float = 30.0
     grace_period: float = 30.0
     tls_cert: Path | None = None
@@ -135,6 +136,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--prefill-chunk-tokens", "prefill_chunk_tokens", int,
             "prefill work per engine step, so long prompts interleave with running streams"),
     _Option("--stream-buffer-events", "stream_buffer_events", int, "per-request event buffer in the engine"),
+    _Option("--arrival-window", "arrival_window", float,
+            "seconds an idle engine waits for more requests once one arrives (while they keep coming, each "
+            "within a quarter of it), so a burst is prefilled and decoded together (0: no wait)"),
     _Option("--stall-timeout", "stall_timeout", float,
             "seconds a stream may wait for a client that stopped reading before it is aborted"),
     _Option("--grace-period", "grace_period", float,
@@ -215,6 +219,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
                  "max_prompt_bytes"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= cfg.arrival_window <= 1:
+        parser.error("--arrival-window must be in [0, 1] seconds")
     if not cfg.drain_announce >= 0:
         parser.error("--drain-announce must be >= 0")
     if not (0 < cfg.switch_interval <= 0.1):

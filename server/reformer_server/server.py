@@ -168,6 +168,7 @@ class ReformerServer:
             max_context=cfg.max_context,
             max_new_tokens_limit=cfg.max_new_tokens_limit,
             stream_buffer_events=cfg.stream_buffer_events,
+            arrival_window_s=cfg.arrival_window,
         ))
         engine.start()
         self.engine = engine
