@@ -373,7 +373,7 @@ class DecodePool:
         cached tokens with bucket <= its own) and sees slots [(p // C - before) * C, + W) modulo T + 1, as
         transformers' cached decode does. Returns the window's rows in the layer's key and value tables
         (`lsh_tables`), and where the window holds the new token itself (its self-attention is masked), both
-        (n, H, R, W): the attention reads the rows where they lie.
+        (n, H, R, W): the attention gathers the key rows and sums the value rows where they lie.
         Nothing here is O(buckets) or O(length): the merged order is addressed through the delta's slots.
         """
         N, K = self.N * self.P, self.K
