@@ -511,7 +511,9 @@ def test_burst_of_short_prompts_is_prefilled_within_one_step_budget(model: Refor
     assert run(go) <= 4
 
 
-def test_equal_length_burst_is_prefilled_in_one_batched_pass_with_the_same_results(model: ReformerLM) -> None:
+def test_equal_length_burst_is_prefilled_in_one_batched_pass_with_the_same_results(
+    model: ReformerLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Prompts of one length that arrive while nothing decodes share one prefill pass; each request keeps
     its own budget, seed and result, and an abort during the pass gives its cache back."""
     prompts = [prompt(9, seed=i) for i in range(5)] + [prompt(14, seed=9)]
@@ -539,11 +541,8 @@ def test_equal_length_burst_is_prefilled_in_one_batched_pass_with_the_same_resul
         assert engine._pool.slots_in_use == 0 and engine._pool.pages_in_use == 0
         return out
 
-    model.prefill_iter = counting  # type: ignore[method-assign]
-    try:
-        results = run(go)
-    finally:
-        del model.prefill_iter
+    monkeypatch.setattr(model, "prefill_iter", counting)
+    results = run(go)
     assert batches[0] == 6  # the five 9-token prompts and the aborted one; the 14-token prompt alone
     for i, (p, n, events) in enumerate(zip(prompts, budgets, results, strict=True)):
         assert finish_of(events).finish_reason is FinishReason.LENGTH
@@ -640,7 +639,9 @@ def test_events_of_one_step_wake_the_consumer_loop_once():
     asyncio.run(main())
 
 
-def test_a_step_does_not_start_a_prefill_unit_it_has_no_room_for(model: ReformerLM) -> None:
+def test_a_step_does_not_start_a_prefill_unit_it_has_no_room_for(
+    model: ReformerLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A step's prefill stops after a unit that leaves less than half of the next one in its budget: a
     pass ending on a 7-unit slice (budget 8) must not be followed by another 8-unit slice in the same
     step (which made such steps twice the others and doubled the running streams' inter-token gap)."""
@@ -679,12 +680,10 @@ def test_a_step_does_not_start_a_prefill_unit_it_has_no_room_for(model: Reformer
         await engine.shutdown()
         return out
 
-    model.prefill_iter = recording  # type: ignore[method-assign]
-    try:
-        tokens = run(go)
-    finally:
-        del model.prefill_iter
-    assert tokens == list(generate(model, prompt(15, seed=3), 3, temperature=0.0))
+    want = list(generate(model, prompt(15, seed=3), 3, temperature=0.0))  # before the recording starts
+    monkeypatch.setattr(model, "prefill_iter", recording)
+    tokens = run(go)
+    assert tokens == want
     per_step: dict[int, list[int]] = {}
     for step, n in units:
         per_step.setdefault(step, []).append(n)
@@ -694,7 +693,9 @@ def test_a_step_does_not_start_a_prefill_unit_it_has_no_room_for(model: Reformer
 
 
 @pytest.mark.parametrize("window", [0.0, 2.0])
-def test_an_idle_engine_waits_for_the_rest_of_a_burst(model: ReformerLM, window: float) -> None:
+def test_an_idle_engine_waits_for_the_rest_of_a_burst(
+    model: ReformerLM, window: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Requests handed over one by one, a few ms apart, while the engine is idle: with an arrival window
     they share one batched prefill; with none the first is prefilled alone (it is not held back)."""
     batches: list[int] = []  # rows of every prefill (batched or not, each goes through prefill_iter)
@@ -715,11 +716,8 @@ def test_an_idle_engine_waits_for_the_rest_of_a_burst(model: ReformerLM, window:
         await engine.shutdown()
         return out
 
-    model.prefill_iter = counting  # type: ignore[method-assign]
-    try:
-        results = run(go)
-    finally:
-        del model.prefill_iter
+    monkeypatch.setattr(model, "prefill_iter", counting)
+    results = run(go)
     if window:
         assert batches == [4]
     else:
