@@ -172,22 +172,34 @@ def _window_softmax(dots: Tensor, q_pos: Tensor | None, k_pos: Tensor | None, se
     return e, e.sum(dim=-1, keepdim=True), m
 
 
-def _bags(memo: dict, n: int, L: int, device: torch.device) -> Tensor:
-    """Offsets (n,) of n bags of L rows each (memoised in `memo`)."""
+def _bags(memo: dict, n: int, L: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Offsets (n,) and bag of every entry (n * L,) of n bags of L rows each (memoised in `memo`)."""
     key = ("bags", n, L)
     if key not in memo:
-        memo[key] = torch.arange(0, n * L, L, device=device)
+        memo[key] = (torch.arange(0, n * L, L, device=device), torch.arange(n, device=device).repeat_interleave(L))
     return memo[key]
 
 
-def _table_dots(q: Tensor, table: Tensor, rows: Tensor) -> Tensor:
-    """q (n, D), table (N, D), rows (n, L) -> (n, L): q[b] . table[rows[b, l]]. The window's key rows are
-    gathered into one (n, L, D) block and scored by one (n, 1, D) x (n, D, L) bmm. Measured against reading
-    each row in place (the per-sample dot of embedding_bag's adjoint): the rows come from memory a step
-    has not touched yet, and the gather keeps many row loads in flight where the per-row dot waits on
-    each; a 16-sequence step of the small preset 6.85 -> 6.69 ms, of the bundled model 5.73 -> 5.33 ms.
-    (The other orientation, (n, L, D) x (n, D, 1), is ~7x slower on CPU.)"""
+# The adjoint of embedding_bag's per-sample weights: out[i] = grad[bag(i)] . weight[indices[i]], i.e. scores
+# of queries against table rows read where they lie (public torch has no such gather-dot).
+_ROWS_DOT = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+# Largest block of gathered key rows `_table_dots` copies out; past it the rows are scored in place.
+GATHER_MAX_BYTES = 4 << 20
+
+
+def _table_dots(q: Tensor, table: Tensor, rows: Tensor, memo: dict) -> Tensor:
+    """q (n, D), table (N, D), rows (n, L) -> (n, L): q[b] . table[rows[b, l]].
+
+    Up to GATHER_MAX_BYTES of rows, they are gathered into one (n, L, D) block and scored by one
+    (n, 1, D) x (n, D, L) bmm: the rows come from memory the step has not touched yet, and the gather keeps
+    many loads in flight where a per-row dot waits on each (a 16-sequence step of the small preset 6.85 ->
+    6.69 ms, of the bundled model 5.73 -> 5.33 ms; the other bmm orientation is ~7x slower on CPU). A larger
+    block (8 MB for one sequence of the enwik8 shape: 8 heads x 4 rounds x 512 window rows x 128) no longer
+    stays in cache between the copy and the bmm, and reading the rows in place is 3-5% faster there."""
     n, L = rows.shape
+    if _ROWS_DOT is not None and n * L * table.shape[1] * table.element_size() > GATHER_MAX_BYTES:
+        offsets, bag = _bags(memo, n, L, q.device)
+        return _ROWS_DOT(q, table, rows.reshape(-1), offsets, bag, 0, -1).view(n, L)
     keys = table.index_select(0, rows.reshape(-1)).view(n, L, -1)
     return torch.bmm(q.unsqueeze(1), keys.transpose(1, 2)).view(n, L)
 
@@ -196,7 +208,7 @@ def _table_sum(w: Tensor, table: Tensor, rows: Tensor, memo: dict) -> Tensor:
     """w (n, L), table (N, D), rows (n, L) -> (n, D): sum over l of w[b, l] * table[rows[b, l]], each row read
     where it lies (embedding_bag's weighted sum)."""
     n, L = rows.shape
-    offsets = _bags(memo, n, L, w.device)
+    offsets, _ = _bags(memo, n, L, w.device)
     return F.embedding_bag(rows.reshape(-1), table, offsets, mode="sum", per_sample_weights=w.reshape(-1))
 
 
@@ -464,7 +476,7 @@ class LSHSelfAttention(nn.Module):
             keys, values = pool.lsh_tables(j)
             W = rows.shape[-1]
             rows = rows.reshape(n * H, R * W)  # one bag per (sequence, head): every round's window
-            dots = _table_dots(qk[hashed].reshape(n * H, D), keys, rows).view(n, H, R, 1, W)
+            dots = _table_dots(qk[hashed].reshape(n * H, D), keys, rows, batch.memo).view(n, H, R, 1, W)
             e, s, m = _window_softmax(dots, None, None, self_mask=True, causal=False, is_self=is_new.unsqueeze(-2))
             w = torch.softmax(m + torch.log(s), dim=2)  # (n, H, R, 1, 1): round weights from each round's lse
             # rounds combined inside the weighted sum: sum_r w_r * (e_r / s_r) . v_r

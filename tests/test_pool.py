@@ -169,18 +169,36 @@ def test_prefill_into_a_fragmented_pool_falls_back_to_a_copy():
     assert_decode_alike(model, plain, placed, steps=6, seed=8)
 
 
-def test_window_scores_and_sums_over_table_rows_equal_explicit_math():
-    """The LSH decode scores its window by gathering the rows (bmm in the fast orientation) and sums them by
-    embedding_bag where they lie: both equal the textbook q . k and sum of w * v over the same rows."""
+@pytest.mark.parametrize("gather_max_bytes", [0, 1 << 30])
+def test_window_scores_and_sums_over_table_rows_equal_explicit_math(monkeypatch, gather_max_bytes):
+    """The LSH decode scores its window by gathering the rows (bmm in the fast orientation), or where they lie
+    when the block would be large, and sums them by embedding_bag where they lie: each equals the textbook
+    q . k and sum of w * v over the same rows."""
     from reformer_infer import model as M
+
+    monkeypatch.setattr(M, "GATHER_MAX_BYTES", gather_max_bytes)
 
     g = torch.Generator().manual_seed(0)
     table, q = torch.randn(50, 16, generator=g), torch.randn(6, 16, generator=g)
     rows, w = torch.randint(0, 50, (6, 9), generator=g), torch.rand(6, 9, generator=g)
     want_dots = torch.stack([torch.stack([q[b] @ table[r] for r in rows[b]]) for b in range(6)])
     want_sum = torch.stack([sum(w[b, i] * table[rows[b, i]] for i in range(9)) for b in range(6)])
-    assert torch.allclose(M._table_dots(q, table, rows), want_dots, atol=1e-5)
+    assert torch.allclose(M._table_dots(q, table, rows, {}), want_dots, atol=1e-5)
     assert torch.allclose(M._table_sum(w, table, rows, {}), want_sum, atol=1e-5)
+
+    # and a whole decode through this path equals one through the other
+    model = tiny_model()
+    caches = [model.prefill(ids_of(T, seed=T))[1] for T in (9, 20, 33)]  # hashed: past one chunk of 8
+    copies = [model.prefill(ids_of(T, seed=T))[1] for T in (9, 20, 33)]
+    got, ref = ReformerCache.batch(caches), ReformerCache.batch(copies)
+    tok = torch.randint(3, 258, (3, 1), generator=g)
+    for _ in range(12):
+        a, _ = model.decode_step(tok, got)
+        with monkeypatch.context() as mp:
+            mp.setattr(M, "GATHER_MAX_BYTES", (1 << 30) - gather_max_bytes)
+            b, _ = model.decode_step(tok, ref)
+        assert (a - b).abs().max().item() <= 1e-5
+        tok = a[:, -1].argmax(-1, keepdim=True)
 
 
 def test_sequences_with_different_delta_fill_decode_together_like_alone():
