@@ -199,19 +199,36 @@ def test_cached_decode_equals_full_recompute_where_lsh_windows_coincide(tmp_path
     assert layer is not None
 
 
+def test_prefill_units_weigh_the_feed_forward_by_its_width(tmp_path, monkeypatch):
+    """A feed-forward position counts ceil(F / E) work units (here F = 2E): its slices cover half as many
+    positions as the other passes', so every unit costs about the same; the units still add up to
+    `prefill_work` and the result is unchanged."""
+    from reformer_infer.model import FeedForward, feed_forward_weight
+
+    _, d = make_hf(tmp_path, "m")
+    model = load_model(d)
+    assert feed_forward_weight(model.config) == 2
+    seen: list[int] = []
+    forward = FeedForward.forward
+
+    def recording(self, x):
+        seen.append(x.shape[1])
+        return forward(self, x)
+
+    ids = ids_of(40, seed=4)
+    ref, _ = model.prefill(ids, last_only=False)
+    monkeypatch.setattr(FeedForward, "forward", recording)
+    (logits, _), steps = _run(model.prefill_iter(ids, last_only=False, work_tokens=8))
+    assert seen and max(seen) == 4 and sum(seen) == 40 * len(model.config.attn_layers)
+    assert steps[-1][0] == model.prefill_work(40)  # the weighted units add up exactly
+    assert (logits - ref).abs().max().item() <= 1e-5
+
 def test_prefill_iter_equals_prefill_and_reports_progress(tmp_path):
     _, d = make_hf(tmp_path, "m")
     model = load_model(d)
     ids = ids_of(77, seed=5)
     ref_logits, ref_cache = model.prefill(ids, last_only=True)
-    gen = model.prefill_iter(ids, work_tokens=8)
-    progress = []
-    while True:
-        try:
-            progress.append(next(gen))
-        except StopIteration as stop:
-            logits, cache = stop.value
-            break
+    (logits, cache), progress = _run(model.prefill_iter(ids, work_tokens=8))
     assert len(progress) > 10
     # the work total is exact: only the last unit reaches it (an overcount would be clamped, an undercount stop short)
     assert [done == total for done, total in progress].count(True) == 1

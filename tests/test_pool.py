@@ -233,33 +233,3 @@ def test_sequences_with_different_delta_fill_decode_together_like_alone():
                     assert torch.equal(s.sorted_positions(layer), reference_order(model, s, layer))
     assert any(len({f for f in fills if f >= 0}) > 1 for fills in seen_fills)  # fills did differ
 
-
-def test_prefill_units_weigh_the_feed_forward_by_its_width(monkeypatch):
-    """A feed-forward position counts ceil(F / E) work units (here F = 2E): its slices cover half as many
-    positions as the other passes', so every unit costs about the same; the units still add up to
-    `prefill_work` and the result is unchanged."""
-    from reformer_infer.model import FeedForward, feed_forward_weight
-
-    model = tiny_model()
-    assert feed_forward_weight(model.config) == 2
-    seen: list[int] = []
-    forward = FeedForward.forward
-
-    def recording(self, x):
-        seen.append(x.shape[1])
-        return forward(self, x)
-
-    ids = ids_of(40, seed=4)
-    ref, _ = model.prefill(ids, last_only=False)
-    monkeypatch.setattr(FeedForward, "forward", recording)
-    gen = model.prefill_iter(ids, last_only=False, work_tokens=8)
-    steps = []
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as stop:
-            logits, _ = stop.value
-            break
-    assert seen and max(seen) == 4 and sum(seen) == 40 * len(model.config.attn_layers)
-    assert steps[-1][0] == model.prefill_work(40)  # the weighted units add up exactly
-    assert (logits - ref).abs().max().item() <= 1e-5
