@@ -172,11 +172,19 @@ def _window_softmax(dots: Tensor, q_pos: Tensor | None, k_pos: Tensor | None, se
     return e, e.sum(dim=-1, keepdim=True), m
 
 
-def _bags(memo: dict, n: int, L: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Offsets (n,) and bag of every entry (n * L,) of n bags of L rows each (memoised in `memo`)."""
-    key = ("bags", n, L)
+def _bag_offsets(memo: dict, n: int, L: int, device: torch.device) -> Tensor:
+    """Offsets (n,) of n bags of L rows each (memoised in `memo`)."""
+    key = ("bag offsets", n, L)
     if key not in memo:
-        memo[key] = (torch.arange(0, n * L, L, device=device), torch.arange(n, device=device).repeat_interleave(L))
+        memo[key] = torch.arange(0, n * L, L, device=device)
+    return memo[key]
+
+
+def _bag_ids(memo: dict, n: int, L: int, device: torch.device) -> Tensor:
+    """The bag of every entry (n * L,) of n bags of L rows each (memoised in `memo`)."""
+    key = ("bag ids", n, L)
+    if key not in memo:
+        memo[key] = torch.arange(n, device=device).repeat_interleave(L)
     return memo[key]
 
 
@@ -198,7 +206,7 @@ def _table_dots(q: Tensor, table: Tensor, rows: Tensor, memo: dict) -> Tensor:
     stays in cache between the copy and the bmm, and reading the rows in place is 3-5% faster there."""
     n, L = rows.shape
     if _ROWS_DOT is not None and n * L * table.shape[1] * table.element_size() > GATHER_MAX_BYTES:
-        offsets, bag = _bags(memo, n, L, q.device)
+        offsets, bag = _bag_offsets(memo, n, L, q.device), _bag_ids(memo, n, L, q.device)
         return _ROWS_DOT(q, table, rows.reshape(-1), offsets, bag, 0, -1).view(n, L)
     keys = table.index_select(0, rows.reshape(-1)).view(n, L, -1)
     return torch.bmm(q.unsqueeze(1), keys.transpose(1, 2)).view(n, L)
@@ -208,7 +216,7 @@ def _table_sum(w: Tensor, table: Tensor, rows: Tensor, memo: dict) -> Tensor:
     """w (n, L), table (N, D), rows (n, L) -> (n, D): sum over l of w[b, l] * table[rows[b, l]], each row read
     where it lies (embedding_bag's weighted sum)."""
     n, L = rows.shape
-    offsets, _ = _bags(memo, n, L, w.device)
+    offsets = _bag_offsets(memo, n, L, w.device)
     return F.embedding_bag(rows.reshape(-1), table, offsets, mode="sum", per_sample_weights=w.reshape(-1))
 
 
