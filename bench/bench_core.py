@@ -82,24 +82,28 @@ def worker_prefill_hf(model_dir: str, T: int) -> dict:
 
 
 def _ours_synthetic_cache(model, T: int, extra: int):
-    """A cache of T positions with random keys/values and bucket ids (decode cost does not depend on them)."""
-    from reformer_infer import ReformerCache, SequenceCache
-    from reformer_infer.cache import LocalLayerState
-
+    """A cache of T positions with random keys/values and bucket ids (decode cost does not depend on them),
+    written into a decode pool through the pool's own prefill interface."""
     g = torch.Generator().manual_seed(0)
-    seq = SequenceCache.allocate(model, T + extra)
+    pool = model.new_decode_pool(1, T + extra)
+    seq = pool.allocate(T + extra)
     cfg = model.config
     H, D = cfg.num_attention_heads, cfg.attention_head_size
-    for st in seq.layers:
+    rows = pool.prefill_rows([seq], T)[0]  # (T,) pool rows
+    for i, kind in enumerate(cfg.attn_layers):
         k = torch.randn(H, T, D, generator=g) / D**0.5
         v = torch.randn(H, T, D, generator=g)
-        if isinstance(st, LocalLayerState):
-            st.write_prefill(k, v, T)
+        if kind == "local":
+            pool.write_ring(pool.local_index[i], seq, k, v, T)
         else:
-            b = torch.randint(0, cfg.total_buckets, (H, st.num_hashes, T), generator=g)
-            order = torch.argsort(b * T + torch.arange(T), dim=-1)
-            st.write_prefill(k, v, order, b)
-    seq.length = T
+            j = pool.lsh_index[i]
+            pool.keys[j].index_copy_(1, rows, k)
+            pool.values[j].index_copy_(1, rows, v)
+            b = torch.randint(0, cfg.total_buckets, (1, H, pool.R, T), generator=g)
+            pool.set_order(j, [seq.slot], torch.argsort(b * T + torch.arange(T), dim=-1), b)
+    pool.finish_prefill([seq], T, hashed=T > cfg.lsh_attn_chunk_length)
+    from reformer_infer import ReformerCache
+
     return ReformerCache([seq])
 
 

@@ -90,6 +90,31 @@ class ReformerConfig:
         return math.lcm(self.lsh_attn_chunk_length, self.local_attn_chunk_length)
 
     @property
+    def local_ring_size(self) -> int:
+        """Positions a local layer's decode state keeps: every key the next token can still attend to."""
+        return (self.local_num_chunks_before + 1) * self.local_attn_chunk_length
+
+    def padded_length(self, n: int) -> int:
+        """Length transformers pads a full forward to: a multiple of `chunk_lcm` once n > min chunk."""
+        lcm = self.chunk_lcm
+        if n % lcm != 0 and n > self.min_chunk_length:
+            return n + lcm - n % lcm
+        return n
+
+    def prompt_length_error(self, n: int, context: int | None = None) -> str | None:
+        """Why a prompt of n tokens cannot be prefilled within `context` (default: the model's), or None.
+        The prefill pads the prompt as transformers does, so the padded length must fit too."""
+        context = self.max_context if context is None else context
+        if n < 1:
+            return "input_ids must hold at least one token"
+        if n > context:
+            return f"sequence of {n} tokens exceeds the context of {context}"
+        padded = self.padded_length(n)
+        if padded > context:
+            return f"sequence of {n} tokens is padded to {padded} for prefill, beyond the context of {context}"
+        return None
+
+    @property
     def min_chunk_length(self) -> int:
         kinds = set(self.attn_layers)
         lens = []

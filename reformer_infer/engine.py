@@ -39,7 +39,6 @@ from typing import Any
 import torch
 
 from reformer_infer.cache import ReformerCache
-from reformer_infer.model import padded_length
 from reformer_infer.requests import (
     EngineStats,
     EngineStoppedError,
@@ -338,6 +337,7 @@ class Engine:
         self._accepting = True
         self._alive = True
         self._fatal_error: str | None = None
+        self._to_release: list[tuple[Any, Any]] = []  # (cache, prefill generator) of finished requests
         self.fault_hook: FaultHook | None = None
         # statistics
         self._steps = 0
@@ -432,14 +432,10 @@ class Engine:
         # The prefill pads the prompt to a multiple of the chunk lengths (as transformers does); a prompt
         # whose padded length passes the context would only fail later, inside the engine loop.
         cfg = self.model.config
-        if hasattr(cfg, "chunk_lcm") and n <= self.max_context:
-            padded = padded_length(cfg, n)
-            if padded > self.max_context:
-                raise InvalidRequestError(
-                    "prompt",
-                    f"prompt of {n} tokens is padded to {padded} for prefill, beyond the model's context "
-                    f"of {self.max_context} tokens",
-                )
+        if hasattr(cfg, "prompt_length_error") and n <= self.max_context:
+            err = cfg.prompt_length_error(n, self.max_context)
+            if err is not None:
+                raise InvalidRequestError("prompt", f"prompt of {n} tokens: {err}")
 
     def abort(self, request_id: str) -> None:
         """Abort a request in any state; thread-safe and idempotent. Frees its slot and bytes at once."""
@@ -475,15 +471,20 @@ class Engine:
         idle = True  # the first requests after start are a burst like any other
         try:
             while True:
+                self._release_finished()
                 with self._cond:
                     idle = idle or not self._requests
                     while not self._stop_loop and not self._requests:
+                        if self._to_release:
+                            break
                         self._cond.wait()
+                    if self._to_release:
+                        continue
                     if idle:
                         self._await_burst()
                         idle = False
                     if self._stop_loop:
-                        return
+                        break
                 with torch.inference_mode():
                     self.step()
         except BaseException as exc:  # the loop must report every failure before it stops
@@ -495,6 +496,7 @@ class Engine:
                     self._finish(
                         req, FinishReason.ERROR, error=f"engine failure: {self._fatal_error}", kind="internal"
                     )
+        self._release_finished()
 
     def _await_burst(self) -> None:
         """(Lock held; the engine was idle and a request arrived.) Wait while more requests keep arriving,
@@ -516,8 +518,22 @@ class Engine:
                 return
             seen = self._arrivals
 
+    def _release_finished(self) -> None:
+        """(Engine thread, between steps.) Give finished requests' decode state back: close unfinished
+        prefills (their slots go back) and release caches."""
+        with self._cond:
+            done, self._to_release = self._to_release, []
+        for cache, gen in done:
+            if gen is not None:
+                gen.close()
+            for seq in getattr(cache, "sequences", ()):
+                release = getattr(seq, "release", None)
+                if release is not None:
+                    release()
+
     def step(self) -> None:
         """One engine iteration: schedule -> execute (batched decode + one prefill chunk) -> update."""
+        self._release_finished()
         t0 = time.perf_counter()
         if self.fault_hook is not None:
             self.fault_hook("step", None)
@@ -631,7 +647,6 @@ class Engine:
                         req.stream.put(PrefillProgress(req.request_id, tokens_done, n))
                 return delta, req.prefill_done_work - start_work
             logits, cache = result
-            self._adopt(cache)
             out = sample_batch(logits[:, -1, :], [req.sampler])
         except Exception as exc:  # one request's failure (OOM included) must not take the engine down
             oom = _is_oom(exc)
@@ -648,12 +663,6 @@ class Engine:
             return 0, budget
         used = max(req.prefill_total_work, req.prefill_done_work) - start_work
         return self._prefill_finished(req, cache, out.tokens[0], out.logprobs[0], time.monotonic()), used
-
-    def _adopt(self, cache: Any) -> None:
-        """Move a finished prefill's sequences into the engine's decode pool (no copy when it wrote there)."""
-        if self._pool is not None:
-            for seq in cache.sequences:
-                self._pool.adopt(seq)
 
     def _prefill_work(self, n: int) -> int:
         """Work units of a prefill of n prompt tokens (what `prefill_iter` counts); 0 if the model does not
@@ -692,7 +701,6 @@ class Engine:
             # in one go: the group is sized to the budget it may take (`prefill` equals `prefill_iter` exactly)
             logits, cache = self.model.prefill(ids, capacity=[n + r.params.max_new_tokens for r in group],
                                                last_only=True, **self._pool_kw)
-            self._adopt(cache)
             out = sample_batch(logits[:, -1, :], [r.sampler for r in group])
         except Exception as exc:
             logger.info("batched prefill of %d prompts failed (%r); prefilling them one by one", len(group), exc)
@@ -793,7 +801,9 @@ class Engine:
         self._scheduler.finish(req.request_id, _STATUS[reason])
         self._requests.pop(req.request_id, None)
         req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(req.cache))
-        # Drop tensors now; a step that is executing this sequence holds its own reference until it ends.
+        # The sequence's state goes back to the pool on the engine thread, between steps: an abort comes
+        # from another thread and may land while a step runs on this very sequence.
+        self._to_release.append((req.cache, req.prefill_gen))
         req.cache = None
         req.prefill_gen = None
         tail = ""

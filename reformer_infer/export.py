@@ -360,7 +360,7 @@ class PrefillGraph(nn.Module):
         self.D = cfg.attention_head_size
         self.R = model.config.num_hashes
         self.K = cfg.total_buckets
-        self.ring = (cfg.local_num_chunks_before + 1) * cfg.local_attn_chunk_length
+        self.ring = cfg.local_ring_size
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, Tp = input_ids.shape[0], input_ids.shape[1]
@@ -498,7 +498,7 @@ def export_spec(model: ReformerLM) -> ExportSpec:
     n = min(min_chunks + 1, max_chunks)
     B, H, D, R, K = 2, cfg.num_attention_heads, cfg.attention_head_size, model.config.num_hashes, cfg.total_buckets
     L, M = cfg.attn_layers.count("lsh"), cfg.attn_layers.count("local")
-    ring = (cfg.local_num_chunks_before + 1) * cfg.local_attn_chunk_length
+    ring = cfg.local_ring_size
     min_cap = C + 2
     S = min_cap + 5
     g = torch.Generator().manual_seed(0)
@@ -591,7 +591,7 @@ def _write_metadata(model: ReformerLM, out: Path, fmt: str, spec: ExportSpec) ->
         "limits": spec.limits,
         "dims": {L: cfg.attn_layers.count("lsh"), M: cfg.attn_layers.count("local"),
                  "H": cfg.num_attention_heads, "D": cfg.attention_head_size, "R": cfg.num_hashes,
-                 "K": cfg.total_buckets, "ring": (cfg.local_num_chunks_before + 1) * cfg.local_attn_chunk_length,
+                 "K": cfg.total_buckets, "ring": cfg.local_ring_size,
                  "V": cfg.vocab_size},
         "prefill": {
             "inputs": {"input_ids": ["batch", "padded_len"], "lengths": ["batch"]},
@@ -704,12 +704,12 @@ def verify_export(
             for b in range(B):
                 eager_seq, seq = ref_cache.sequences[b], got_cache.sequences[b]
                 for j, i in enumerate(lsh):
-                    st = eager_seq.layers[i]
-                    if st.order is not None and not (
-                        torch.equal(st.order[:, :, :T], seq.lsh_order[j, 0, :, :, :T])
-                        and torch.equal(st.counts, seq.lsh_counts[j, 0])):
+                    order, counts = eager_seq.sorted_positions(i), eager_seq.bucket_counts(i)
+                    if order is not None and not (
+                        torch.equal(order, seq.lsh_order[j, 0, :, :, :T])
+                        and torch.equal(counts, seq.lsh_counts[j, 0])):
                         bad.append(f"row {b} layer {i}")
-                    if (st.order is not None) != seq.hashed:
+                    if (order is not None) != seq.hashed:
                         bad.append(f"row {b} hashed={seq.hashed}")
             if lsh:
                 checks.append(Check(f"prefill bucket state T={T} B={B}", not bad, "equal" if not bad else str(bad)))

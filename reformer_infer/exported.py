@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .cache import ReformerCache
 from .config import ReformerConfig
-from .model import check_prompt_length, padded_length, row_capacities
+from .model import row_capacities
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class ExportedModel:
         self.num_local = cfg.attn_layers.count("local")
         self.H, self.D = cfg.num_attention_heads, cfg.attention_head_size
         self.R, self.K = int(self.metadata["num_hashes"]), cfg.total_buckets
-        self.ring = (cfg.local_num_chunks_before + 1) * cfg.local_attn_chunk_length
+        self.ring = cfg.local_ring_size
         self.min_capacity = int(self.metadata["limits"]["min_capacity"])
         self._device = torch.device(device)
         threads = num_threads or torch.get_num_threads()
@@ -230,7 +230,7 @@ class ExportedModel:
     # ---- prefill -------------------------------------------------------------------------------------
     def _uses_prefill_graph(self, T: int) -> bool:
         # The prefill graph is the hashed regime; at most one LSH chunk is dense attention (decode graph).
-        return self.num_lsh == 0 or padded_length(self.config, T) > self.config.lsh_attn_chunk_length
+        return self.num_lsh == 0 or self.config.padded_length(T) > self.config.lsh_attn_chunk_length
 
     def _empty_sequence(self, capacity: int) -> ExportedSequence:
         S = max(capacity, self.min_capacity)
@@ -261,7 +261,9 @@ class ExportedModel:
         """Like `ReformerLM.prefill_iter`: yields (done, total); returns (logits, cache). A prefill-graph call
         is one unit (`work_tokens` cannot split a graph); a dense-regime prompt yields once per token."""
         B, T = input_ids.shape
-        check_prompt_length(self.config, T)
+        err = self.config.prompt_length_error(T)
+        if err is not None:
+            raise ValueError(err)
         caps = row_capacities(capacity, B, T)
         if not self._uses_prefill_graph(T):
             seqs, rows = [], []

@@ -61,13 +61,18 @@ def generate(
     # otherwise leave the mode switched on in the caller's code.
     with torch.inference_mode():
         logits, cache = model.prefill(torch.tensor([list(prompt_ids)], dtype=torch.long, device=device))
-    for step in range(max_new_tokens):
-        token = sample_batch(logits[:, -1, :], [sampler]).tokens[0]
-        if token in stop:
-            return
-        sampler.observe(token)
-        yield token
-        if step + 1 == max_new_tokens:
-            return
-        with torch.inference_mode():
-            logits, cache = model.decode_step(torch.tensor([[token]], dtype=torch.long, device=device), cache)
+    try:
+        for step in range(max_new_tokens):
+            token = sample_batch(logits[:, -1, :], [sampler]).tokens[0]
+            if token in stop:
+                return
+            sampler.observe(token)
+            yield token
+            if step + 1 == max_new_tokens:
+                return
+            with torch.inference_mode():
+                logits, cache = model.decode_step(torch.tensor([[token]], dtype=torch.long, device=device), cache)
+    finally:
+        release = getattr(cache, "release", None)  # the decode state goes back (exported caches have none)
+        if release is not None:
+            release()

@@ -17,6 +17,7 @@ Dimension letters used in shape comments:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import LocalLayerState, LSHLayerState, ReformerCache, SequenceCache
+from .cache import ReformerCache, SequenceCache
 from .config import ReformerConfig
-from .pool import DecodePool, StepBatch
+from .pool import DecodePool, StepBatch, cache_bytes
 
 # Mask values of the reference implementation (fp32 / fp16). They are finite on purpose: a query whose
 # window holds nothing visible but itself attends to itself (self mask -1e5 beats mask -1e9).
@@ -74,23 +75,6 @@ def _drain(gen: Generator[int, None, Tensor | None]) -> Tensor | None:
             next(gen)
         except StopIteration as stop:
             return stop.value
-
-
-def padded_length(config: ReformerConfig, n: int) -> int:
-    """Length transformers pads a full forward to: a multiple of lcm(chunk lengths) once n > min chunk."""
-    lcm = config.chunk_lcm
-    if n % lcm != 0 and n > config.min_chunk_length:
-        return n + lcm - n % lcm
-    return n
-
-
-def check_prompt_length(config: ReformerConfig, T: int) -> None:
-    """A prompt of T tokens must be non-empty and fit the context once padded as transformers pads it."""
-    if T < 1:
-        raise ValueError("input_ids must hold at least one token")
-    Tp = padded_length(config, T)
-    if Tp > config.max_context:
-        raise ValueError(f"sequence of {T} tokens (padded to {Tp}) exceeds the model's context of {config.max_context}")
 
 
 def len_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -180,34 +164,11 @@ def _bag_offsets(memo: dict, n: int, L: int, device: torch.device) -> Tensor:
     return memo[key]
 
 
-def _bag_ids(memo: dict, n: int, L: int, device: torch.device) -> Tensor:
-    """The bag of every entry (n * L,) of n bags of L rows each (memoised in `memo`)."""
-    key = ("bag ids", n, L)
-    if key not in memo:
-        memo[key] = torch.arange(n, device=device).repeat_interleave(L)
-    return memo[key]
-
-
-# The adjoint of embedding_bag's per-sample weights: out[i] = grad[bag(i)] . weight[indices[i]], i.e. scores
-# of queries against table rows read where they lie (public torch has no such gather-dot).
-_ROWS_DOT = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
-# Largest block of gathered key rows `_table_dots` copies out; past it the rows are scored in place.
-GATHER_MAX_BYTES = 4 << 20
-
-
-def _table_dots(q: Tensor, table: Tensor, rows: Tensor, memo: dict) -> Tensor:
-    """q (n, D), table (N, D), rows (n, L) -> (n, L): q[b] . table[rows[b, l]].
-
-    Up to GATHER_MAX_BYTES of rows, they are gathered into one (n, L, D) block and scored by one
-    (n, 1, D) x (n, D, L) bmm: the rows come from memory the step has not touched yet, and the gather keeps
-    many loads in flight where a per-row dot waits on each (a 16-sequence step of the small preset 6.85 ->
-    6.69 ms, of the bundled model 5.73 -> 5.33 ms; the other bmm orientation is ~7x slower on CPU). A larger
-    block (8 MB for one sequence of the enwik8 shape: 8 heads x 4 rounds x 512 window rows x 128) no longer
-    stays in cache between the copy and the bmm, and reading the rows in place is 3-5% faster there."""
+def _table_dots(q: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """q (n, D), table (N, D), rows (n, L) -> (n, L): q[b] . table[rows[b, l]]. The rows are gathered into
+    one (n, L, D) block and scored by one (n, 1, D) x (n, D, L) bmm (the other orientation is ~7x slower on
+    CPU); the gather keeps many loads in flight where a per-row dot would wait on each."""
     n, L = rows.shape
-    if _ROWS_DOT is not None and n * L * table.shape[1] * table.element_size() > GATHER_MAX_BYTES:
-        offsets, bag = _bag_offsets(memo, n, L, q.device), _bag_ids(memo, n, L, q.device)
-        return _ROWS_DOT(q, table, rows.reshape(-1), offsets, bag, 0, -1).view(n, L)
     keys = table.index_select(0, rows.reshape(-1)).view(n, L, -1)
     return torch.bmm(q.unsqueeze(1), keys.transpose(1, 2)).view(n, L)
 
@@ -263,6 +224,69 @@ def _group_size(config_chunk: int, window: int, batch_heads: int, budget: int) -
     return max(1, budget // max(1, batch_heads * config_chunk * window))
 
 
+@dataclass(frozen=True)
+class PrefillTarget:
+    """Where a prefill writes its sequences' decode state: their pool, and each position's pool row (B, T);
+    `layer` is the index of the layer being computed."""
+
+    pool: DecodePool
+    seqs: list[SequenceCache]
+    rows: Tensor
+    layer: int = 0
+
+
+class _Rows:
+    """One LSH layer's per-position rows (raw shared-QK, later normalised keys; values) during a forward:
+    in the decode pool's (H * N * P, D) tables when the forward builds a cache, else in private tables of
+    the same layout (H * B * T rows). Written and gathered by row index either way: one code path.
+    The pool's tables are looked up at every use, since the pool may grow between units of a prefill."""
+
+    def __init__(self, target: PrefillTarget | None, B: int, T: int, H: int, D: int, like: Tensor) -> None:
+        self.target, self.H, self.D = target, H, D
+        if target is None:
+            self._tables = (like.new_empty(H * B * T, D), like.new_empty(H * B * T, D))
+            self.prow = torch.arange(B * T, device=like.device).view(B, T)
+        else:
+            self.prow = target.rows
+
+    def tables(self) -> tuple[Tensor, Tensor, int]:
+        """Keys and values tables and the rows per head."""
+        if self.target is None:
+            return (*self._tables, self.prow.numel())
+        pool = self.target.pool
+        return (*pool.lsh_tables(pool.lsh_index[self.target.layer]), pool.N * pool.P)
+
+    def _heads(self, prow: Tensor, per_head: int) -> Tensor:
+        return prow + torch.arange(self.H, device=prow.device).view(1, self.H, 1) * per_head
+
+    def write(self, s0: int, s1: int, k: Tensor, v: Tensor) -> None:
+        """Rows (B, H, s1 - s0, D) of positions [s0, s1)."""
+        kt, vt, per_head = self.tables()
+        idx = self._heads(self.prow[:, None, s0:s1], per_head).reshape(-1)
+        kt.index_copy_(0, idx, k.reshape(-1, self.D))
+        vt.index_copy_(0, idx, v.reshape(-1, self.D))
+
+    def _index(self, pos: Tensor, per_head: int) -> Tensor:
+        B = pos.shape[0]
+        return self._heads(self.prow.gather(1, pos.reshape(B, -1)).view(pos.shape), per_head).reshape(-1)
+
+    def read(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, H, n, D) at positions pos (B, H, n)."""
+        kt, vt, per_head = self.tables()
+        idx = self._index(pos, per_head)
+        return kt.index_select(0, idx).view(*pos.shape, self.D), vt.index_select(0, idx).view(*pos.shape, self.D)
+
+    def read_keys(self, pos: Tensor) -> Tensor:
+        kt, _, per_head = self.tables()
+        return kt.index_select(0, self._index(pos, per_head)).view(*pos.shape, self.D)
+
+    def normalise_keys(self, s0: int, s1: int, fn: Callable[[Tensor], Tensor]) -> None:
+        """Apply fn to the key rows of positions [s0, s1), in place."""
+        kt, _, per_head = self.tables()
+        idx = self._heads(self.prow[:, None, s0:s1], per_head).reshape(-1)
+        kt.index_copy_(0, idx, fn(kt.index_select(0, idx)))
+
+
 # ---------------------------------------------------------------------------------------------------
 # LSH self-attention (shared QK)
 # ---------------------------------------------------------------------------------------------------
@@ -309,7 +333,7 @@ class LSHSelfAttention(nn.Module):
         h: Tensor,
         layer_norm: nn.Module,
         n_padded: int,
-        state: list[LSHLayerState] | None,
+        target: PrefillTarget | None,
         score_budget: int,
         emit: Emit,
         step: int | None = None,
@@ -318,57 +342,30 @@ class LSHSelfAttention(nn.Module):
         slice (the caller projects them straight into the residual stream).
 
         `n_padded` is the length transformers would pad to; pads sort last in every hash round and are
-        masked, so only the chunk layout depends on it. Fills `state` (one per batch row) for decoding.
-        Every pass over the sequence runs `step` positions (or one head's sort) at a time and yields the
-        positions it covered, so a resumable prefill never runs a whole-sequence op in one unit.
+        masked, so only the chunk layout depends on it. With a `target`, the layer's decode state (keys,
+        values, bucket order) is written into its pool as it goes. Every pass over the sequence runs `step`
+        positions (or one head's sort) at a time and yields the positions it covered, so a resumable
+        prefill never runs a whole-sequence op in one unit.
         """
         B, T, _ = h.shape
         H, D, C = self.H, self.D, self.C
         hashed = not (n_padded <= C or self.full_attention)
         dev = h.device
-        # B == 1 at inference: the value rows, and the key rows, are computed straight into the decode cache
-        in_cache = state is not None and B == 1 and not torch.is_grad_enabled()
-        v = state[0].values[:, :T].unsqueeze(0) if in_cache else h.new_empty(B, H, T, D)
-        if hashed:
-            # Raw shared-QK rows are kept where the keys will live (the cache, in place): attention normalises
-            # the key rows it gathers, and the buffer is normalised in place once every round is done. One
-            # (B, H, T, D) buffer instead of two (268 MB at 64K on the enwik8 shape).
-            qk = state[0].keys[:, :T].unsqueeze(0) if in_cache else h.new_empty(B, H, T, D)
-            k = None
-            buckets = torch.empty(B, H, self.num_hashes, T, dtype=torch.long, device=dev)
-        else:
-            qk = h.new_empty(B, H, T, D)
-            k = state[0].keys[:, :T].unsqueeze(0) if in_cache else h.new_empty(B, H, T, D)
-            buckets = None
-        if hashed:
-            # The rounds' outputs are accumulated here (laid out (B, T + 1, H, D) so its slices are the output
-            # rows; row T takes the pads). Attention writes it in sorted order, i.e. all over the buffer from
-            # its first group on: touched first there, its fresh pages (32 MB at 64K on the small preset) would
-            # all fault in during one unit. Zeroing it slice by slice with the projections spreads that out.
-            acc = qk.new_empty(B, T + 1, H, D)
-            lse_acc = qk.new_empty(B, T + 1, H)
-        for s0, s1 in _slices(T, step):
-            if hashed:
-                end = T + 1 if s1 == T else s1  # the last slice takes the pads' row too
-                acc[:, s0:end].zero_()
-                lse_acc[:, s0:end].zero_()
-            x = layer_norm(h[:, s0:s1])
-            qk_s = self.query_key(x).view(B, s1 - s0, H, D).transpose(1, 2)  # (B, H, t, D)
-            qk[:, :, s0:s1] = qk_s
-            if k is not None:
-                k[:, :, s0:s1] = len_norm(qk_s) / math.sqrt(D)
-            v[:, :, s0:s1] = self.value(x).view(B, s1 - s0, H, D).transpose(1, 2)
-            if buckets is not None:
-                buckets[..., s0:s1] = self.hash(qk_s)
-            yield s1 - s0
-        pos = torch.arange(T, device=dev)
         if not hashed:
             # Short sequences: plain causal attention (as transformers), no buckets. `full_attention` uses
             # the same path at any length (the paper's full-attention baseline; evaluation only), in blocks
             # of queries so the score block stays bounded.
-            if state is not None:
-                for b in range(B):
-                    state[b].write_prefill(k[b], v[b], None)
+            qk, k, v = (h.new_empty(B, H, T, D) for _ in range(3))
+            for s0, s1 in _slices(T, step):
+                x = layer_norm(h[:, s0:s1])
+                qk_s = self.query_key(x).view(B, s1 - s0, H, D).transpose(1, 2)
+                qk[:, :, s0:s1] = qk_s
+                k[:, :, s0:s1] = len_norm(qk_s) / math.sqrt(D)
+                v[:, :, s0:s1] = self.value(x).view(B, s1 - s0, H, D).transpose(1, 2)
+                yield s1 - s0
+            if target is not None:
+                _Rows(target, B, T, H, D, h).write(0, T, k, v)
+            pos = torch.arange(T, device=dev)
             out = qk.new_empty(B, T, H, D)
             G = max(1, score_budget // max(1, B * H * T))
             for q0 in range(0, T, G):
@@ -380,6 +377,27 @@ class LSHSelfAttention(nn.Module):
             yield from _emit_slices(out.view(B, T, H * D), emit, step)
             return
 
+        # Raw shared-QK rows and values are written where the decode state keeps them (the pool's pages;
+        # private tables of the same layout without a target): attention normalises the key rows it
+        # gathers, and the stored rows are normalised in place once every round is done.
+        rows = _Rows(target, B, T, H, D, h)
+        buckets = torch.empty(B, H, self.num_hashes, T, dtype=torch.long, device=dev)
+        # The rounds' outputs are accumulated here (laid out (B, T + 1, H, D) so its slices are the output
+        # rows; row T takes the pads). Attention writes it in sorted order, i.e. all over the buffer from
+        # its first group on: touched first there, its fresh pages (32 MB at 64K on the small preset) would
+        # all fault in during one unit. Zeroing it slice by slice with the projections spreads that out.
+        acc = h.new_empty(B, T + 1, H, D)
+        lse_acc = h.new_empty(B, T + 1, H)
+        for s0, s1 in _slices(T, step):
+            end = T + 1 if s1 == T else s1  # the last slice takes the pads' row too
+            acc[:, s0:end].zero_()
+            lse_acc[:, s0:end].zero_()
+            x = layer_norm(h[:, s0:s1])
+            qk_s = self.query_key(x).view(B, s1 - s0, H, D).transpose(1, 2)  # (B, H, t, D)
+            rows.write(s0, s1, qk_s, self.value(x).view(B, s1 - s0, H, D).transpose(1, 2))
+            buckets[..., s0:s1] = self.hash(qk_s)
+            yield s1 - s0
+        pos = torch.arange(T, device=dev)
         R = self.num_hashes
         # positions in (bucket, position) order, one head at a time: sorting every head and round at once
         # would be one long unit that an engine cannot interleave decode steps with
@@ -415,12 +433,12 @@ class LSHSelfAttention(nn.Module):
                 k_slots = (win.unsqueeze(-1) * C + torch.arange(C, device=dev)).reshape(-1)  # (G*W,)
                 k_rows = flat[:, :, k_slots]  # (B, H, G*W)
                 g = m1 - m0
-                q_real, k_real = q_rows.clamp(max=T - 1), k_rows.clamp(max=T - 1)
-                q = _gather_rows(qk, q_real).view(B, H, g, C, D)
-                kk = (len_norm(_gather_rows(qk, k_real)) / math.sqrt(D)).view(B, H, g, W, D)
-                vv = _gather_rows(v, k_real).view(B, H, g, W, D)
+                q = rows.read_keys(q_rows.clamp(max=T - 1)).view(B, H, g, C, D)
+                kk, vv = rows.read(k_rows.clamp(max=T - 1))
+                kk = (len_norm(kk) / math.sqrt(D)).view(B, H, g, W, D)
                 o, lse = _attend_window(
-                    q, kk, vv, pos_p[q_rows].view(B, H, g, C), pos_p[k_rows].view(B, H, g, W), self_mask=True
+                    q, kk, vv.view(B, H, g, W, D), pos_p[q_rows].view(B, H, g, C), pos_p[k_rows].view(B, H, g, W),
+                    self_mask=True,
                 )
                 idx = (q_rows * H + base).reshape(-1)  # accumulator rows (pads all land on row T)
                 o, lse = o.reshape(-1, D), lse.reshape(-1)
@@ -438,28 +456,13 @@ class LSHSelfAttention(nn.Module):
                 acc_rows.index_copy_(0, idx, o)
                 lse_rows.index_copy_(0, idx, lse)
                 yield g * C
-        if state is not None:
-            yield from self._write_state(state, qk, v, order, buckets, in_cache, step)
+        if target is not None:
+            # the decode state: the stored shared-QK rows become normalised keys, and the bucket order
+            for s0, s1 in _slices(T, step):
+                rows.normalise_keys(s0, s1, lambda k: len_norm(k) / math.sqrt(D))
+                yield s1 - s0
+            target.pool.set_order(target.pool.lsh_index[target.layer], [s.slot for s in target.seqs], order, buckets)
         yield from _emit_slices(acc[:, :T].view(B, T, H * D), emit, step)
-
-    def _write_state(
-        self, state: list[LSHLayerState], qk: Tensor, v: Tensor, order: Tensor, buckets: Tensor, in_cache: bool,
-        step: int | None,
-    ) -> Work:
-        """Decode state of a hashed prefill: normalised keys (from the raw shared-QK rows, in place when they
-        are the cache's own rows), values, and the bucket bookkeeping. Yields positions done."""
-        B, _, T, _ = qk.shape
-        for s0, s1 in _slices(T, step):
-            k = len_norm(qk[:, :, s0:s1]) / math.sqrt(self.D)
-            if in_cache:
-                qk[:, :, s0:s1] = k
-            else:
-                for b in range(B):
-                    state[b].keys[:, s0:s1] = k[b]
-                    state[b].values[:, s0:s1] = v[b, :, s0:s1]
-            yield s1 - s0
-        for b in range(B):  # keys and values are the cache's rows by now: only the order tables are written
-            state[b].write_prefill(state[b].keys[:, :T], state[b].values[:, :T], order[b], buckets[b])
 
     # ---- cached decode -----------------------------------------------------------------------
     def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch) -> tuple[Tensor, list[int]]:
@@ -484,7 +487,7 @@ class LSHSelfAttention(nn.Module):
             keys, values = pool.lsh_tables(j)
             W = rows.shape[-1]
             rows = rows.reshape(n * H, R * W)  # one bag per (sequence, head): every round's window
-            dots = _table_dots(qk[hashed].reshape(n * H, D), keys, rows, batch.memo).view(n, H, R, 1, W)
+            dots = _table_dots(qk[hashed].reshape(n * H, D), keys, rows).view(n, H, R, 1, W)
             e, s, m = _window_softmax(dots, None, None, self_mask=True, causal=False, is_self=is_new.unsqueeze(-2))
             w = torch.softmax(m + torch.log(s), dim=2)  # (n, H, R, 1, 1): round weights from each round's lse
             # rounds combined inside the weighted sum: sum_r w_r * (e_r / s_r) . v_r
@@ -506,26 +509,15 @@ class LSHSelfAttention(nn.Module):
                     if T + 1 >= C:
                         by_length.setdefault(T + 1, []).append(int(batch.slots[i]))
                 for T1, slots in by_length.items():
-                    pool.hash_all(j, slots, T1, self)
+                    # every cached position of these sequences (the new token's included), hashed and
+                    # sorted in one pass
+                    buckets_all = self.hash(pool.keys_of(j, slots, T1))  # (S, H, R, T1); argmax ignores the norm
+                    order = torch.argsort(buckets_all * T1 + torch.arange(T1, device=x.device), dim=-1)
+                    pool.set_order(j, slots, order, buckets_all)
                     transitioned += slots
         if hashed.numel() and self.full_attention:
             pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # keeps the order
         return out.reshape(B, H * D), transitioned
-
-
-def _gather_rows(t: Tensor, rows: Tensor) -> Tensor:
-    """t (B, H, T, D), rows (B, H, N) -> (B, H, N, D)."""
-    B, H, T, D = t.shape
-    sb, sh, st, sd = t.stride()
-    if torch.is_grad_enabled() or sd != 1 or st != D or sb % D or sh % D:
-        return torch.gather(t, 2, rows.unsqueeze(-1).expand(*rows.shape, D))
-    # At inference, one index_select of whole D-rows of the storage: several times faster on CPU than the
-    # expanded gather (which indexes every element). t's rows are D apart, its heads and batch rows whole
-    # multiples of D (the cache's key rows are (H, capacity, D): heads `capacity` rows apart).
-    n = ((B - 1) * sb + (H - 1) * sh) // D + T
-    storage = t.as_strided((n, D), (D, 1))  # every row t's (b, h, position) rows live in
-    base = (torch.arange(B, device=t.device) * (sb // D)).view(B, 1, 1) + (torch.arange(H, device=t.device) * (sh // D)).view(1, H, 1)
-    return storage.index_select(0, (rows + base).reshape(-1)).view(B, H, rows.shape[-1], D)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -549,7 +541,7 @@ class LocalSelfAttention(nn.Module):
         self,
         h: Tensor,
         layer_norm: nn.Module,
-        state: list[LocalLayerState] | None,
+        target: PrefillTarget | None,
         score_budget: int,
         emit: Emit,
         step: int | None = None,
@@ -582,9 +574,10 @@ class LocalSelfAttention(nn.Module):
             q[:, :, : s1 - s0] = self.query(x).view(B, s1 - s0, H, D).transpose(1, 2)  # (B, H, t, D)
             k[:, :, : s1 - s0] = self.key(x).view(B, s1 - s0, H, D).transpose(1, 2) / math.sqrt(D)
             v[:, :, : s1 - s0] = self.value(x).view(B, s1 - s0, H, D).transpose(1, 2)
-            if state is not None:
-                for b in range(B):
-                    state[b].write_prefill(k[b, :, : s1 - s0], v[b, :, : s1 - s0], T, start=s0)
+            if target is not None:
+                j = target.pool.local_index[target.layer]
+                for b, seq in enumerate(target.seqs):
+                    target.pool.write_ring(j, seq, k[b, :, : s1 - s0], v[b, :, : s1 - s0], T, start=s0)
             yield s1 - s0
             # pool of chunks this slice's windows can see: [stand-in, kept chunks..., this slice's chunks]
             ids = [-1, *sorted(kept), *range(c0, c1)]
@@ -680,12 +673,6 @@ class ReformerLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------
-@dataclass
-class PrefillResult:
-    logits: Tensor  # (B, T, V), or (B, 1, V) with last_only
-    cache: ReformerCache
-
-
 class ReformerLM(nn.Module):
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__()
@@ -757,7 +744,7 @@ class ReformerLM(nn.Module):
     def prefill(self, input_ids: Tensor, capacity: int | Sequence[int] | None = None, last_only: bool = False,
                 pool: DecodePool | None = None) -> tuple[Tensor, ReformerCache]:
         """Full forward over the prompt that also builds the decode cache. Returns (logits, cache).
-        With a `pool`, the cache is written straight into it where it has room (see `DecodePool`)."""
+        The state is written into `pool` (a private one when None); release the cache when done with it."""
         return _drain(self.prefill_iter(input_ids, capacity=capacity, last_only=last_only, work_tokens=None, pool=pool))
 
     def prefill_iter(
@@ -773,35 +760,52 @@ class ReformerLM(nn.Module):
 
         A unit is about `work_tokens` positions of one layer's attention or feed-forward, so an engine can
         interleave decode steps of other sequences between units. Results equal `prefill` exactly.
-        With a `pool`, the state is written straight into it where it has room (see `DecodePool`).
+        The sequences' state is written into `pool` (a private one when None) from the first unit on; if
+        the prefill is closed or fails before it returns, their slots are given back.
         `capacity` is one for every row or one per row (a batch of requests with their own budgets).
         """
         B, T = input_ids.shape
-        check_prompt_length(self.config, T)
-        seqs = [SequenceCache.allocate(self, cap, pool, prefilled=T) for cap in row_capacities(capacity, B, T)]
-        gen = self._forward_work(input_ids, seqs, last_only=last_only, work_tokens=work_tokens)
-        total = self.prefill_work(T)
-        done = 0
-        while True:
-            # inference mode only around each unit: a `with` spanning the `yield` would leak the mode into
-            # the caller's thread while suspended (and for good if the prefill is abandoned)
-            try:
-                with torch.inference_mode():
-                    step = next(gen)
-            except StopIteration as stop:
-                logits = stop.value
-                break
-            done += step
-            yield (min(done, total), total)
-        for s in seqs:
-            s.length = T
+        err = self.config.prompt_length_error(T)
+        if err is not None:
+            raise ValueError(err)
+        caps = row_capacities(capacity, B, T)
+        if pool is None:
+            pool = self.new_decode_pool(B, sum(caps) + B)
+        seqs: list[SequenceCache] = []
+        done_ok = False
+        try:
+            for cap in caps:
+                seqs.append(pool.allocate(cap))
+            target = PrefillTarget(pool, seqs, pool.prefill_rows(seqs, T))
+            gen = self._forward_work(input_ids, target, last_only=last_only, work_tokens=work_tokens)
+            total = self.prefill_work(T)
+            done = 0
+            while True:
+                # inference mode only around each unit: a `with` spanning the `yield` would leak the mode
+                # into the caller's thread while suspended (and for good if the prefill is abandoned)
+                try:
+                    with torch.inference_mode():
+                        step = next(gen)
+                except StopIteration as stop:
+                    logits = stop.value
+                    break
+                done += step
+                yield (min(done, total), total)
+            hashed = self.config.padded_length(T) > self.config.lsh_attn_chunk_length and any(
+                not layer.full_attention for layer in self.lsh_layers())
+            pool.finish_prefill(seqs, T, hashed)
+            done_ok = True
+        finally:
+            if not done_ok:
+                for seq in seqs:
+                    seq.release()
         return logits, ReformerCache(seqs)
 
     def prefill_work(self, T: int) -> int:
         """Work units of a prefill of T tokens (with a cache): positions covered by every pass that yields.
         An engine budgets its steps in these units."""
         cfg = self.config
-        Tp = padded_length(cfg, T)
+        Tp = cfg.padded_length(T)
         n = T  # embeddings
         for kind in cfg.attn_layers:
             if kind == "lsh":
@@ -816,14 +820,16 @@ class ReformerLM(nn.Module):
     def _forward_work(
         self,
         input_ids: Tensor,
-        seqs: list[SequenceCache] | None,
+        target: PrefillTarget | None,
         last_only: bool,
         work_tokens: int | None = None,
     ) -> Generator[int, None, Tensor]:
         cfg = self.config
         B, T = input_ids.shape
-        check_prompt_length(self.config, T)
-        Tp = padded_length(cfg, T)
+        err = cfg.prompt_length_error(T)
+        if err is not None:
+            raise ValueError(err)
+        Tp = cfg.padded_length(T)
         positions = torch.arange(T, device=input_ids.device)
         training = torch.is_grad_enabled()
         if work_tokens is not None:
@@ -852,7 +858,7 @@ class ReformerLM(nn.Module):
         last = len(self.encoder.layers) - 1
         for i, layer in enumerate(self.encoder.layers):
             att = layer.attention
-            states = None if seqs is None else [s.layers[i] for s in seqs]
+            layer_target = None if target is None else dataclasses.replace(target, layer=i)
             parts: list[Tensor] = []
             # The last layer's outputs feed only the head: with last_only, only the last position's. Its
             # keys and values (the cache) still cover every position; its output projection and
@@ -869,9 +875,10 @@ class ReformerLM(nn.Module):
                     stream[:, max(s0, tail) : s1] += dense(o[:, max(s0, tail) - s0 :])
 
             if att.kind == "lsh":
-                yield from att.self_attention.forward_work(h, att.layer_norm, Tp, states, budget, emit, proj_step)
+                yield from att.self_attention.forward_work(h, att.layer_norm, Tp, layer_target, budget, emit,
+                                                           proj_step)
             else:
-                yield from att.self_attention.forward_work(h, att.layer_norm, states, budget, emit, proj_step)
+                yield from att.self_attention.forward_work(h, att.layer_norm, layer_target, budget, emit, proj_step)
             if training:
                 a = a + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
             # y2 = x2 + FF(y1), chunked along the sequence (memory only; the result is the same). At
@@ -896,37 +903,28 @@ class ReformerLM(nn.Module):
         return self.lm_head.decoder(y) + self.lm_head.bias
 
     # ---- decode ------------------------------------------------------------------------------
-    def new_decode_pool(self, sequences: int = 1, tokens: int = 0) -> DecodePool:
+    def new_decode_pool(self, sequences: int = 1, tokens: int = 0, **layout: int) -> DecodePool:
         """A pool for the decode state of up to `sequences` sequences holding `tokens` positions in all
-        (it grows past either when needed). An engine keeps one so all its sequences decode together."""
-        return DecodePool(self, sequences=sequences, tokens=tokens)
+        (it grows past either when needed). An engine keeps one so all its sequences decode together.
+        `layout`: page_size, delta_size (see `DecodePool`)."""
+        R = next(self.lsh_layers()).num_hashes if "lsh" in self.config.attn_layers else 1
+        return DecodePool(self.config, num_hashes=R, device=self.device, dtype=self.dtype, sequences=sequences,
+                          tokens=tokens, **layout)
 
     @torch.inference_mode()
     def decode_step(self, input_ids: Tensor, cache: ReformerCache) -> tuple[Tensor, ReformerCache]:
         """One token for every sequence in the batch: (B, 1) -> logits (B, 1, V). Sequences may have
-        different lengths; each cache is updated in place (and returned for convenience).
-
-        Sequences not in a decode pool yet are adopted into the batch's pool (a new one if none has one);
-        sequences of different pools decode in one pass per pool."""
+        different lengths; each sequence's state is updated in place (the cache is returned for convenience).
+        Sequences of one pool decode in one pass; of different pools, in one pass per pool."""
         seqs = cache.sequences
         B = input_ids.shape[0]
         if B != len(seqs):
             raise ValueError(f"input_ids has {B} rows but the cache holds {len(seqs)} sequences")
         for s in seqs:
+            if s.released:
+                raise ValueError("the cache of a released sequence cannot decode")
             if s.length + 1 > self.config.max_context:
                 raise ValueError(f"sequence would exceed the model's context of {self.config.max_context}")
-        loose = [s for s in seqs if s.pool is None]
-        if loose:
-            pool = next((s.pool for s in seqs if s.pool is not None), None)
-            pool = pool or next((s.reserved[0] for s in loose if s.reserved is not None), None)
-            if pool is None:
-                # Growing a pool copies every page, so leave room: on a CPU untouched pages take no memory,
-                # so up to the whole context (within 8x of what is there now); on a GPU, twice the length.
-                room = [min(self.config.max_context, 8 * (s.length + 64)) if self.device.type == "cpu"
-                        else 2 * (s.length + 64) for s in loose]
-                pool = self.new_decode_pool(len(loose), sum(room))
-            for s in loose:  # a sequence prefilled into a pool joins that one
-                (pool if s.reserved is None else s.reserved[0]).adopt(s)
         groups: dict[int, list[int]] = {}
         for b, s in enumerate(seqs):
             groups.setdefault(id(s.pool), []).append(b)
@@ -942,8 +940,6 @@ class ReformerLM(nn.Module):
                 if logits is None:
                     logits = part.new_empty(B, part.shape[-1])
                 logits[rows] = part
-        for s in seqs:
-            s.length += 1
         return logits.unsqueeze(1), cache
 
     def _decode_pooled(self, ids: Tensor, pool: DecodePool, slots: list[int]) -> Tensor:
@@ -964,8 +960,9 @@ class ReformerLM(nn.Module):
         return self._head(a, h)
 
     def cache_bytes(self, num_tokens: int) -> int:
-        """Projected cache bytes of one sequence holding `num_tokens` positions."""
-        return SequenceCache.projected_bytes(self, num_tokens)
+        """Cache bytes of one sequence holding `num_tokens` positions (in a decode pool of the default layout)."""
+        R = next(self.lsh_layers()).num_hashes if "lsh" in self.config.attn_layers else 1
+        return cache_bytes(self.config, R, self.dtype, num_tokens)
 
     def cache_bytes_per_token(self) -> float:
         return (self.cache_bytes(8192) - self.cache_bytes(4096)) / 4096

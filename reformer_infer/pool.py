@@ -1,11 +1,11 @@
-"""Pooled decode state: every running sequence's cache in shared, paged tensors, so that one decode step does
-the same number of tensor ops for 1 or 64 sequences.
+"""Pooled decode state: every sequence's cache in shared, paged tensors, so that one decode step does the
+same number of tensor ops for 1 or 64 sequences.
 
-A prefill given a pool writes a sequence's state straight into a run of free pages (`reserve_run`); a
-prefill without one builds it in its own tensors (`cache.SequenceCache`) and the sequence is *adopted* at
-its first decode step (one copy; its own tensors are then freed). From then on it decodes in the pool,
-batched with every other sequence of the same pool. The engine keeps one pool for all its requests;
-`decode_step` on caches that belong to no pool creates one for them.
+A sequence's state lives here from its first prefill unit on: `allocate` gives it a slot and pages, the
+prefill writes its keys and values straight into those pages, and `release` gives them back. There is no
+other representation of it. The pool knows shapes (from the config) and bookkeeping, not the network: the
+attention layers compute bucket ids and hand them over (`set_order`). An engine keeps one pool for all its
+requests; `ReformerLM.prefill` without a pool makes a private one for its sequences.
 
 Layout (Ll LSH layers, Lc local layers, S sequence slots, N pages of P positions, K buckets, R rounds):
   * LSH keys / values (Ll, H, N*P, D): page i of a sequence holds its positions [i*P, (i+1)*P) in rows
@@ -34,16 +34,13 @@ from __future__ import annotations
 import heapq
 import math
 import threading
-import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .cache import SequenceCache
-    from .model import LSHSelfAttention, ReformerLM
+from .cache import SequenceCache
+from .config import ReformerConfig
 
 PAGE_SIZE = 64
 DELTA_SIZE = 128
@@ -75,9 +72,10 @@ class StepBatch:
 class DecodePool:
     """Paged decode state for many sequences of one model (see the module docstring)."""
 
-    def __init__(self, model: ReformerLM, *, sequences: int = 1, tokens: int = 0, page_size: int = PAGE_SIZE,
-                 delta_size: int = DELTA_SIZE) -> None:
-        cfg = model.config
+    def __init__(self, config: ReformerConfig, *, num_hashes: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, sequences: int = 1, tokens: int = 0,
+                 page_size: int = PAGE_SIZE, delta_size: int = DELTA_SIZE) -> None:
+        cfg = config
         self.H, self.D = cfg.num_attention_heads, cfg.attention_head_size
         self.P, self.M = int(page_size), int(delta_size)
         if self.P < 1 or self.P & (self.P - 1) or self.M < 1:
@@ -86,27 +84,30 @@ class DecodePool:
         kinds = cfg.attn_layers
         self.lsh_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k == "lsh")}
         self.local_index = {i: j for j, i in enumerate(i for i, k in enumerate(kinds) if k != "lsh")}
-        self.R = next(model.lsh_layers()).num_hashes if self.lsh_index else 1
+        self.R = int(num_hashes) if self.lsh_index else 1
         self.K = cfg.total_buckets
-        self.ring = (cfg.local_num_chunks_before + 1) * cfg.local_attn_chunk_length
+        self.ring = cfg.local_ring_size
         self.max_pages_per_seq = -(-cfg.max_context // self.P) + 1
-        self.device, self.dtype = model.device, model.dtype
+        self.device, self.dtype = torch.device(device), dtype
         self._free_slots: list[int] = []
         self._free_pages: list[int] = []
         self._scratch: dict[str, Tensor] = {}
-        # Slots and pages are taken by the engine thread and given back by whichever thread drops a
-        # sequence's last reference (an abort): the free lists are guarded.
+        # Slots and pages are taken and given back by the thread that runs the model (an engine defers the
+        # release of an aborted request to its loop); the free lists are guarded all the same.
         self._lock = threading.RLock()
         self.S = self.N = 0
+        # per-slot bookkeeping (host side)
+        self.length: list[int] = []
+        self.static_len: list[int] = []
+        self.is_hashed: list[bool] = []
+        self.pages: list[list[int]] = []
+        self.live: list[bool] = []
+        self.epoch: list[int] = []
         self._alloc_slots(max(1, sequences))
         self._alloc_pages(max(1, -(-max(tokens, 1) // self.P) + sequences))
-        # per-slot bookkeeping (host side)
-        self.length = [0] * self.S
-        self.static_len = [0] * self.S
-        self.is_hashed = [False] * self.S
-        self.pages: list[list[int]] = [[] for _ in range(self.S)]
 
     # ---- storage ---------------------------------------------------------------------------------
+    @torch.inference_mode(False)  # normal tensors: updated in place in and out of inference mode
     def _alloc_slots(self, S: int) -> None:
         """Grow every per-slot tensor to S slots (copying the old ones: rare, amortised by doubling)."""
         Ll, Lc, H, D, R, K = len(self.lsh_index), len(self.local_index), self.H, self.D, self.R, self.K
@@ -127,15 +128,18 @@ class DecodePool:
                 else:
                     t[:, : self.S] = old
             setattr(self, name, t)
-        if self.S:
-            self.length += [0] * (S - self.S)
-            self.static_len += [0] * (S - self.S)
-            self.is_hashed += [False] * (S - self.S)
-            self.pages += [[] for _ in range(S - self.S)]
+        grow = S - self.S
+        self.length += [0] * grow
+        self.static_len += [0] * grow
+        self.is_hashed += [False] * grow
+        self.pages += [[] for _ in range(grow)]
+        self.live += [False] * grow
+        self.epoch += [0] * grow
         for slot in range(self.S, S):
             heapq.heappush(self._free_slots, slot)
         self.S = S
 
+    @torch.inference_mode(False)
     def _alloc_pages(self, N: int) -> None:
         """Grow the paged tensors to N pages. `torch.empty`: on a CPU, pages never written take no memory."""
         Ll, H, D, R, P = len(self.lsh_index), self.H, self.D, self.R, self.P
@@ -153,7 +157,7 @@ class DecodePool:
         self._free_pages = list(range(N - 1, self.N - 1, -1)) + self._free_pages
         self.N = N
 
-    def _gather_rows(self, name: str, src: Tensor, index: Tensor, dim: int = 0) -> Tensor:
+    def _select_into(self, name: str, src: Tensor, index: Tensor, dim: int = 0) -> Tensor:
         """`src.index_select(dim, index)` into a buffer reused across steps (the caller is done with the last
         result before asking again under the same name). Window gathers are MBs per step; a fresh buffer
         each time would be fresh pages to fault in (large allocations are mmapped, see memory.py)."""
@@ -185,13 +189,36 @@ class DecodePool:
             self.pages[slot].extend(got)
             self.page_table[slot, first : first + need] = torch.tensor(got, device=self.device)
 
-    def release(self, slot: int) -> None:
-        """Return a sequence's slot and pages (idempotent per adoption)."""
+    # ---- sequences -------------------------------------------------------------------------------
+    def allocate(self, capacity: int) -> SequenceCache:
+        """A new, empty sequence with pages for `capacity` positions (it gets more as it grows)."""
         with self._lock:
-            if self.pages[slot] is None:
+            slot = self._take_slot()
+            self.live[slot] = True
+            self.epoch[slot] += 1
+            self.pages[slot] = []
+            self.length[slot] = self.static_len[slot] = 0
+            self.is_hashed[slot] = False
+        try:
+            self._ensure_pages(slot, max(1, capacity))
+        except BaseException:
+            self.release(slot, self.epoch[slot])
+            raise
+        self.dbuckets[:, slot] = self.K
+        return SequenceCache(self, slot, self.epoch[slot])
+
+    def holds(self, slot: int, epoch: int) -> bool:
+        """Whether the sequence `epoch` of `slot` still holds its state (not released)."""
+        return 0 <= slot < self.S and self.live[slot] and self.epoch[slot] == epoch
+
+    def release(self, slot: int, epoch: int) -> None:
+        """Return a sequence's slot and pages (a no-op for a sequence already released)."""
+        with self._lock:
+            if not self.holds(slot, epoch):
                 return
             self._free_pages.extend(reversed(self.pages[slot]))
-            self.pages[slot] = None  # type: ignore[call-overload]
+            self.pages[slot] = []
+            self.live[slot] = False
             self.length[slot] = self.static_len[slot] = 0
             self.is_hashed[slot] = False
             heapq.heappush(self._free_slots, slot)
@@ -204,109 +231,59 @@ class DecodePool:
     def pages_in_use(self) -> int:
         return self.N - len(self._free_pages)
 
-    def page_bytes(self) -> int:
-        return _page_bytes(len(self.lsh_index), self.H, self.D, self.R, self.P, self.dtype)
-
-    def slot_bytes(self) -> int:
-        return _slot_bytes(len(self.lsh_index), len(self.local_index), self.H, self.D, self.R, self.K, self.M,
-                           self.ring, self.dtype)
-
     def sequence_bytes(self, slot: int) -> int:
-        return len(self.pages[slot] or ()) * self.page_bytes() + self.slot_bytes()
+        return len(self.pages[slot]) * page_bytes(len(self.lsh_index), self.H, self.D, self.R, self.P, self.dtype) \
+            + slot_bytes(len(self.lsh_index), len(self.local_index), self.H, self.D, self.R, self.K, self.M,
+                         self.ring, self.dtype)
 
-    # ---- prefill placement and adoption ---------------------------------------------------------
-    def reserve_run(self, capacity: int) -> tuple[int, int] | None:
-        """A slot and a run of consecutive pages for `capacity` positions (slot, first page), so that a
-        prefill can write its keys, values and order straight into the pool; None if no run is free."""
-        n = max(1, -(-capacity // self.P))
-        with self._lock:
-            first, count, prev = -1, 0, -2
-            top = self._free_pages[-n:]  # the next pages to be handed out are usually a run already
-            if len(top) == n and top == list(range(top[0], top[0] - n, -1)):
-                del self._free_pages[-n:]
-                return self._place_run(top[-1], n)
-            for page in sorted(self._free_pages):
-                count = count + 1 if page == prev + 1 else 1
-                prev = page
-                if count == n:
-                    first = page - n + 1
-                    break
-            if first < 0:
-                return None
-            self._free_pages = [p for p in self._free_pages if not first <= p < first + n]
-            return self._place_run(first, n)
+    # ---- prefill ---------------------------------------------------------------------------------
+    def prefill_rows(self, seqs: list[SequenceCache], T: int) -> Tensor:
+        """(B, T) pool rows of positions [0, T) of each sequence (pages for them are held)."""
+        sl = torch.tensor([s.slot for s in seqs], device=self.device)
+        return self._page_rows(self.page_table.index_select(0, sl), torch.arange(T, device=self.device).expand(len(seqs), T))
 
-    def _place_run(self, first: int, n: int) -> tuple[int, int]:
-        slot = self._take_slot()
-        self.pages[slot] = list(range(first, first + n))
-        self.page_table[slot, :n] = torch.arange(first, first + n, device=self.device)
-        return slot, first
+    def table_rows(self, rows: Tensor) -> Tensor:
+        """Rows of the (H * N * P, D) key / value tables (`lsh_tables`) of pool rows `rows` (n, H or 1, ...)
+        in every head. Recompute after the pool grows (N changes; pool rows do not)."""
+        H = self.H
+        return rows + torch.arange(H, device=rows.device).view(1, H, *[1] * (rows.dim() - 2)) * (self.N * self.P)
 
-    def lsh_views(self, layer: int, place: tuple[int, int], capacity: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(H, capacity, D) keys and values and (H, R, capacity) order of a reserved run, as views."""
-        j, r0 = self.lsh_index[layer], place[1] * self.P
-        return (self.keys[j, :, r0 : r0 + capacity], self.values[j, :, r0 : r0 + capacity],
-                self.order[j, :, :, r0 : r0 + capacity])
+    def lsh_tables(self, j: int) -> tuple[Tensor, Tensor]:
+        """LSH layer j's keys and values as (H * N * P, D) tables: head h's pool row r is table row
+        h * N * P + r (see `table_rows`)."""
+        return self.keys[j].view(-1, self.D), self.values[j].view(-1, self.D)
 
-    def local_views(self, layer: int, place: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        j = self.local_index[layer]
-        return self.local_keys[j, place[0]], self.local_values[j, place[0]]
-
-    def hold(self, seq: SequenceCache, slot: int) -> None:
-        """Tie a reserved slot to the sequence being prefilled into it: released if it is dropped unadopted."""
-        seq.reserved = (self, slot)
-        seq._finalizer = weakref.finalize(seq, _release_if_alive, weakref.ref(self), slot)
-
-    def adopt(self, seq: SequenceCache) -> None:
-        """Move a prefilled sequence's state into the pool: nothing to copy if it was prefilled into a run of
-        this pool (unless the pool grew since, which moved its tensors), else one copy. The sequence's own
-        tensors are dropped."""
-        from .cache import LSHLayerState
-
-        if seq.pool is self:
+    def write_ring(self, j: int, seq: SequenceCache, k: Tensor, v: Tensor, T: int, start: int = 0) -> None:
+        """Keep local layer j's ring share of a prefill of T positions: k, v (H, n, D) hold positions
+        [start, start + n), so a prefill working slice by slice hands each slice over as it goes."""
+        first, end = max(start, T - self.ring), min(T, start + k.shape[1])
+        if first >= end:
             return
-        if seq.pool is not None:
-            raise ValueError("the sequence already belongs to another pool")
-        reserved = seq.reserved is not None and seq.reserved[0] is self
-        if seq.reserved is not None and not reserved:
-            raise ValueError("the sequence was prefilled into another pool")
-        if reserved:
-            slot = seq.reserved[1]
-        else:
-            slot = self._take_slot()
-            self.pages[slot] = []
-        try:
-            T = seq.length
-            self._ensure_pages(slot, T + 1)
-            hashed = False
-            rows = self._rows(slot, T)
-            for i, st in enumerate(seq.layers):
-                if isinstance(st, LSHLayerState):
-                    j = self.lsh_index[i]
-                    if not _same(st.keys, self.keys[j], 1, rows):
-                        self.keys[j].index_copy_(1, rows, st.keys[:, :T])
-                        self.values[j].index_copy_(1, rows, st.values[:, :T])
-                    if st.order is not None:
-                        hashed = True
-                        # positions -> pool rows (in place when the prefill wrote into this pool)
-                        self.order[j].index_copy_(-1, rows, self._pool_rows_of(slot, st.order[:, :, :T]))
-                        self.cum_static[j, slot] = st.counts.cumsum(-1)
-                    self.dbuckets[j, slot] = self.K
-                else:
-                    j = self.local_index[i]
-                    if st.keys.data_ptr() != self.local_keys[j, slot].data_ptr():
-                        self.local_keys[j, slot] = st.keys
-                        self.local_values[j, slot] = st.values
-        except BaseException:
-            self.release(slot)
-            raise
-        self.length[slot] = T
-        self.static_len[slot] = T
-        self.is_hashed[slot] = hashed
-        seq.layers = []
-        seq.pool, seq.slot, seq.reserved = self, slot, None
-        if not reserved:
-            seq._finalizer = weakref.finalize(seq, _release_if_alive, weakref.ref(self), slot)
+        at = torch.arange(first, end, device=k.device) % self.ring
+        self.local_keys[j, seq.slot][:, at] = k[:, first - start : end - start]
+        self.local_values[j, seq.slot][:, at] = v[:, first - start : end - start]
+
+    def set_order(self, j: int, slots: list[int], order: Tensor, buckets: Tensor) -> None:
+        """LSH layer j's bucket order of the sequences in `slots`, T positions each: order (B, H, R, T) their positions
+        sorted by (bucket, position), buckets (B, H, R, T) each position's bucket. Becomes their static order
+        (as pool rows) and per-bucket counts; their deltas are emptied."""
+        B, T = len(slots), order.shape[-1]
+        sl = torch.tensor(slots, device=self.device)
+        table = self.page_table.index_select(0, sl)
+        rows = self._page_rows(table, torch.arange(T, device=self.device).expand(B, T)).view(-1)  # sorted slots
+        as_rows = self._page_rows(table, order.reshape(B, -1)).view(order.shape).to(torch.int32)
+        self.order[j].index_copy_(-1, rows, as_rows.permute(1, 2, 0, 3).reshape(self.H, self.R, B * T))
+        counts = torch.zeros(B, self.H, self.R, self.K, dtype=torch.int32, device=self.device)
+        counts.scatter_add_(-1, buckets, torch.ones_like(buckets, dtype=torch.int32))
+        self.cum_static[j].index_copy_(0, sl, counts.cumsum(-1, dtype=torch.int32))
+        self.dbuckets[j].index_fill_(0, sl, self.K)
+
+    def finish_prefill(self, seqs: list[SequenceCache], T: int, hashed: bool) -> None:
+        """The prefill of T positions is written: the sequences decode from position T on."""
+        for s in seqs:
+            self._ensure_pages(s.slot, T + 1)
+            self.length[s.slot] = self.static_len[s.slot] = T
+            self.is_hashed[s.slot] = hashed
 
     def _page_rows(self, table: Tensor, pos: Tensor) -> Tensor:
         """Pool rows of positions (or static sorted slots) `pos` (n, ...) of the sequences whose page-table
@@ -318,13 +295,8 @@ class DecodePool:
         """Pool rows of a sequence's positions (or static sorted slots) [0, n)."""
         return self._page_rows(self.page_table[slot : slot + 1], torch.arange(n, device=self.device).view(1, n))[0]
 
-    def _pool_rows_of(self, slot: int, positions: Tensor) -> Tensor:
-        """int32 pool rows (what the order tables hold) of a sequence's positions (any shape)."""
-        table = self.page_table[slot : slot + 1]
-        return self._page_rows(table, positions.reshape(1, -1).long()).view(positions.shape).to(torch.int32)
-
     def _positions_of(self, slot: int, rows: Tensor) -> Tensor:
-        """The positions of a sequence's pool rows (the inverse of `_pool_rows_of`; for inspection)."""
+        """The positions of a sequence's pool rows (for inspection)."""
         inverse = torch.full((self.N,), -1, dtype=torch.long, device=self.device)
         pages = self.pages[slot]
         inverse[torch.tensor(pages, dtype=torch.long, device=self.device)] = torch.arange(len(pages), device=self.device)
@@ -402,7 +374,7 @@ class DecodePool:
         in_delta = dms.gather(-1, ndc) == s
         si = s - nd  # otherwise it is static entry s - nd
         srow = self.order[j].view(-1).take(hr * N + self._page_rows(pt, si))  # the order holds pool rows
-        rows = self._table_rows(torch.where(is_new, new, torch.where(in_delta, dor.gather(-1, ndc), srow)).long())
+        rows = self.table_rows(torch.where(is_new, new, torch.where(in_delta, dor.gather(-1, ndc), srow)).long())
         # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
         src = (ar - (ar > q).long()).clamp_(min=0)  # int64: a gather index
         dbuckets.index_copy_(0, sl, torch.where(ar == q, b, dbk.gather(-1, src)))
@@ -430,23 +402,13 @@ class DecodePool:
             )
         return batch.memo[key][:-1]
 
-    def lsh_tables(self, j: int) -> tuple[Tensor, Tensor]:
-        """LSH layer j's keys and values as (H * N * P, D) tables: head h's pool row r is table row
-        h * N * P + r (see `_table_rows`)."""
-        return self.keys[j].view(-1, self.D), self.values[j].view(-1, self.D)
-
-    def _table_rows(self, rows: Tensor) -> Tensor:
-        """Table rows (n, H, ...) of pool rows `rows` (n, H or 1, ...) in every head."""
-        H = self.H
-        return rows + torch.arange(H, device=rows.device).view(1, H, *[1] * (rows.dim() - 2)) * (self.N * self.P)
-
     def _gather_kv(self, j: int, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (n, H, ..., D) of LSH layer j at pool rows `rows` (n, H or 1, ...), every head."""
         H, D = self.H, self.D
         shape = (rows.shape[0], H, *rows.shape[2:])
-        flat = self._table_rows(rows).expand(shape).reshape(-1)
-        kk = self._gather_rows("keys", self.keys[j].view(-1, D), flat).view(*shape, D)
-        vv = self._gather_rows("values", self.values[j].view(-1, D), flat).view(*shape, D)
+        flat = self.table_rows(rows).expand(shape).reshape(-1)
+        kk = self._select_into("keys", self.keys[j].view(-1, D), flat).view(*shape, D)
+        vv = self._select_into("values", self.values[j].view(-1, D), flat).view(*shape, D)
         return kk, vv
 
     def dense_keys(self, j: int, batch: StepBatch, idx: Tensor, span: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -458,23 +420,13 @@ class DecodePool:
         kk, vv = self._gather_kv(j, self._page_rows(pt, pos.expand(pt.shape[0], span)).unsqueeze(1))
         return kk, vv, pos
 
-    def hash_all(self, j: int, slots: list[int], T1: int, layer: LSHSelfAttention) -> None:
-        """Sequences reaching one chunk (T1 positions each, the new token's included): hash every position
-        and sort them, as transformers does when it starts decoding by LSH windows; all in one pass."""
-        S = len(slots)
+    def keys_of(self, j: int, slots: list[int], T: int) -> Tensor:
+        """LSH layer j's cached keys (S, H, T, D) at positions [0, T) of sequences `slots` (the dense-to-LSH
+        transition hashes them all)."""
         sl = torch.tensor(slots, device=self.device)
         rows = self._page_rows(self.page_table.index_select(0, sl),
-                               torch.arange(T1, device=self.device).expand(S, T1)).view(-1)  # (S * T1,)
-        keys = self.keys[j].index_select(1, rows).view(self.H, S, T1, self.D).transpose(0, 1)  # (S, H, T1, D)
-        buckets = layer.hash(keys)  # (S, H, R, T1); argmax ignores the key norm
-        pos = torch.arange(T1, device=keys.device)
-        order = torch.argsort(buckets * T1 + pos, dim=-1)  # (S, H, R, T1) positions
-        order = self._page_rows(self.page_table.index_select(0, sl), order).to(torch.int32)  # as pool rows
-        self.order[j].index_copy_(-1, rows, order.permute(1, 2, 0, 3).reshape(self.H, self.R, S * T1))
-        counts = torch.zeros(S, *self.cum_static.shape[2:], dtype=self.cum_static.dtype, device=self.device)
-        counts.scatter_add_(-1, buckets, torch.ones_like(buckets, dtype=counts.dtype))
-        self.cum_static[j].index_copy_(0, sl, counts.cumsum(-1).to(counts.dtype))
-        self.dbuckets[j].index_fill_(0, sl, self.K)
+                               torch.arange(T, device=self.device).expand(len(slots), T)).view(-1)
+        return self.keys[j].index_select(1, rows).view(self.H, len(slots), T, self.D).transpose(0, 1)
 
     def _merged_order(self, j: int, slot: int) -> tuple[Tensor, Tensor]:
         """LSH layer j's (H, R, length) sorted order with its static order and delta merged (one linear
@@ -516,7 +468,7 @@ class DecodePool:
         pos = T - torch.remainder(T - r, ring)
         if batch.first is not None:  # a compact range of slots: views, no copies
             return lk.narrow(0, batch.first, T.shape[0]), lv.narrow(0, batch.first, T.shape[0]), pos
-        return self._gather_rows("keys", lk, batch.slots), self._gather_rows("values", lv, batch.slots), pos
+        return self._select_into("keys", lk, batch.slots), self._select_into("values", lv, batch.slots), pos
 
     # ---- inspection (tests, verification) ------------------------------------------------------
     def sorted_positions(self, layer: int, slot: int) -> Tensor | None:
@@ -534,34 +486,24 @@ class DecodePool:
         return torch.diff(cum, dim=-1, prepend=torch.zeros_like(cum[..., :1]))
 
 
-def _page_bytes(Ll: int, H: int, D: int, R: int, P: int, dtype: torch.dtype) -> int:
-    return Ll * P * H * (2 * D * torch.empty((), dtype=dtype).element_size() + R * 4)  # keys, values, order
+def page_bytes(Ll: int, H: int, D: int, R: int, P: int, dtype: torch.dtype) -> int:
+    """Bytes of one page: P positions' LSH keys, values and order entries in every LSH layer."""
+    return Ll * P * H * (2 * D * torch.empty((), dtype=dtype).element_size() + R * 4)
 
 
-def _slot_bytes(Ll: int, Lc: int, H: int, D: int, R: int, K: int, M: int, ring: int, dtype: torch.dtype) -> int:
+def slot_bytes(Ll: int, Lc: int, H: int, D: int, R: int, K: int, M: int, ring: int, dtype: torch.dtype) -> int:
+    """Bytes a sequence's slot holds whatever its length: cumulative bucket counts, delta, local rings."""
     elt = torch.empty((), dtype=dtype).element_size()
-    return Ll * H * R * (K + 2 * M) * 4 + Lc * H * ring * D * 2 * elt  # cumulative counts, delta; local rings
+    return Ll * H * R * (K + 2 * M) * 4 + Lc * H * ring * D * 2 * elt
 
 
-def pooled_bytes(model: ReformerLM, num_tokens: int, page_size: int = PAGE_SIZE, delta_size: int = DELTA_SIZE) -> int:
-    """Bytes a sequence of `num_tokens` positions holds in a pool with this layout."""
-    cfg = model.config
-    Ll = cfg.attn_layers.count("lsh")
-    H, D = cfg.num_attention_heads, cfg.attention_head_size
-    R = next(model.lsh_layers()).num_hashes if Ll else 1
-    ring = (cfg.local_num_chunks_before + 1) * cfg.local_attn_chunk_length
-    pages = -(-num_tokens // page_size)
-    return pages * _page_bytes(Ll, H, D, R, page_size, model.dtype) + _slot_bytes(
-        Ll, len(cfg.attn_layers) - Ll, H, D, R, cfg.total_buckets, delta_size, ring, model.dtype)
-
-
-def _same(view: Tensor, pooled: Tensor, dim: int, rows: Tensor) -> bool:
-    """Whether `view` is the pool's own storage from row rows[0] of `dim` on (a prefill written in place)."""
-    return rows.numel() == 0 or view.data_ptr() == pooled.select(dim, int(rows[0])).data_ptr()
-
-
-def _release_if_alive(pool_ref: weakref.ref, slot: int) -> None:
-    pool = pool_ref()
-    if pool is not None:
-        pool.release(slot)
-
+def cache_bytes(config: ReformerConfig, num_hashes: int, dtype: torch.dtype, num_tokens: int,
+                page_size: int = PAGE_SIZE, delta_size: int = DELTA_SIZE) -> int:
+    """Bytes a sequence of `num_tokens` positions holds in a decode pool: the one measure of cache size
+    (admission, metrics and `peak_cache_bytes` all use it)."""
+    Ll = config.attn_layers.count("lsh")
+    H, D = config.num_attention_heads, config.attention_head_size
+    R = num_hashes if Ll else 1
+    pages = -(-max(num_tokens, 1) // page_size)
+    return pages * page_bytes(Ll, H, D, R, page_size, dtype) + slot_bytes(
+        Ll, len(config.attn_layers) - Ll, H, D, R, config.total_buckets, delta_size, config.local_ring_size, dtype)

@@ -189,6 +189,3 @@ class Scheduler:
     def abort(self, request_id: str) -> ScheduledRequest | None:
         """Abort in any unfinished state (WAITING or RUNNING); None if unknown or already finished."""
         return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
-
-    def unfinished_ids(self) -> list[str]:
-        return list(self._requests)

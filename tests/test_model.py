@@ -14,11 +14,9 @@ from reformer_infer import (
     ReformerCache,
     ReformerConfig,
     ReformerLM,
-    SequenceCache,
     load_model,
     save_model,
 )
-from reformer_infer.pool import DecodePool
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -117,9 +115,9 @@ def test_cached_decode_matches_transformers_step_by_step(tmp_path, name, prompt_
     with torch.no_grad():
         out = hf(ids, use_cache=True)
     past = out.past_buckets_states
-    logits, cache = ours.prefill(ids)
-    if pool != "default":  # pages of 2 positions, delta merged every 2 tokens: every boundary is crossed
-        DecodePool(ours, page_size=2, delta_size=2).adopt(cache.sequences[0])
+    # pages of 2 positions, delta merged every 2 tokens: every boundary is crossed
+    layout = {} if pool == "default" else {"page_size": 2, "delta_size": 2}
+    logits, cache = ours.prefill(ids, pool=ours.new_decode_pool(**layout))
     assert (out.logits - logits).abs().max().item() <= TOL
     g = torch.Generator().manual_seed(7)
     for step in range(36):  # crosses the dense -> LSH-window transition for short prompts
@@ -259,33 +257,35 @@ def test_decode_works_with_chunked_feed_forward(tmp_path):
         assert (xa - xb).abs().max().item() <= 1e-5
 
 
-def test_prefill_writes_every_prompt_row_of_the_cache_and_zeroes_the_rest(tmp_path):
-    """The cache's LSH rows are allocated unzeroed for the prefill to fill: every prompt row must be written
-    (the keys equal the normalised shared-QK rows of a batch-of-two prefill, which copies them in), and the
-    rows kept for decoding are zero."""
-    from reformer_infer.cache import LSHLayerState
-
+def test_prefill_writes_every_prompt_row_of_the_pool(tmp_path):
+    """A prefill writes its rows straight into the pool's (unzeroed) pages: every prompt row must be written,
+    alone or as one row of a batched prefill, and with the same keys and values either way."""
     _, d = make_hf(tmp_path, "m")
     model = load_model(d)
     ids = ids_of(40)
-    _, cache = model.prefill(ids, capacity=64)
-    _, pair = model.prefill(torch.cat([ids, ids_of(40, seed=1)]), capacity=64)
-    lsh = [(a, b) for a, b in zip(cache.sequences[0].layers, pair.sequences[0].layers, strict=True)
-           if isinstance(a, LSHLayerState)]
-    assert lsh
-    for a, b in lsh:
-        assert torch.equal(a.keys[:, :40], b.keys[:, :40]) and torch.equal(a.values[:, :40], b.values[:, :40])
-        assert not a.keys[:, 40:].any() and not a.values[:, 40:].any()
+    pool = model.new_decode_pool(sequences=3, tokens=256)
+    for name in ("keys", "values"):
+        getattr(pool, name).fill_(float("nan"))  # what an unwritten row would read as
+    _, cache = model.prefill(ids, capacity=64, pool=pool)
+    _, pair = model.prefill(torch.cat([ids_of(40, seed=1), ids]), capacity=64, pool=pool)
+    one, other = cache.sequences[0], pair.sequences[1]
+    for j in range(len(pool.lsh_index)):
+        for name in ("keys", "values"):
+            t = getattr(pool, name)[j]
+            a, b = t.index_select(1, pool._rows(one.slot, 40)), t.index_select(1, pool._rows(other.slot, 40))
+            assert not a.isnan().any()
+            assert (a - b).abs().max().item() <= 1e-6
+    assert pool.slots_in_use == 3
+    with cache, pair:
+        pass
+    assert pool.slots_in_use == 0 and pool.pages_in_use == 0
 
 
 def test_cache_reports_its_size_in_bytes(tmp_path):
     _, d = make_hf(tmp_path, "m")
     model = load_model(d)
     _, cache = model.prefill(ids_of(40))
-    assert cache.nbytes == SequenceCache.prefill_bytes(model, 40) <= model.cache_bytes(40)
-    before = cache.nbytes
-    cache.sequences[0].reserve(41)  # growth doubles capacity: amortised, never per step
-    assert cache.nbytes > before
+    assert cache.nbytes == model.cache_bytes(41)  # the prompt's pages and one for the next token
     for T in range(40, 60):  # pooled: pages as it grows, within the projection the engine admits by
         model.decode_step(ids_of(1, seed=T), cache)
         assert 0 < cache.nbytes <= model.cache_bytes(T + 1)
