@@ -465,59 +465,46 @@ class LSHSelfAttention(nn.Module):
         yield from _emit_slices(acc[:, :T].view(B, T, H * D), emit, step)
 
     # ---- cached decode -----------------------------------------------------------------------
-    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch) -> tuple[Tensor, list[int]]:
-        """One new token per sequence: x (B, E) layer-normed -> (B, H*D), with the pool slots of sequences
-        that reached one chunk at this token (from the next token on they decode by LSH windows).
+    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch) -> Tensor:
+        """One new token per sequence: x (B, E) layer-normed -> (B, H*D). The pool is updated in place.
 
         Hashed sequences attend to their window in the (bucket, position)-sorted order of every round, the
-        rounds combined by their logsumexp weights; shorter ones (and the full-attention switch) attend
-        densely to every position so far. The pool is updated in place."""
+        rounds combined by their logsumexp weights; sequences shorter than one chunk (and every sequence
+        under the full-attention switch) attend densely to every position so far. Both are computed for
+        every row when the step has a dense row, and each row takes its own: masking, not branching, so
+        the step's ops and shapes depend on the batch size (and whether any row is dense) alone."""
         B = x.shape[0]
         H, D, C, R = self.H, self.D, self.C, self.num_hashes
         qk = self.query_key(x).view(B, H, D)
         v = self.value(x).view(B, H, D)
         pool.write_lsh(j, batch, len_norm(qk) / math.sqrt(D), v)  # before the gathers: the window fetches it
         buckets = self.hash(qk.unsqueeze(2))[..., 0]  # (B, H, R)
-        out = qk.new_empty(B, H, D)
-        hashed = batch.hashed_idx
-        dense = torch.arange(B, device=x.device) if self.full_attention else batch.dense_idx
-        if hashed.numel() and not self.full_attention:
-            n = hashed.numel()
-            rows, is_new = pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # + insert
-            keys, values = pool.lsh_tables(j)
-            W = rows.shape[-1]
-            rows = rows.reshape(n * H, R * W)  # one bag per (sequence, head): every round's window
-            dots = _table_dots(qk[hashed].reshape(n * H, D), keys, rows).view(n, H, R, 1, W)
-            e, s, m = _window_softmax(dots, None, None, self_mask=True, causal=False, is_self=is_new.unsqueeze(-2))
-            w = torch.softmax(m + torch.log(s), dim=2)  # (n, H, R, 1, 1): round weights from each round's lse
-            # rounds combined inside the weighted sum: sum_r w_r * (e_r / s_r) . v_r
-            out[hashed] = _table_sum((e * (w / s)).view(n * H, R * W), values, rows, batch.memo).view(n, H, D)
-        transitioned: list[int] = []
-        if dense.numel():
-            lengths = [batch.length_list[i] for i in dense.tolist()]
-            kk, vv, kp = pool.dense_keys(j, batch, dense, max(lengths) + 1)
-            tpos = batch.lengths[dense].view(-1, 1, 1)
+        rows, is_new = pool.lsh_window(j, batch, buckets, C, self.before, self.after)  # + insert
+        keys, values = pool.lsh_tables(j)
+        W = rows.shape[-1]
+        rows = rows.reshape(B * H, R * W)  # one bag per (sequence, head): every round's window
+        dots = _table_dots(qk.reshape(B * H, D), keys, rows).view(B, H, R, 1, W)
+        e, s, m = _window_softmax(dots, None, None, self_mask=True, causal=False, is_self=is_new.unsqueeze(-2))
+        w = torch.softmax(m + torch.log(s), dim=2)  # (B, H, R, 1, 1): round weights from each round's lse
+        # rounds combined inside the weighted sum: sum_r w_r * (e_r / s_r) . v_r
+        out = _table_sum((e * (w / s)).view(B * H, R * W), values, rows, batch.memo).view(B, H, D)
+        if batch.dense_span:
+            kk, vv, kp = pool.dense_keys(j, batch, batch.dense_span)
+            tpos = batch.lengths.view(-1, 1, 1)
             # rows past a sequence's new token are masked, but a zero weight times a never-written row (any
             # bits, NaN included) is not zero: blank them
             vv = vv.masked_fill((kp.view(1, -1) > tpos.view(-1, 1)).view(-1, 1, kp.numel(), 1), 0.0)
-            o, _ = _attend_window(qk[dense].unsqueeze(2), kk, vv, tpos, kp, self_mask=True, causal=True)
-            out[dense] = o[:, :, 0]
-            if not self.full_attention:
-                # From one chunk on, transformers hashes every cached position and decodes by LSH windows.
-                by_length: dict[int, list[int]] = {}
-                for i, T in zip(dense.tolist(), lengths, strict=True):
-                    if T + 1 >= C:
-                        by_length.setdefault(T + 1, []).append(int(batch.slots[i]))
-                for T1, slots in by_length.items():
-                    # every cached position of these sequences (the new token's included), hashed and
-                    # sorted in one pass
-                    buckets_all = self.hash(pool.keys_of(j, slots, T1))  # (S, H, R, T1); argmax ignores the norm
-                    order = torch.argsort(buckets_all * T1 + torch.arange(T1, device=x.device), dim=-1)
-                    pool.set_order(j, slots, order, buckets_all)
-                    transitioned += slots
-        if hashed.numel() and self.full_attention:
-            pool.lsh_window(j, batch, hashed, buckets[hashed], C, self.before, self.after)  # keeps the order
-        return out.reshape(B, H * D), transitioned
+            o, _ = _attend_window(qk.unsqueeze(2), kk, vv, tpos, kp, self_mask=True, causal=True)
+            dense = ~batch.hashed if not self.full_attention else torch.ones_like(batch.hashed)
+            out = torch.where(dense, o[:, :, 0], out)
+        return out.reshape(B, H * D)
+
+    def hash_sequences(self, pool: DecodePool, j: int, slots: list[int], T: int) -> None:
+        """Hash and sort every cached position of the sequences `slots` (T each; between steps), as
+        transformers does when a sequence reaches one chunk and starts decoding by LSH windows."""
+        buckets = self.hash(pool.keys_of(j, slots, T))  # (S, H, R, T); argmax ignores the key norm
+        order = torch.argsort(buckets * T + torch.arange(T, device=buckets.device), dim=-1)
+        pool.set_order(j, slots, order, buckets)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -943,20 +930,34 @@ class ReformerLM(nn.Module):
         return logits.unsqueeze(1), cache
 
     def _decode_pooled(self, ids: Tensor, pool: DecodePool, slots: list[int]) -> Tensor:
-        batch = pool.begin_step(slots)
+        full = any(layer.full_attention for layer in self.lsh_layers())
+        batch = pool.begin_step(slots, full_attention=full)
+        logits = self.decode_core(ids, pool, batch)
+        # between steps: sequences reaching one chunk are hashed from the next token on (not with full attention)
+        due = pool.end_step(batch, slots)
+        if due and not full:
+            by_length: dict[int, list[int]] = {}
+            for s in due:
+                by_length.setdefault(pool.length[s], []).append(s)
+            for T, group in by_length.items():
+                for i, layer in enumerate(self.encoder.layers):
+                    if layer.attention.kind == "lsh":
+                        layer.attention.self_attention.hash_sequences(pool, pool.lsh_index[i], group, T)
+            pool.mark_hashed(due)
+        return logits
+
+    def decode_core(self, ids: Tensor, pool: DecodePool, batch: StepBatch) -> Tensor:
+        """The device part of a decode step: ids (n,) -> logits (n, V), reading and updating the pool's tensors
+        in place. No host sync and no data-dependent shape: one trace (or captured graph) replays it for every
+        token of a batch while its sequences stay (`begin_step` / `end_step` do the host bookkeeping)."""
         x = self.embeddings(ids, batch.lengths)  # (B, E)
         a, h = x, x
-        hashed_now: set[int] = set()
         for i, layer in enumerate(self.encoder.layers):
             att = layer.attention
-            if att.kind == "lsh":
-                o, newly = att.self_attention.decode(att.layer_norm(h), pool, pool.lsh_index[i], batch)
-                hashed_now.update(newly)
-            else:
-                o = att.self_attention.decode(att.layer_norm(h), pool, pool.local_index[i], batch)
+            j = pool.lsh_index[i] if att.kind == "lsh" else pool.local_index[i]
+            o = att.self_attention.decode(att.layer_norm(h), pool, j, batch)
             a = a + att.output.dense(o)
             h = h + layer.feed_forward(a)
-        pool.end_step(slots, sorted(hashed_now))
         return self._head(a, h)
 
     def cache_bytes(self, num_tokens: int) -> int:

@@ -48,25 +48,23 @@ DELTA_SIZE = 128
 
 @dataclass
 class StepBatch:
-    """The sequences of one decode step, as index tensors (built once per step, shared by all layers)."""
+    """The sequences of one decode step. Every tensor is on the device and read from the pool's device-side
+    state (no tensor is built from host values while the batch keeps its sequences), so the step itself
+    has no host sync and its shapes depend on the batch size alone."""
 
     slots: Tensor  # (n,) int64 pool slots
     lengths: Tensor  # (n,) int64 positions of the new tokens
-    length_list: list[int]
-    hashed_idx: Tensor  # (n_h,) rows of the batch decoding by LSH windows
-    dense_idx: Tensor  # (n_d,) the others
+    hashed: Tensor  # (n, 1, 1) bool: decodes by LSH windows (else densely: shorter than one chunk so far)
     new_rows: Tensor  # (n,) pool row of each new token's position (its page row)
     first: int | None  # the slots are first, first + 1, ...: per-slot tensors are read through views
-    delta_used: int = 0  # most LSH delta entries any hashed sequence of the step holds (before its insert)
+    dense_span: int  # positions the dense attention covers (0: every sequence decodes by LSH windows)
     memo: dict = field(default_factory=dict)  # per-step tensors every LSH layer would otherwise rebuild
 
-    def select(self, t: Tensor, idx: Tensor | None = None) -> Tensor:
-        """Rows of per-slot tensor t (slots first) for the batch rows `idx` (all rows when None)."""
-        if idx is None or idx.numel() == self.slots.numel():
-            if self.first is not None:
-                return t.narrow(0, self.first, self.slots.numel())
-            return t.index_select(0, self.slots)
-        return t.index_select(0, self.slots[idx])
+    def select(self, t: Tensor) -> Tensor:
+        """Rows of per-slot tensor t (slots first) for the batch."""
+        if self.first is not None:
+            return t.narrow(0, self.first, self.slots.numel())
+        return t.index_select(0, self.slots)
 
 
 class DecodePool:
@@ -92,6 +90,9 @@ class DecodePool:
         self._free_slots: list[int] = []
         self._free_pages: list[int] = []
         self._scratch: dict[str, Tensor] = {}
+        self.C = cfg.lsh_attn_chunk_length
+        self._step_key: tuple[int, ...] = ()
+        self._step_slots: Tensor | None = None
         # Slots and pages are taken and given back by the thread that runs the model (an engine defers the
         # release of an aborted request to its loop); the free lists are guarded all the same.
         self._lock = threading.RLock()
@@ -119,11 +120,14 @@ class DecodePool:
             "local_keys": torch.zeros(Lc, S, H, self.ring, D, dtype=dt, device=dev),
             "local_values": torch.zeros(Lc, S, H, self.ring, D, dtype=dt, device=dev),
             "page_table": torch.zeros(S, self.max_pages_per_seq, dtype=torch.long, device=dev),
+            # device copies of the lengths and the hashed flags, read by a decode step (no upload per step)
+            "len_d": torch.zeros(S, dtype=torch.long, device=dev),
+            "hashed_d": torch.zeros(S, dtype=torch.bool, device=dev),
         }
         for name, t in new.items():
             if self.S:
                 old = getattr(self, name)
-                if name == "page_table":
+                if name in ("page_table", "len_d", "hashed_d"):
                     t[: self.S] = old
                 else:
                     t[:, : self.S] = old
@@ -199,6 +203,8 @@ class DecodePool:
             self.pages[slot] = []
             self.length[slot] = self.static_len[slot] = 0
             self.is_hashed[slot] = False
+        self.len_d[slot] = 0
+        self.hashed_d[slot] = False
         try:
             self._ensure_pages(slot, max(1, capacity))
         except BaseException:
@@ -271,8 +277,9 @@ class DecodePool:
         sl = torch.tensor(slots, device=self.device)
         table = self.page_table.index_select(0, sl)
         rows = self._page_rows(table, torch.arange(T, device=self.device).expand(B, T)).view(-1)  # sorted slots
-        as_rows = self._page_rows(table, order.reshape(B, -1)).view(order.shape).to(torch.int32)
-        self.order[j].index_copy_(-1, rows, as_rows.permute(1, 2, 0, 3).reshape(self.H, self.R, B * T))
+        for h in range(self.H):  # a head at a time: the position -> row temporaries of a 64K prefill stay small
+            as_rows = self._page_rows(table, order[:, h].reshape(B, -1)).view(B, self.R, T).to(torch.int32)
+            self.order[j, h].index_copy_(-1, rows, as_rows.transpose(0, 1).reshape(self.R, B * T))
         counts = torch.zeros(B, self.H, self.R, self.K, dtype=torch.int32, device=self.device)
         counts.scatter_add_(-1, buckets, torch.ones_like(buckets, dtype=torch.int32))
         self.cum_static[j].index_copy_(0, sl, counts.cumsum(-1, dtype=torch.int32))
@@ -284,6 +291,8 @@ class DecodePool:
             self._ensure_pages(s.slot, T + 1)
             self.length[s.slot] = self.static_len[s.slot] = T
             self.is_hashed[s.slot] = hashed
+            self.len_d[s.slot] = T
+            self.hashed_d[s.slot] = hashed
 
     def _page_rows(self, table: Tensor, pos: Tensor) -> Tensor:
         """Pool rows of positions (or static sorted slots) `pos` (n, ...) of the sequences whose page-table
@@ -304,61 +313,80 @@ class DecodePool:
         return (inverse[rows >> self.shift] * self.P + (rows & (self.P - 1))).to(torch.int32)
 
     # ---- one decode step -----------------------------------------------------------------------
-    def begin_step(self, slots: list[int]) -> StepBatch:
-        """Make room for every sequence's new token and build the step's index tensors."""
+    def begin_step(self, slots: list[int], full_attention: bool = False) -> StepBatch:
+        """Make room for every sequence's new token (between steps: pages are normally held from the
+        prefill on, sized to the request) and read the step's index tensors from the device-side state.
+        The slot tensor is uploaded only when the batch's sequences change."""
         for s in slots:
             self._ensure_pages(s, self.length[s] + 1)
-        dev = self.device
-        sl = torch.tensor(slots, device=dev)
-        lens = [self.length[s] for s in slots]
-        T = torch.tensor(lens, device=dev)
-        hashed = [i for i, s in enumerate(slots) if self.is_hashed[s]]
-        dense = [i for i, s in enumerate(slots) if not self.is_hashed[s]]
-        rows = self._page_rows(self.page_table.index_select(0, sl), T.view(-1, 1)).view(-1)
+        key = tuple(slots)
+        if key != self._step_key or self._step_slots is None or self._step_slots.device != self.device:
+            self._step_key, self._step_slots = key, torch.tensor(slots, device=self.device)
+        sl = self._step_slots
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
-        used = max((self.length[slots[i]] - self.static_len[slots[i]] for i in hashed), default=0)
-        return StepBatch(sl, T, lens, torch.tensor(hashed, dtype=torch.long, device=dev),
-                         torch.tensor(dense, dtype=torch.long, device=dev), rows, first, used)
+        if first is not None:
+            T, hashed = self.len_d.narrow(0, first, len(slots)), self.hashed_d.narrow(0, first, len(slots))
+            table = self.page_table.narrow(0, first, len(slots))
+        else:
+            T, hashed, table = self.len_d.index_select(0, sl), self.hashed_d.index_select(0, sl), \
+                self.page_table.index_select(0, sl)
+        rows = self._page_rows(table, T.view(-1, 1)).view(-1)
+        # the dense attention covers the first chunk (every position a not-yet-hashed sequence has) when
+        # some sequence still needs it; with full attention, every position so far
+        dense = any(not self.is_hashed[s] for s in slots) or full_attention
+        span = (max(self.length[s] for s in slots) + 1 if full_attention else self.C) if dense else 0
+        return StepBatch(sl, T, hashed.view(-1, 1, 1), rows, first, span)
 
-    def end_step(self, slots: list[int], hashed_now: list[int]) -> None:
-        """Advance lengths; merge full deltas."""
+    def end_step(self, batch: StepBatch, slots: list[int]) -> list[int]:
+        """Advance lengths (on the device too); merge full deltas (between steps). Returns the slots that
+        reached one LSH chunk with this token and must now be hashed (the attention layers do it:
+        `set_order`, then `mark_hashed`)."""
+        if batch.first is not None:
+            self.len_d.narrow(0, batch.first, len(slots)).add_(1)
+        else:
+            self.len_d.index_add_(0, batch.slots, torch.ones_like(batch.slots))
+        due = []
         for s in slots:
             self.length[s] += 1
-        for s in hashed_now:
+            if self.is_hashed[s]:
+                if self.length[s] - self.static_len[s] >= self.M:
+                    self._merge(s)
+            elif self.length[s] >= self.C and self.lsh_index:
+                due.append(s)
+        return due
+
+    def mark_hashed(self, slots: list[int]) -> None:
+        """Sequences whose every position was just hashed and sorted (`set_order`): they decode by LSH windows."""
+        for s in slots:
             self.is_hashed[s] = True
             self.static_len[s] = self.length[s]
-        for s in slots:
-            if self.is_hashed[s] and self.length[s] - self.static_len[s] >= self.M:
-                self._merge(s)
+            self.hashed_d[s] = True
 
     def write_lsh(self, j: int, batch: StepBatch, k: Tensor, v: Tensor) -> None:
         """Store the new tokens' keys/values (n, H, D) of LSH layer j."""
         self.keys[j].index_copy_(1, batch.new_rows, k.transpose(0, 1))
         self.values[j].index_copy_(1, batch.new_rows, v.transpose(0, 1))
 
-    def lsh_window(self, j: int, batch: StepBatch, idx: Tensor, buckets: Tensor, C: int, before: int, after: int
+    def lsh_window(self, j: int, batch: StepBatch, buckets: Tensor, C: int, before: int, after: int
                    ) -> tuple[Tensor, Tensor]:
-        """The attention windows of the hashed sequences `idx` (rows of the batch), per head and round; then
-        inserts their new tokens into the delta order.
+        """The attention windows of the step's sequences, per head and round; then inserts the new tokens of
+        the hashed ones into their delta order (the others' state is left as it is).
 
         buckets (n, H, R). The new token (position T) lands at slot p of its round's T+1 sorted entries (p =
         cached tokens with bucket <= its own) and sees slots [(p // C - before) * C, + W) modulo T + 1, as
         transformers' cached decode does. Returns the window's rows in the layer's key and value tables
         (`lsh_tables`), and where the window holds the new token itself (its self-attention is masked), both
-        (n, H, R, W): the attention gathers the key rows and sums the value rows where they lie.
-        Nothing here is O(buckets) or O(length): the merged order is addressed through the delta's slots.
+        (n, H, R, W). Rows of sequences not hashed yet are meaningless but in range (the caller masks them).
+        Nothing here is O(buckets) or O(length), and every shape is fixed by n: the delta is read whole
+        (unused entries hold bucket K), the merged order is addressed through the delta's slots.
         """
-        N, K = self.N * self.P, self.K
-        sl, T1, last, hr, base, ar_m, ar, offs, pt, new = self._window_constants(batch, idx, C * (1 + before + after))
-        # Only the first M entries of the delta can be in use, M = one more than the most any of these
-        # sequences holds (room for its new one): the rest hold bucket K in every row, so the delta's
-        # per-entry work is over the entries in use, not the delta's capacity.
-        M = ar.numel()
+        N, K, M = self.N * self.P, self.K, self.M
+        sl, T1, last, hr, base, ar_m, ar, offs, pt, new = self._window_constants(batch, C * (1 + before + after))
         b = buckets.unsqueeze(-1).int()  # (n, H, R, 1)
         cum = self.cum_static[j].view(-1)
-        dbuckets, dorder = self.dbuckets[j].narrow(-1, 0, M), self.dorder[j].narrow(-1, 0, M)
-        dbk = batch.select(dbuckets, idx).contiguous()  # (n, H, R, M) sorted; unused entries hold K
-        dor = batch.select(dorder, idx)
+        dbuckets, dorder = self.dbuckets[j], self.dorder[j]
+        dbk = batch.select(dbuckets).contiguous()  # (n, H, R, M) sorted; unused entries hold K
+        dor = batch.select(dorder)
         # int32 slot arithmetic (half the bytes; int32 remainder is ~1.6x faster than int64 on CPU)
         q = torch.searchsorted(dbk, b, right=True, out_int32=True)  # delta entries with bucket <= b: where it goes
         p = cum.take(base + b) + q  # the new token's slot in the merged order
@@ -372,35 +400,41 @@ class DecodePool:
         nd = torch.searchsorted(dms, s)  # delta entries before merged slot s
         ndc = nd.clamp(max=M - 1)
         in_delta = dms.gather(-1, ndc) == s
-        si = s - nd  # otherwise it is static entry s - nd
+        si = (s - nd).clamp_(min=0)  # otherwise it is static entry s - nd
         srow = self.order[j].view(-1).take(hr * N + self._page_rows(pt, si))  # the order holds pool rows
-        rows = self.table_rows(torch.where(is_new, new, torch.where(in_delta, dor.gather(-1, ndc), srow)).long())
+        rows = torch.where(is_new, new, torch.where(in_delta, dor.gather(-1, ndc), srow))
+        # a sequence not hashed yet has no order: its rows are whatever the tables hold, kept in range
+        rows = self.table_rows(torch.where(batch.hashed.unsqueeze(-1), rows, new).long())
         # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
         src = (ar - (ar > q).long()).clamp_(min=0)  # int64: a gather index
-        dbuckets.index_copy_(0, sl, torch.where(ar == q, b, dbk.gather(-1, src)))
-        dorder.index_copy_(0, sl, torch.where(ar == q, new, dor.gather(-1, src)))
+        h = batch.hashed.unsqueeze(-1)
+        new_dbk = torch.where(h & (ar == q), b, torch.where(h, dbk.gather(-1, src), dbk))
+        new_dor = torch.where(h & (ar == q), new, torch.where(h, dor.gather(-1, src), dor))
+        if batch.first is not None:
+            dbuckets.narrow(0, batch.first, sl.numel()).copy_(new_dbk)
+            dorder.narrow(0, batch.first, sl.numel()).copy_(new_dor)
+        else:
+            dbuckets.index_copy_(0, sl, new_dbk)
+            dorder.index_copy_(0, sl, new_dor)
         return rows, is_new
 
-    def _window_constants(self, batch: StepBatch, idx: Tensor, W: int) -> tuple[Tensor, ...]:
+    def _window_constants(self, batch: StepBatch, W: int) -> tuple[Tensor, ...]:
         """Index tensors of `lsh_window` that depend on the step's sequences only, built once per step (every
         LSH layer of the step reads them)."""
-        key = ("lsh_window", id(idx), W)
+        key = ("lsh_window", W)
         if key not in batch.memo:
-            H, R, K = self.H, self.R, self.K
-            # entries of the delta in use (see `lsh_window`); all of it for rows other than the step's hashed ones
-            M = min(self.M, batch.delta_used + 1) if idx is batch.hashed_idx else self.M
-            dev = idx.device
-            sl, T = batch.slots[idx], batch.lengths[idx].view(-1, 1, 1, 1).int()
+            H, R, K, M = self.H, self.R, self.K, self.M
+            dev = batch.slots.device
+            sl, T = batch.slots, batch.lengths.view(-1, 1, 1, 1).int()
             hr = torch.arange(H * R, device=dev).view(1, H, R, 1)
             base = (sl.view(-1, 1, 1, 1) * (H * R) + hr) * K  # row of each (sequence, head, round) in cum_static
             batch.memo[key] = (
                 sl, T + 1, (T - 1).clamp(min=0), hr, base,
                 torch.arange(M, device=dev, dtype=torch.int32), torch.arange(M, device=dev),
-                torch.arange(W, device=dev, dtype=torch.int32), batch.select(self.page_table, idx),
-                batch.new_rows[idx].view(-1, 1, 1, 1).int(),  # the new tokens' pool rows
-                idx,  # keeps id(idx) from being reused by another tensor while the step lasts
+                torch.arange(W, device=dev, dtype=torch.int32), batch.select(self.page_table),
+                batch.new_rows.view(-1, 1, 1, 1).int(),  # the new tokens' pool rows
             )
-        return batch.memo[key][:-1]
+        return batch.memo[key]
 
     def _gather_kv(self, j: int, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (n, H, ..., D) of LSH layer j at pool rows `rows` (n, H or 1, ...), every head."""
@@ -411,11 +445,11 @@ class DecodePool:
         vv = self._select_into("values", self.values[j].view(-1, D), flat).view(*shape, D)
         return kk, vv
 
-    def dense_keys(self, j: int, batch: StepBatch, idx: Tensor, span: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys and values (n, H, span, D) at positions [0, span) of the sequences `idx`, and those positions
+    def dense_keys(self, j: int, batch: StepBatch, span: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values (n, H, span, D) at positions [0, span) of the step's sequences, and those positions
         (span,). Positions past a sequence's new token are the caller's to mask (causally); they read
         whatever row their page-table entry names, never memory outside the pool."""
-        pt = batch.select(self.page_table, idx)  # (n, pages)
+        pt = batch.select(self.page_table)  # (n, pages)
         pos = torch.arange(span, device=pt.device)
         kk, vv = self._gather_kv(j, self._page_rows(pt, pos.expand(pt.shape[0], span)).unsqueeze(1))
         return kk, vv, pos

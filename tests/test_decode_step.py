@@ -1,0 +1,92 @@
+"""The decode step as a device would run it: no host sync and fixed shapes while a batch's sequences stay,
+one trace for every token (torch.compile fullgraph, no recompile across delta merges), results unchanged."""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from reformer_infer import ReformerCache, ReformerConfig, ReformerLM
+
+ENWIK8_LAYERS = ["local", "local", "lsh", "local", "local", "local", "lsh", "local", "local", "local", "lsh", "local"]
+# ops that wait for the device or copy host values in (a device step must have none)
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::lift_fresh", "aten::nonzero", "aten::masked_select",
+            "aten::unique", "aten::_unique2", "aten::unique_consecutive", "aten::item"}
+
+
+def enwik8_layout_model(layers: list[str] = ENWIK8_LAYERS) -> ReformerLM:
+    cfg = ReformerConfig(
+        attn_layers=layers, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64,
+        axial_pos_shape=[32, 32], axial_pos_embds_dim=[16, 16], max_position_embeddings=1024,
+        lsh_attn_chunk_length=16, local_attn_chunk_length=8, num_buckets=8, num_hashes=2, vocab_size=258,
+    )
+    torch.manual_seed(0)
+    return ReformerLM(cfg).eval()
+
+
+def prompts(n: int, first: int, stride: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 258, (1, first + stride * i), generator=g) for i in range(n)]
+
+
+def test_batched_steps_have_no_host_sync_and_two_shape_signatures_at_most():
+    """16 sequences of different lengths (some shorter than one LSH chunk: they cross into LSH windows
+    on the way), 140 tokens: at least 90% of the steps hold no host sync, and those share at most two shape
+    signatures (with and without a sequence still decoding densely)."""
+    model = enwik8_layout_model()
+    pool = model.new_decode_pool(16, 16 * 400)
+    batch = ReformerCache([model.prefill(ids, capacity=ids.shape[1] + 150, pool=pool)[1].sequences[0]
+                           for ids in prompts(16, 3, 17)])
+    tok = torch.full((16, 1), 65)
+    synced, signatures = 0, {}
+    with torch.inference_mode():
+        for _ in range(140):
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                logits, _ = model.decode_step(tok, batch)
+            ops = [e for e in prof.events() if e.name.startswith("aten::")]
+            if any(e.name in SYNC_OPS for e in ops):
+                synced += 1
+            else:
+                sig = tuple((e.name, str(e.input_shapes)) for e in ops)
+                signatures[sig] = signatures.get(sig, 0) + 1
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+    assert synced <= 14, synced
+    assert len(signatures) <= 2, [len(s) for s in signatures]
+    assert min(pool.is_hashed[s.slot] for s in batch.sequences)  # every sequence crossed into LSH windows
+
+
+def test_the_step_core_compiles_as_one_graph_and_replays_across_merges():
+    """`decode_core` traces whole (fullgraph) and, once warm, is not traced again over 200 tokens that cross
+    several delta merges (delta of 16 entries)."""
+    model = enwik8_layout_model(["local", "lsh", "local", "lsh"])
+    pool = model.new_decode_pool(4, 4 * 400, delta_size=16)
+    caches = [model.prefill(ids, capacity=ids.shape[1] + 210, pool=pool)[1] for ids in prompts(4, 20, 23)]
+    refs = [model.prefill(ids)[1] for ids in prompts(4, 20, 23)]
+    traces = []
+
+    def backend(gm, example_inputs):
+        traces.append(gm)
+        return gm.forward
+
+    core = torch.compile(model.decode_core, fullgraph=True, backend=backend)
+    slots = [c.sequences[0].slot for c in caches]
+    tok = torch.full((4,), 65)
+    merges = 0
+    with torch.inference_mode():
+        for step in range(200):
+            if step == 2:
+                warm = len(traces)  # the first call creates the step's scratch buffers: traced twice
+            static_before = [pool.static_len[s] for s in slots]
+            batch = pool.begin_step(slots)
+            logits = core(tok, pool, batch)
+            assert not pool.end_step(batch, slots)  # all hashed already: nothing to do between steps
+            merges += sum(pool.static_len[s] != b for s, b in zip(slots, static_before, strict=True))
+            if step % 50 == 0:  # the compiled step computes what the eager one does
+                ref = torch.cat([model.decode_step(tok[i].view(1, 1), refs[i])[0][:, 0] for i in range(4)])
+                assert (ref - logits).abs().max().item() <= 1e-5
+            else:
+                for i in range(4):
+                    model.decode_step(tok[i].view(1, 1), refs[i])
+            tok = logits.argmax(-1)
+    assert merges >= 4 * 12
+    assert len(traces) == warm <= 2
