@@ -296,3 +296,19 @@ def test_info_reports_the_tokenizer(dirs: dict[str, Path], capsys: pytest.Captur
     with serving(dirs["sentencepiece"]) as srv:
         assert client_cli.main(["--target", f"127.0.0.1:{srv.port}", "info"]) == 0
     assert "tokenizer:    sentencepiece (spiece.model), 320 tokens\n" in capsys.readouterr().out
+
+
+def test_reformer_export_copies_the_tokenizer_and_the_exported_backend_speaks_it(
+    dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from reformer_server.backend import load_backend
+
+    from reformer_infer.export import main as export_main
+
+    out = tmp_path / "exported"
+    assert export_main(["--model", str(dirs["sentencepiece"]), "--format", "torchscript", "--out", str(out),
+                        "--no-verify"]) == 0
+    assert (out / "spiece.model").read_bytes() == (dirs["sentencepiece"] / "spiece.model").read_bytes()
+    tok = load_backend("torchscript", out, "cpu", "float32").tokenizer
+    assert (tok.kind, tok.vocab_size) == ("sentencepiece", VOCAB)
+    assert tok.encode(PROMPTS[1]) == load_model(dirs["sentencepiece"]).tokenizer.encode(PROMPTS[1])
