@@ -194,7 +194,8 @@ class ReformerServer:
         )
         self.metrics.bind_engine(engine.stats)
         self.metrics.set_model(desc.name, cfg.backend, {"device": desc.device, "dtype": dtype,
-                                                         "fingerprint": desc.rotation_fingerprint[:16]})
+                                                         "fingerprint": desc.rotation_fingerprint[:16],
+                                                         "tokenizer": desc.tokenizer.kind})
         if device.startswith("cuda"):
             self.metrics.bind_cuda(desc.device)
         if cfg.warmup:
