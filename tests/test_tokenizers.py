@@ -112,13 +112,13 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def reference(kind: str, d: Path) -> tuple:
-    """(encode, decode) of the tokenizer library itself, the oracle."""
+    """(encode, decode, piece) of the tokenizer library itself, the oracle."""
     if kind == "sentencepiece":
         sp = spm.SentencePieceProcessor(model_file=str(d / "spiece.model"))
-        return (lambda t: list(sp.encode(t))), (lambda ids: sp.decode(list(ids)))
+        return (lambda t: list(sp.encode(t))), (lambda ids: sp.decode(list(ids))), sp.id_to_piece
     tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
     return (lambda t: tok.encode(t, add_special_tokens=False).ids), (
-        lambda ids: tok.decode(list(ids), skip_special_tokens=True))
+        lambda ids: tok.decode(list(ids), skip_special_tokens=True)), tok.id_to_token
 
 
 def past_prompt(whole: str, head: str) -> str:
@@ -225,8 +225,8 @@ def test_streamed_text_is_the_whole_decode_past_the_prompt(dirs: dict[str, Path]
 # ---- the server ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sentencepiece", "tokenizers"])
 def test_server_speaks_the_checkpoints_text(dirs: dict[str, Path], kind: str) -> None:
-    encode, decode = reference(kind, dirs[kind])
-    sp_encode, _ = reference("sentencepiece", dirs["sentencepiece"])
+    encode, decode, piece = reference(kind, dirs[kind])
+    sp_encode = reference("sentencepiece", dirs["sentencepiece"])[0]
     with serving(dirs[kind]) as srv, Client(f"127.0.0.1:{srv.port}") as client:
         info = client.model_info()
         assert (info.tokenizer.kind, info.tokenizer.vocab_size) == (kind, VOCAB)
@@ -250,7 +250,8 @@ def test_server_speaks_the_checkpoints_text(dirs: dict[str, Path], kind: str) ->
                 assert streamed == past_prompt(decode(encode(prompt) + ids), head)
                 assert finished.usage.prompt_tokens == len(encode(prompt))  # tokens, not bytes
                 lps = [lp for c in chunks for lp in c.logprobs]
-                assert [lp.token for lp in lps] == [srv.engine.tokenizer.piece(t) for t in ids]
+                assert [lp.token for lp in lps] == [piece(t) for t in ids]
+                assert all(top.token == piece(top.token_id) for lp in lps for top in lp.top)
                 unary = client.generate(prompt, max_new_tokens=32, ignore_eos=True, logprobs=1, **params)
                 assert (list(unary.token_ids), unary.text) == (ids, streamed)  # greedy or seeded: the same run
                 assert [lp.token for lp in unary.logprobs] == [lp.token for lp in lps]
