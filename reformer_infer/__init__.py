@@ -7,6 +7,7 @@ from .defaults import default_model_path
 from .generation import generate
 from .model import ReformerLM
 from .pool import DecodePool
+from .tokenizer import TokenizerError, load_tokenizer
 
 __all__ = [
     "CheckpointError",
@@ -16,8 +17,10 @@ __all__ = [
     "ReformerConfig",
     "ReformerLM",
     "SequenceCache",
+    "TokenizerError",
     "default_model_path",
     "generate",
     "load_model",
+    "load_tokenizer",
     "save_model",
 ]

@@ -4,6 +4,10 @@ Project format: a directory with `config.json` (our `ReformerConfig`) and `model
 including each LSH layer's `rotations` buffer). Hugging Face format: `config.json` plus `model.safetensors`
 (optionally sharded with an index) or `pytorch_model.bin`. Loading never executes code from a file:
 safetensors, or `torch.load(weights_only=True)`.
+
+The tokenizer travels with the weights: `load_model` attaches the directory's tokenizer as `model.tokenizer`
+(tokenizer.json, spiece.model, or the byte-level convention; see reformer_infer.tokenizer) and `save_model`
+copies its files.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ReformerConfig
 from .model import ReformerLM
+from .tokenizer import TokenizerError, copy_tokenizer_files, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +97,10 @@ def load_model(
         config = ReformerConfig.from_hf_dict(raw_cfg) if hf else ReformerConfig.from_dict(raw_cfg)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from e
+    try:  # before the weights are built: a tokenizer that does not fit the vocab is refused at once
+        tokenizer = load_tokenizer(path, config.vocab_size)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from e
     if hf:
         weights = _convert_hf_weights(weights)
     saved_hashes = config.num_hashes
@@ -127,16 +136,18 @@ def load_model(
     model.to(device=device, dtype=dtype)
     for layer in model.lsh_layers():  # hashing always runs in fp32
         layer.rotations = layer.rotations.float()
+    model.tokenizer = tokenizer
     logger.info(
-        "loaded %s checkpoint %s: %d layers (%s), rotations %s",
+        "loaded %s checkpoint %s: %d layers (%s), rotations %s, tokenizer %s",
         "Hugging Face" if hf else "reformer-serve", path, config.num_hidden_layers,
-        ",".join(config.attn_layers), model.rotation_fingerprint(),
+        ",".join(config.attn_layers), model.rotation_fingerprint(), tokenizer.kind,
     )
     return model
 
 
 def save_model(model: ReformerLM, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
-    """Write the project format: config.json + model.safetensors (rotations included)."""
+    """Write the project format: config.json + model.safetensors (rotations included), plus the files of the
+    model's tokenizer when it was loaded with one (tokenizer.json / spiece.model and their side files)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save(path / "config.json")
@@ -147,3 +158,4 @@ def save_model(model: ReformerLM, path: str | Path, *, dtype: torch.dtype | None
             t = t.to(dtype)
         state[k] = t.contiguous()
     save_file(state, str(path / "model.safetensors"), metadata={"format": "reformer-serve/1"})
+    copy_tokenizer_files(getattr(model, "tokenizer", None), path)

@@ -50,12 +50,13 @@ from reformer_infer.requests import (
     PrefillProgress,
     SamplingParams,
     TokenEvent,
+    TokenizerUnavailableError,
     TokenLogprob,
     validate_prompt,
 )
 from reformer_infer.sampling import RequestSampler, sample_batch
 from reformer_infer.scheduler import RequestStatus, ScheduledRequest, Scheduler, SchedulerConfig
-from reformer_infer.tokenizer import ByteTokenizer, IncrementalDetokenizer, StopStringMatcher
+from reformer_infer.tokenizer import Detokenizer, IncrementalDetokenizer, StopStringMatcher, model_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ class _Request:
     sampler: RequestSampler
     arrival: float
     deadline: float | None
-    detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
+    detok: Detokenizer = field(default_factory=IncrementalDetokenizer)
     stop: StopStringMatcher = field(default_factory=lambda: StopStringMatcher(()))
     admitted: float | None = None
     first_token: float | None = None
@@ -299,7 +300,7 @@ class Engine:
     def __init__(self, model: Any, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = model_tokenizer(model)  # the checkpoint's (load_model attaches it)
         mcfg = model.config
         self._vocab_size = int(mcfg.vocab_size)
         self._eos_id = int(getattr(mcfg, "eos_token_id", self.tokenizer.eos_token_id))
@@ -392,6 +393,8 @@ class Engine:
         prompt = list(prompt_ids)
         params.validate(vocab_size=self._vocab_size, max_new_tokens_limit=self.config.max_new_tokens_limit)
         validate_prompt(prompt, vocab_size=self._vocab_size)
+        if params.stop and not self.tokenizer.has_text:
+            raise TokenizerUnavailableError(f"stop strings are matched on text, and {self.tokenizer.reason}")
         self._check_padded_prompt(len(prompt))
         if request_id is not None and not request_id:
             raise InvalidRequestError("request_id", "must be non-empty when given")
@@ -411,6 +414,7 @@ class Engine:
             sampler=RequestSampler(params, prompt, vocab_size=self._vocab_size, device=self._device),
             arrival=now,
             deadline=None if params.max_time_s is None else now + params.max_time_s,
+            detok=self.tokenizer.detokenizer(prompt),
             stop=StopStringMatcher(params.stop),
         )
         with self._cond:

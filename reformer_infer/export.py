@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .checkpoint import load_model
 from .config import ReformerConfig
 from .model import MASK_VALUE, SELF_MASK_VALUE, LocalSelfAttention, LSHSelfAttention, ReformerLM, len_norm
+from .tokenizer import copy_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -545,7 +546,8 @@ def _export_graph(graph: nn.Module, fmt: str, args: tuple[Tensor, ...], dims: di
 
 
 def export_model(model: ReformerLM, out_dir: str | Path, fmt: str) -> list[Path]:
-    """Write the prefill and decode graphs of `model` in format `fmt`, export.json and config.json."""
+    """Write the prefill and decode graphs of `model` in format `fmt`, export.json, config.json and the files of
+    the model's tokenizer (tokenizer.json / spiece.model), when it was loaded with one."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if model.dtype != torch.float32:
@@ -568,6 +570,7 @@ def export_model(model: ReformerLM, out_dir: str | Path, fmt: str) -> list[Path]
         logger.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)
         written.append(path)
     _write_metadata(model, out, fmt, spec)
+    copy_tokenizer_files(getattr(model, "tokenizer", None), out)  # the exported graphs speak the same text
     return written
 
 

@@ -25,6 +25,10 @@ class InvalidRequestError(RequestError, ValueError):
         self.message = message
 
 
+class TokenizerUnavailableError(RequestError):
+    """Text was asked of a model that has no tokenizer (token ids only); maps to FAILED_PRECONDITION."""
+
+
 class OverloadedError(RequestError):
     """The waiting queue is full or the cache budget cannot take the request now (RESOURCE_EXHAUSTED)."""
 

@@ -1,11 +1,23 @@
-"""Byte-level tokenizer (google/reformer-enwik8 convention) and streaming text helpers.
+"""Tokenizers that travel with the weights, and streaming text helpers.
 
-Token id = UTF-8 byte + 2; id 0 is padding, id 1 is unused and id 2 doubles as end-of-sequence (so the
-NUL byte, which shares id 2, cannot be told apart from eos: `decode` treats id 2 as eos and drops it).
+A checkpoint directory speaks its own text (`load_tokenizer` picks, in this order):
+- `tokenizer.json` through the `tokenizers` library (`JsonTokenizer`);
+- `spiece.model` through `sentencepiece` (`SentencePieceTokenizer`), as google/reformer-crime-and-punishment;
+- the byte-level convention when the vocab is the byte vocab (258 ids; `ByteTokenizer`), as
+  google/reformer-enwik8 and the bundled model;
+- otherwise `NoTokenizer`: the model serves token ids only and every text operation raises
+  `TokenizerUnavailableError` (FAILED_PRECONDITION at the server), naming the file that is missing.
+A tokenizer whose size differs from the model's vocab_size is refused (`TokenizerError`).
+
+Byte-level convention: token id = UTF-8 byte + 2; id 0 is padding, id 1 is unused and id 2 doubles as
+end-of-sequence (so the NUL byte, which shares id 2, cannot be told apart from eos: `decode` treats id 2 as
+eos and drops it).
 
 Streaming a generation needs two guarantees, both handled here:
-- `IncrementalDetokenizer` never emits half a UTF-8 character: bytes of an incomplete sequence are held
-  until the character completes (invalid bytes become U+FFFD, as `bytes.decode(errors="replace")` does).
+- the streamed text is exactly the decode of prompt + generated ids past the prompt's own text, released
+  without half characters: `IncrementalDetokenizer` (bytes of an incomplete UTF-8 sequence held until the
+  character completes) for the byte-level tokenizer, `IncrementalTextDecoder` for piece tokenizers (a
+  generated `\u2581word` piece streams as " word"; byte-fallback pieces held until the character completes);
 - `StopStringMatcher` releases text only once it can no longer be the start of a stop string, so a client
   never sees a partial stop string that is later retracted.
 """
@@ -13,7 +25,17 @@ Streaming a generation needs two guarantees, both handled here:
 from __future__ import annotations
 
 import codecs
+import json
+import logging
+import re
+import shutil
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from reformer_infer.requests import TokenizerUnavailableError
+
+logger = logging.getLogger(__name__)
 
 PAD_ID = 0
 UNUSED_ID = 1
@@ -21,13 +43,58 @@ EOS_ID = 2
 BYTE_OFFSET = 2
 VOCAB_SIZE = 256 + BYTE_OFFSET
 
+TOKENIZER_JSON = "tokenizer.json"
+SPIECE_MODEL = "spiece.model"
+# Hugging Face side files that name the special tokens; copied with the tokenizer, read by JsonTokenizer.
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used with this model; the message names the file and why."""
+
+
+class Detokenizer(Protocol):
+    """Turns the generated ids of one request into text deltas (see the module docstring)."""
+
+    def push(self, token_ids: Sequence[int]) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class Tokenizer(Protocol):
+    """What the engine and the server use from a tokenizer."""
+
+    kind: str  # "byte" | "sentencepiece" | "tokenizers" | "none"
+    vocab_size: int
+    reason: str  # why text is refused ("" when it is not)
+    files: tuple[Path, ...]  # the checkpoint files it was read from (copied by save_model / reformer-export)
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+
+    @property
+    def has_text(self) -> bool: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def piece(self, token_id: int) -> str: ...
+
+    def detokenizer(self, prompt_ids: Sequence[int]) -> Detokenizer: ...
+
 
 class ByteTokenizer:
     """Text <-> token ids, one token per UTF-8 byte (id = byte + 2). No BOS token is added."""
 
+    kind: str = "byte"
     vocab_size: int = VOCAB_SIZE
-    pad_token_id: int = PAD_ID
-    eos_token_id: int = EOS_ID
+    files: tuple[Path, ...] = ()
+    pad_token_id: int | None = PAD_ID
+    eos_token_id: int | None = EOS_ID
+    unk_token_id: int | None = None
+    has_text: bool = True
+    reason: str = ""
 
     def encode(self, text: str) -> list[int]:
         """UTF-8 bytes of `text`, each shifted by 2."""
@@ -41,6 +108,18 @@ class ByteTokenizer:
         """The raw byte a token stands for (b"" for special ids)."""
         return bytes((token_to_byte(token_id),)) if is_byte_token(token_id) else b""
 
+    def piece(self, token_id: int) -> str:
+        """A printable name of one token: the character for printable ASCII, else `<0xNN>` (the SentencePiece
+        byte-fallback spelling); `<pad>`, `<unused>`, `</s>` for the special ids."""
+        if not is_byte_token(token_id):
+            return {PAD_ID: "<pad>", UNUSED_ID: "<unused>", EOS_ID: "</s>"}.get(token_id, "")
+        b = token_to_byte(token_id)
+        return chr(b) if 0x20 <= b < 0x7F else f"<0x{b:02X}>"
+
+    def detokenizer(self, prompt_ids: Sequence[int]) -> Detokenizer:
+        """The generated bytes decode on their own (as before: the prompt's bytes do not join them)."""
+        return IncrementalDetokenizer()
+
 
 def is_byte_token(token_id: int) -> bool:
     """True for ids that stand for a byte (everything except pad, unused and eos)."""
@@ -49,6 +128,218 @@ def is_byte_token(token_id: int) -> bool:
 
 def token_to_byte(token_id: int) -> int:
     return token_id - BYTE_OFFSET
+
+
+class _PieceTokenizer:
+    """What SentencePiece and tokenizer.json tokenizers share: streaming through `IncrementalTextDecoder`.
+
+    Subclasses give `encode`, `decode` (special tokens skipped), `piece`, and per-id `is_special` (decodes to
+    nothing) and `is_byte` (a byte-fallback piece)."""
+
+    kind = ""
+    has_text = True
+    reason = ""
+    # True when the decoder turns a whole run of byte pieces into U+FFFD as soon as one byte of it is invalid
+    # (the `tokenizers` ByteFallback decoder): text then waits for the end of the run, not of the character.
+    whole_byte_runs = False
+
+    def __init__(self, files: tuple[Path, ...], vocab_size: int, special: set[int], byte_ids: set[int]) -> None:
+        self.files = files
+        self.vocab_size = vocab_size
+        self._special = frozenset(special)
+        self._bytes = frozenset(byte_ids)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
+    def is_byte(self, token_id: int) -> bool:
+        return token_id in self._bytes
+
+    def decode(self, ids: Iterable[int]) -> str:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    def detokenizer(self, prompt_ids: Sequence[int]) -> Detokenizer:
+        return IncrementalTextDecoder(self, prompt_ids)
+
+
+class SentencePieceTokenizer(_PieceTokenizer):
+    """A SentencePiece model (`spiece.model`), e.g. google/reformer-crime-and-punishment's BPE."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: Path) -> None:
+        import sentencepiece
+
+        try:
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from e
+        self._sp = sp
+        n = sp.get_piece_size()
+        super().__init__((path,), n, {i for i in range(n) if sp.is_control(i)},
+                         {i for i in range(n) if sp.is_byte(i)})
+        self.eos_token_id = _id_or_none(sp.eos_id())
+        self.pad_token_id = _id_or_none(sp.pad_id())
+        self.unk_token_id = _id_or_none(sp.unk_id())
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+
+class JsonTokenizer(_PieceTokenizer):
+    """A Hugging Face `tokenizer.json`, run by the `tokenizers` library. Text is encoded without the special
+    tokens a post-processor would add (no BOS, as for the other tokenizers); decoding skips special tokens."""
+
+    kind = "tokenizers"
+    whole_byte_runs = True
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for bad files
+            raise TokenizerError(f"{path}: not a usable tokenizer.json ({e})") from e
+        self._tok = tok
+        vocab = tok.get_vocab(with_added_tokens=True)
+        special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        byte_fallback = bool(getattr(tok.model, "byte_fallback", False))
+        byte_ids = {i for t, i in vocab.items() if byte_fallback and _BYTE_PIECE.fullmatch(t)}
+        super().__init__((path,), max(vocab.values(), default=-1) + 1, special, byte_ids)
+        names = _special_token_names(path.parent)
+        self.eos_token_id = tok.token_to_id(names.get("eos_token", "</s>"))
+        self.pad_token_id = tok.token_to_id(names.get("pad_token", "<pad>"))
+        self.unk_token_id = tok.token_to_id(names.get("unk_token", "<unk>"))
+        for side in TOKENIZER_SIDE_FILES:
+            if (path.parent / side).exists():
+                self.files += (path.parent / side,)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id) or ""
+
+
+class NoTokenizer:
+    """A model whose vocab is not byte-level and whose checkpoint ships no tokenizer: token ids only."""
+
+    kind = "none"
+    files: tuple[Path, ...] = ()
+    has_text = False
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+    unk_token_id: int | None = None
+
+    def __init__(self, vocab_size: int, where: Path | None = None) -> None:
+        self.vocab_size = vocab_size
+        place = f" in {where}" if where is not None else ""
+        self.reason = (f"this model has no tokenizer: its vocab of {vocab_size} ids is not the byte vocab "
+                       f"({VOCAB_SIZE}) and there is no {TOKENIZER_JSON} or {SPIECE_MODEL}{place}; "
+                       "send token_ids instead of text")
+
+    def encode(self, text: str) -> list[int]:
+        raise TokenizerUnavailableError(self.reason)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise TokenizerUnavailableError(self.reason)
+
+    def piece(self, token_id: int) -> str:
+        return ""
+
+    def detokenizer(self, prompt_ids: Sequence[int]) -> Detokenizer:
+        return _NoText()
+
+
+class _NoText:
+    def push(self, token_ids: Sequence[int]) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _id_or_none(i: int) -> int | None:
+    return i if i >= 0 else None
+
+
+def _special_token_names(directory: Path) -> dict[str, str]:
+    """eos/pad/unk token strings from tokenizer_config.json or special_tokens_map.json (either form: a string
+    or {"content": ...}); empty where neither file says."""
+    out: dict[str, str] = {}
+    for name in reversed(TOKENIZER_SIDE_FILES):  # tokenizer_config.json wins
+        f = directory / name
+        if not f.exists():
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{f}: invalid JSON ({e})") from e
+        for key in ("eos_token", "pad_token", "unk_token"):
+            v = data.get(key)
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str):
+                out[key] = v
+    return out
+
+
+def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer:
+    """The tokenizer of the checkpoint directory `path` for a model of `vocab_size` ids (see the module
+    docstring for the order). Raises TokenizerError for an unreadable file or a size that disagrees."""
+    path = Path(path)
+    tok: Tokenizer
+    if (path / TOKENIZER_JSON).exists():
+        tok = JsonTokenizer(path / TOKENIZER_JSON)
+    elif (path / SPIECE_MODEL).exists():
+        tok = SentencePieceTokenizer(path / SPIECE_MODEL)
+    elif vocab_size == VOCAB_SIZE:
+        return ByteTokenizer()
+    else:
+        tok = NoTokenizer(vocab_size, path)
+        logger.warning("%s; text requests will be refused (FAILED_PRECONDITION)", tok.reason)  # type: ignore[attr-defined]
+        return tok
+    if tok.vocab_size != vocab_size:
+        raise TokenizerError(
+            f"{tok.files[0]}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size} "
+            "(config.json); a tokenizer must match the vocab it was trained with"
+        )
+    logger.info("tokenizer: %s (%s, %d tokens)", tok.kind, tok.files[0].name, tok.vocab_size)
+    return tok
+
+
+def model_tokenizer(model: object) -> Tokenizer:
+    """The tokenizer a model carries (`load_model` attaches it); a model built in memory without one gets the
+    byte-level convention when its vocab is the byte vocab, else NoTokenizer."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        return tok
+    vocab_size = int(model.config.vocab_size)  # type: ignore[attr-defined]
+    return ByteTokenizer() if vocab_size == VOCAB_SIZE else NoTokenizer(vocab_size)
+
+
+def copy_tokenizer_files(tokenizer: Tokenizer | None, out_dir: str | Path) -> list[Path]:
+    """Copy the files a tokenizer was read from into `out_dir` (a saved or exported checkpoint speaks the
+    same text as its source); returns the copies."""
+    out: list[Path] = []
+    for f in getattr(tokenizer, "files", ()):
+        dest = Path(out_dir) / f.name
+        if f.resolve() != dest.resolve():
+            shutil.copyfile(f, dest)
+        out.append(dest)
+    return out
 
 
 class IncrementalDetokenizer:
@@ -66,6 +357,76 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """End of stream: an unfinished character is released as U+FFFD."""
         return self._decoder.decode(b"", final=True)
+
+
+# Prompt tokens decoded before the first generated one (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET):
+# enough context for the first generated piece to decode as it does inside the whole text.
+PROMPT_CONTEXT_TOKENS = 5
+MAX_CONTEXT_SCAN = 64  # how far back the start of the window moves past specials and byte runs
+
+
+class IncrementalTextDecoder:
+    """Streams the text of generated piece ids exactly as `decode(prompt + generated)` gives it past the
+    prompt's own text, without half characters.
+
+    Decoding a piece depends on its neighbours (a leading `\u2581` becomes a space except at the start of the
+    text; byte-fallback pieces join into characters), so each step decodes a short window of ids twice, with
+    and without the new ones, and releases the difference (the scheme of vLLM's `detokenize_incrementally`):
+    the window starts a few tokens back and advances only past released text. Text that ends in U+FFFD may
+    be an unfinished character and is held; `flush` releases whatever is left at the end.
+
+    The window starts at a piece that is neither special nor a byte (or at the prompt's start), and advances
+    only past a released piece that is not special: a decoder strips the space of the first piece of its
+    input, and that must be a piece both decodes share; special tokens decode to nothing.
+    """
+
+    def __init__(self, tokenizer: _PieceTokenizer, prompt_ids: Sequence[int]) -> None:
+        self._tok = tokenizer
+        n = len(prompt_ids)
+        start = max(n - PROMPT_CONTEXT_TOKENS, 0)
+        floor = max(start - MAX_CONTEXT_SCAN, 0)
+        while start > floor and (tokenizer.is_byte(prompt_ids[start]) or tokenizer.is_special(prompt_ids[start])):
+            start -= 1
+        self._ids = list(prompt_ids[start:])  # the window: ids from its start on
+        self._read = len(self._ids)  # ids before this are released (their text is the window's prefix)
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        """Feed new token ids; return the text that is now final (possibly "")."""
+        self._ids.extend(token_ids)
+        if self._tok.whole_byte_runs:
+            last = next((i for i in reversed(self._ids) if not self._tok.is_special(i)), None)
+            if last is not None and self._tok.is_byte(last):
+                return ""  # the run may still turn out invalid, which changes the text of all of it
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """End of stream: release the held text (an unfinished character as the whole decode shows it)."""
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> str:
+        prefix = self._tok.decode(self._ids[: self._read])
+        text = self._tok.decode(self._ids)
+        # The new text starts with the prefix, except when the prompt itself ended in an unfinished
+        # character that the generated bytes complete: then the completed character is released too.
+        cut = len(prefix) if text.startswith(prefix) else _common_prefix_len(prefix, text)
+        if len(text) <= cut or (text.endswith("\ufffd") and not final):
+            return ""
+        delta = text[cut:]
+        # Advance the window past the released prefix, keeping one non-special piece before the new ids.
+        new = self._ids[self._read :]
+        if any(not self._tok.is_special(i) for i in new):
+            self._ids = new
+        self._read = len(self._ids)
+        return delta
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class StopStringMatcher:

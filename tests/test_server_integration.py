@@ -188,7 +188,7 @@ def test_metrics_parse_and_histograms_count_requests(
     assert server.metric("reformer_prompt_tokens_total") >= 7
     assert server.metric("reformer_process_resident_memory_bytes") > 10 * 2**20
     assert server.metric("reformer_cache_bytes_budget") == 256 * 2**20
-    assert server.metric("reformer_model_info", backend="eager", device="cpu") == 1.0
+    assert server.metric("reformer_model_info", backend="eager", device="cpu", tokenizer="byte") == 1.0
 
 
 def test_reflection_lists_the_service(server: ServerProcess) -> None:  # noqa: F811

@@ -114,3 +114,10 @@ def test_stop_strings_never_leak_a_partial_match(text: str, stops: list[str], se
     ends = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
     first = min(ends)[1] if ends else -1
     assert released == (text[:first] if first != -1 else text)
+
+
+def test_byte_tokenizer_spells_tokens_as_characters_or_byte_pieces() -> None:
+    tok = ByteTokenizer()
+    assert [tok.piece(i) for i in tok.encode("A €")] == ["A", " ", "<0xE2>", "<0x82>", "<0xAC>"]
+    assert [tok.piece(i) for i in (0, 1, EOS_ID)] == ["<pad>", "<unused>", "</s>"]
+    assert tok.kind == "byte" and tok.has_text and tok.files == ()

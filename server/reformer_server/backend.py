@@ -27,12 +27,16 @@ def _load_eager(model_dir: Path, device: str, dtype: str) -> Any:
 
 
 def _exported(kind: str) -> Loader:
-    """A loader for a `reformer-export` output directory (see docs/export.md); fp32 graphs."""
+    """A loader for a `reformer-export` output directory (see docs/export.md); fp32 graphs. The tokenizer files
+    that reformer-export copied beside the graphs are attached as `model.tokenizer`, as `load_model` does."""
 
     def load(model_dir: Path, device: str, dtype: str) -> Any:
         from reformer_infer.exported import load_exported
+        from reformer_infer.tokenizer import load_tokenizer
 
-        return load_exported(model_dir, kind, device, dtype)
+        model = load_exported(model_dir, kind, device, dtype)
+        model.tokenizer = load_tokenizer(model_dir, int(model.config.vocab_size))
+        return model
 
     return load
 

@@ -10,7 +10,7 @@ model description -> `GetModelInfoResponse`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +27,12 @@ from reformer_server._proto import generation_pb2 as pb
 from reformer_server.model_info import ModelDescription
 
 MAX_LOGPROBS = 20  # SamplingParams.validate's bound, reported in ServerLimits
+
+PieceOf = Callable[[int], str]  # token id -> the token as its tokenizer spells it (logprobs' `token`)
+
+
+def _no_piece(token_id: int) -> str:
+    return ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,8 @@ def to_engine_request(
 
 
 def _check_prompt_size(req: pb.GenerateRequest, limit: int | None) -> None:
-    """Refuse an oversized prompt before any work is done on it (byte-level model: one token per byte)."""
+    """Refuse an oversized prompt before any work is done on it: text in UTF-8 bytes (whatever the tokenizer makes
+    of it), token ids by count. The context limit is checked later, in tokens, by the engine."""
     if limit is None:
         return
     field, size = ("text", len(req.text.encode())) if req.text else ("token_ids", len(req.token_ids))
@@ -114,12 +121,13 @@ def finish_reason_label(ev: FinishEvent) -> str:
     return ev.finish_reason.value if name == "FINISH_REASON_UNSPECIFIED" else name.removeprefix("FINISH_REASON_").lower()
 
 
-def _logprobs_to_proto(items: Sequence[TokenLogprob]) -> list[pb.TokenLogprob]:
+def _logprobs_to_proto(items: Sequence[TokenLogprob], piece: PieceOf) -> list[pb.TokenLogprob]:
     return [
         pb.TokenLogprob(
             token_id=lp.token_id,
             logprob=lp.logprob,
-            top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+            top=[pb.TopLogprob(token_id=t, logprob=p, token=piece(t)) for t, p in lp.top],
+            token=piece(lp.token_id),
         )
         for lp in items
     ]
@@ -139,15 +147,15 @@ def _timings(ev: FinishEvent) -> pb.Timings:
 
 
 def event_to_stream_response(
-    ev: PrefillProgress | TokenEvent | FinishEvent, request_id: str
+    ev: PrefillProgress | TokenEvent | FinishEvent, request_id: str, piece: PieceOf = _no_piece
 ) -> pb.GenerateStreamResponse:
-    """One engine event -> one stream message."""
+    """One engine event -> one stream message (`piece` spells logprobs' tokens)."""
     if isinstance(ev, TokenEvent):
         return pb.GenerateStreamResponse(
             request_id=request_id,
             token_ids=ev.token_ids,
             text=ev.text,
-            logprobs=_logprobs_to_proto(ev.logprobs),
+            logprobs=_logprobs_to_proto(ev.logprobs, piece),
         )
     if isinstance(ev, PrefillProgress):
         return pb.GenerateStreamResponse(
@@ -167,8 +175,9 @@ def event_to_stream_response(
 class ResponseAccumulator:
     """Collects the events of one request into the unary GenerateResponse."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, piece: PieceOf = _no_piece) -> None:
         self.request_id = request_id
+        self._piece = piece
         self._text: list[str] = []
         self._token_ids: list[int] = []
         self._logprobs: list[TokenLogprob] = []
@@ -184,7 +193,7 @@ class ResponseAccumulator:
             request_id=self.request_id,
             text="".join(self._text),
             token_ids=self._token_ids,
-            logprobs=_logprobs_to_proto(self._logprobs),
+            logprobs=_logprobs_to_proto(self._logprobs, self._piece),
             finish_reason=finish_reason_to_proto(ev),
             usage=_usage(ev),
             timings=_timings(ev),
@@ -232,6 +241,8 @@ def model_info_to_proto(desc: ModelDescription) -> pb.GetModelInfoResponse:
         ),
         server_version=desc.server_version,
         num_parameters=desc.num_parameters,
+        tokenizer=pb.TokenizerInfo(kind=desc.tokenizer.kind, vocab_size=desc.tokenizer.vocab_size,
+                                   file=desc.tokenizer.file),
     )
 
 

@@ -5,6 +5,7 @@ status code and message shape.
                                                               and trailing metadata reformer-error-field)
     OverloadedError / OutOfMemoryError  -> RESOURCE_EXHAUSTED (queue full / budget full carry RetryInfo)
     StalledClientError                  -> RESOURCE_EXHAUSTED (the client stopped reading)
+    TokenizerUnavailableError           -> FAILED_PRECONDITION (text asked of a model without a tokenizer)
     EngineStoppedError / NotReadyError  -> UNAVAILABLE        (loading, draining, engine gone)
     anything else                       -> INTERNAL           (a bug: logged with its traceback)
 
@@ -27,6 +28,7 @@ from reformer_infer.requests import (
     InvalidRequestError,
     OutOfMemoryError,
     OverloadedError,
+    TokenizerUnavailableError,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, Metadata]:
         return code, msg, ((_DETAILS_KEY, _rich(code, msg, retry)),)
     if isinstance(exc, OutOfMemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory serving this request: {exc}", ()
+    if isinstance(exc, TokenizerUnavailableError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc), ()
     if isinstance(exc, StalledClientError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ()
     if isinstance(exc, NotReadyError | EngineStoppedError):

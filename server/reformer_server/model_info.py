@@ -11,6 +11,13 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class TokenizerDescription:
+    kind: str  # "tokenizers" | "sentencepiece" | "byte" | "none"
+    vocab_size: int
+    file: str  # the tokenizer file's name ("" for byte and none)
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     name: str
     config: dict[str, Any]
@@ -28,6 +35,7 @@ class ModelDescription:
     max_message_bytes: int
     num_parameters: int
     server_version: str
+    tokenizer: TokenizerDescription = TokenizerDescription("byte", 258, "")
 
 
 def server_version() -> str:
@@ -69,6 +77,12 @@ def config_dict(model: Any, model_dir: Path) -> tuple[dict[str, Any], str]:
         return json.loads(text), text
     cfg = model.config.to_dict()
     return cfg, json.dumps(cfg, indent=2)
+
+
+def tokenizer_info(tokenizer: Any) -> TokenizerDescription:
+    """What GetModelInfo says of the engine's tokenizer (reformer_infer.tokenizer)."""
+    files = tuple(tokenizer.files)
+    return TokenizerDescription(tokenizer.kind, int(tokenizer.vocab_size), files[0].name if files else "")
 
 
 def num_parameters(model: Any) -> int:

@@ -190,10 +190,12 @@ class ReformerServer:
             max_message_bytes=cfg.max_message_bytes,
             num_parameters=model_info.num_parameters(model),
             server_version=model_info.server_version(),
+            tokenizer=model_info.tokenizer_info(engine.tokenizer),
         )
         self.metrics.bind_engine(engine.stats)
         self.metrics.set_model(desc.name, cfg.backend, {"device": desc.device, "dtype": dtype,
-                                                         "fingerprint": desc.rotation_fingerprint[:16]})
+                                                         "fingerprint": desc.rotation_fingerprint[:16],
+                                                         "tokenizer": desc.tokenizer.kind})
         if device.startswith("cuda"):
             self.metrics.bind_cuda(desc.device)
         if cfg.warmup:
@@ -204,13 +206,14 @@ class ReformerServer:
         freeze_startup_objects()  # no ~50 ms full-GC pauses inside engine steps from here on
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving %s (%s, %s, backend %s, cache budget %d bytes) on %s:%d", desc.name, desc.device,
-                    dtype, cfg.backend, budget, cfg.host, self.port)
+        logger.info("serving %s (%s, %s, backend %s, tokenizer %s, cache budget %d bytes) on %s:%d", desc.name,
+                    desc.device, dtype, cfg.backend, desc.tokenizer.kind, budget, cfg.host, self.port)
 
     async def _warm_up(self, engine: Any) -> None:
         """One 2-token greedy generation: first-call costs (allocator, kernels) are paid before SERVING."""
-        stream = engine.add_request(engine.tokenizer.encode("warm-up"), SamplingParams(max_new_tokens=2,
-                                                                                      temperature=0.0))
+        tok = engine.tokenizer  # a model without one (token ids only) warms up on a few pad ids
+        prompt = tok.encode("warm-up") if tok.has_text else [engine.model.config.pad_token_id] * 7
+        stream = engine.add_request(prompt, SamplingParams(max_new_tokens=2, temperature=0.0))
         async for _ev in stream:
             pass
 

@@ -74,7 +74,7 @@ class _Generation:
         prompt, params = convert.to_engine_request(request, engine.tokenizer, servicer.limits)
         if request.request_id and request.request_id in servicer.active:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already in use by a running request")
-        self._engine = engine
+        self.engine = engine
         self._servicer = servicer
         self.stream = engine.add_request(prompt, params, request_id=request.request_id or None)
         self.request_id: str = self.stream.request_id
@@ -102,7 +102,7 @@ class _Generation:
     def close(self) -> None:
         """Always called (finally): abort the engine request unless it already finished; frees its cache."""
         if not self.finished:
-            self._engine.abort(self.request_id)
+            self.engine.abort(self.request_id)
             self.tracker.abandoned()
             logger.info("request %s: cancelled (client gone, deadline, stall or shutdown); aborted", self.request_id)
         self._servicer.request_ended(self.request_id)
@@ -169,15 +169,16 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         gen = _Generation(self, request)
         try:
+            piece = gen.engine.tokenizer.piece
             async for ev in gen.events():
-                await self._write(context, convert.event_to_stream_response(ev, gen.request_id))
+                await self._write(context, convert.event_to_stream_response(ev, gen.request_id, piece))
         finally:
             gen.close()
 
     @_rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         gen = _Generation(self, request)
-        acc = convert.ResponseAccumulator(gen.request_id)
+        acc = convert.ResponseAccumulator(gen.request_id, gen.engine.tokenizer.piece)
         try:
             async for ev in gen.events():
                 if isinstance(ev, TokenEvent):
@@ -198,7 +199,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
 
     @_rpc
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        engine = self.ready_engine()
+        engine = self.ready_engine()  # a model without a tokenizer raises FAILED_PRECONDITION here
         return pb.TokenizeResponse(token_ids=engine.tokenizer.encode(request.text))
 
     @_rpc

@@ -25,6 +25,7 @@ from reformer_client.types import (
     StreamEvent,
     TextChunk,
     Timings,
+    TokenizerInfo,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -141,7 +142,8 @@ def finish_reason(value: int) -> FinishReason:
 
 def _logprobs(items: Sequence[pb.TokenLogprob]) -> tuple[TokenLogprob, ...]:
     return tuple(
-        TokenLogprob(lp.token_id, lp.logprob, tuple(TopLogprob(t.token_id, t.logprob) for t in lp.top))
+        TokenLogprob(lp.token_id, lp.logprob, tuple(TopLogprob(t.token_id, t.logprob, t.token) for t in lp.top),
+                     lp.token)
         for lp in items
     )
 
@@ -233,4 +235,5 @@ def model_info(msg: pb.GetModelInfoResponse) -> ModelInfo:
         ),
         server_version=msg.server_version,
         num_parameters=msg.num_parameters,
+        tokenizer=TokenizerInfo(kind=msg.tokenizer.kind, vocab_size=msg.tokenizer.vocab_size, file=msg.tokenizer.file),
     )

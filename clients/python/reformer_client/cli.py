@@ -182,6 +182,9 @@ def _info(client: Client, args: argparse.Namespace) -> int:
           f"{info.dtype})")
     print(f"layers:       {', '.join(c.attn_layers)}; hidden {c.hidden_size}, {c.num_attention_heads} heads x "
           f"{c.attention_head_size}; {c.num_hashes} hash rounds, {c.num_buckets} buckets")
+    tok = info.tokenizer
+    print(f"tokenizer:    {tok.kind or 'unknown'}{f' ({tok.file})' if tok.file else ''}, {tok.vocab_size} tokens"
+          f"{'; token ids only, text is refused' if tok.kind == 'none' else ''}")
     print(f"context:      {lim.max_context} tokens; max_new_tokens <= {lim.max_new_tokens}")
     print(f"batching:     {lim.max_batch} running, {lim.max_queue} waiting, cache budget "
           f"{lim.cache_memory_bytes:,} bytes")

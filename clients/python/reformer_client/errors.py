@@ -7,6 +7,7 @@
     PERMISSION_DENIED  -> PermissionDeniedError
     DEADLINE_EXCEEDED  -> DeadlineExceededError
     CANCELLED          -> RequestCancelledError
+    FAILED_PRECONDITION -> FailedPreconditionError (e.g. text sent to a model that has no tokenizer)
     INTERNAL / others  -> ServerError
 """
 
@@ -67,6 +68,12 @@ class RequestCancelledError(ReformerError):
     code = "CANCELLED"
 
 
+class FailedPreconditionError(ReformerError):
+    """The server cannot do this for the loaded model (text for a model without a tokenizer: send token ids)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class ServerError(ReformerError):
     code = "INTERNAL"
 
@@ -78,6 +85,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ReformerError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: RequestCancelledError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
 }
 
 

@@ -30,6 +30,7 @@ class HealthStatus(str, enum.Enum):
 class TopLogprob:
     token_id: int
     logprob: float
+    token: str = ""  # as the model's tokenizer spells it ("\u2581word", "<0xE2>"; "" without a tokenizer)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+    token: str = ""  # as the model's tokenizer spells it (see TopLogprob.token)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,15 @@ class GenerationDefaults:
 
 
 @dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer that came with the model's weights."""
+
+    kind: str  # "tokenizers" (tokenizer.json), "sentencepiece" (spiece.model), "byte", or "none" (token ids only)
+    vocab_size: int
+    file: str = ""  # the tokenizer file's name in the checkpoint ("" for byte and none)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     model_name: str
     config: ModelConfig
@@ -155,4 +166,5 @@ class ModelInfo:
     defaults: GenerationDefaults
     server_version: str
     num_parameters: int
+    tokenizer: TokenizerInfo = TokenizerInfo("", 0)  # kind "" from a server that does not report it
     extra: dict[str, str] = field(default_factory=dict)

@@ -96,7 +96,9 @@ class TextGenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Tokenize(self, request, context):
-        """Converts text to the model's token ids (byte-level: id = byte + 2, no BOS added).
+        """Converts text to the model's token ids with the tokenizer that came with its weights (see
+        GetModelInfoResponse.tokenizer; byte-level: id = byte + 2), no BOS added. A model without a
+        tokenizer (kind "none") answers FAILED_PRECONDITION, as it does for every text in or out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
