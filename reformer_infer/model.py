@@ -135,8 +135,9 @@ def _attend_window(
     Keys at positions after the query are masked (causal); with `self_mask` a query's own position gets
     the self-mask value (it is seen only when nothing else is).
     """
-    e, s, m = _window_softmax(torch.matmul(q, k.transpose(-1, -2)), q_pos, k_pos, self_mask, causal)
-    out = torch.matmul(e, v) / s
+    # scores, softmax and log-normaliser in fp32 whatever the storage dtype (a no-op for fp32 inputs)
+    e, s, m = _window_softmax(torch.matmul(q, k.transpose(-1, -2)).float(), q_pos, k_pos, self_mask, causal)
+    out = (torch.matmul(e.to(v.dtype), v) / s).to(q.dtype)
     return out, (m + torch.log(s)).squeeze(-1)
 
 
@@ -387,7 +388,7 @@ class LSHSelfAttention(nn.Module):
         # its first group on: touched first there, its fresh pages (32 MB at 64K on the small preset) would
         # all fault in during one unit. Zeroing it slice by slice with the projections spreads that out.
         acc = h.new_empty(B, T + 1, H, D)
-        lse_acc = h.new_empty(B, T + 1, H)
+        lse_acc = h.new_empty(B, T + 1, H, dtype=torch.float32)  # log-normalisers in fp32 whatever the dtype
         for s0, s1 in _slices(T, step):
             end = T + 1 if s1 == T else s1  # the last slice takes the pads' row too
             acc[:, s0:end].zero_()
@@ -483,11 +484,11 @@ class LSHSelfAttention(nn.Module):
         keys, values = pool.lsh_tables(j)
         W = rows.shape[-1]
         rows = rows.reshape(B * H, R * W)  # one bag per (sequence, head): every round's window
-        dots = _table_dots(qk.reshape(B * H, D), keys, rows).view(B, H, R, 1, W)
+        dots = _table_dots(qk.reshape(B * H, D), keys, rows).view(B, H, R, 1, W).float()  # softmax in fp32
         e, s, m = _window_softmax(dots, None, None, self_mask=True, causal=False, is_self=is_new.unsqueeze(-2))
         w = torch.softmax(m + torch.log(s), dim=2)  # (B, H, R, 1, 1): round weights from each round's lse
         # rounds combined inside the weighted sum: sum_r w_r * (e_r / s_r) . v_r
-        out = _table_sum((e * (w / s)).view(B * H, R * W), values, rows, batch.memo).view(B, H, D)
+        out = _table_sum((e * (w / s)).view(B * H, R * W).to(values.dtype), values, rows, batch.memo).view(B, H, D)
         if batch.dense_span:
             kk, vv, kp = pool.dense_keys(j, batch, batch.dense_span)
             tpos = batch.lengths.view(-1, 1, 1)
@@ -611,10 +612,10 @@ class LocalSelfAttention(nn.Module):
         T = batch.lengths.view(B, 1)
         start = ((T // C) - self.before).clamp(min=0) * C
         hidden = (pp < start) | (pp < 0)
-        dots = torch.matmul(q, kk.transpose(-1, -2))  # (B, H, 1, ring)
-        dots = dots.masked_fill(hidden.view(B, 1, 1, -1), MASK_VALUE.get(dots.dtype, -1e9))
+        dots = torch.matmul(q, kk.transpose(-1, -2)).float()  # (B, H, 1, ring); softmax in fp32
+        dots = dots.masked_fill(hidden.view(B, 1, 1, -1), MASK_VALUE[torch.float32])
         probs = torch.softmax(dots, dim=-1)
-        return torch.matmul(probs, vv).reshape(B, H * D)
+        return torch.matmul(probs.to(vv.dtype), vv).reshape(B, H * D)
 
 
 # ---------------------------------------------------------------------------------------------------

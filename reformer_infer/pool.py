@@ -321,7 +321,10 @@ class DecodePool:
             self._ensure_pages(s, self.length[s] + 1)
         key = tuple(slots)
         if key != self._step_key or self._step_slots is None or self._step_slots.device != self.device:
-            self._step_key, self._step_slots = key, torch.tensor(slots, device=self.device)
+            host = torch.tensor(slots)
+            if self.device.type == "cuda":  # one asynchronous copy from pinned memory
+                host = host.pin_memory()
+            self._step_key, self._step_slots = key, host.to(self.device, non_blocking=True)
         sl = self._step_slots
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
         if first is not None:
