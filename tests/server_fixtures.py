@@ -185,8 +185,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A default server on the tiny model, shared by a test module."""
-    proc = start_server(tiny_model_dir, tmp_path_factory.mktemp("server"), "--prefill-chunk-tokens", "64")
+    """A default server on the tiny model (its HTTP API on too), shared by a test module."""
+    proc = start_server(tiny_model_dir, tmp_path_factory.mktemp("server"), "--prefill-chunk-tokens", "64",
+                        "--http-port", "0")
     yield proc
     code = proc.stop()
     assert code == 0, f"server exited with {code}:\n{proc.log()}"
