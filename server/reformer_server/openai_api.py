@@ -26,7 +26,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,8 @@ from reformer_server.errors import NotReadyError, RequestFailedError, StalledCli
 from reformer_server.servicer import Generation, TextGenerationServicer
 
 logger = logging.getLogger(__name__)
+
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
 
 _INT32_MAX = 2**31 - 1
 # Engine field names -> the OpenAI parameter a client sent (error messages name what the client wrote).
@@ -389,27 +391,18 @@ class OpenAIFrontend:
             raise _bad("body", f"not valid JSON ({e})") from None
 
     # ---- events of one generation -----------------------------------------------------------------
-    def choice_chunks(self, gen: Generation, req: CompletionRequest) -> AsyncIterator[tuple[str, Any, Any]]:
-        """(text delta, logprobs object or None, FinishEvent or None) per engine event; PrefillProgress as
-        ('', None, None) so a streaming response can send a keep-alive while a long prompt is prefilled."""
-        engine = self.servicer.engine
-        lp = _Logprobs(engine.tokenizer.decode) if req.logprobs is not None else None
-
-        async def chunks() -> AsyncIterator[tuple[str, Any, Any]]:
-            async for ev in gen.events():
-                if isinstance(ev, TokenEvent):
-                    yield ev.text, lp.build(ev.logprobs) if lp is not None else None, None
-                elif isinstance(ev, FinishEvent):
-                    yield ev.text, None, ev
-                elif isinstance(ev, PrefillProgress):
-                    yield "", None, None
-
-        return chunks()
+    def logprobs_builder(self, req: CompletionRequest) -> _Logprobs | None:
+        return _Logprobs(self.servicer.engine.tokenizer.decode) if req.logprobs is not None else None
 
     async def send_stalled(self, send: Send, message: dict[str, Any]) -> None:
         """A write that gives up after --stall-timeout (a client that stopped reading)."""
+        # asyncio.timeout (3.11+) arms a timer on the current task; wait_for would spawn a task per message.
         try:
-            await asyncio.wait_for(send(message), self._stall_timeout)
+            if _timeout is not None:
+                async with _timeout(self._stall_timeout):
+                    await send(message)
+            else:
+                await asyncio.wait_for(send(message), self._stall_timeout)
         except TimeoutError:
             raise StalledClientError(f"client stopped reading for {self._stall_timeout:g}s; request aborted") from None
 
@@ -505,21 +498,21 @@ class _Whole(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def work() -> None:
-            gen, texts = self._gen, []
-            logprobs: dict[str, list[Any]] | None = None
+            gen, texts, tokens = self._gen, [], []
+            lp = self._front.logprobs_builder(self._req)
             try:
-                async for text, lp, fin in self._front.choice_chunks(gen, self._req):
-                    texts.append(text)
-                    if lp is not None:
-                        logprobs = logprobs or {k: [] for k in lp}
-                        for k, v in lp.items():
-                            logprobs[k].extend(v)
-                    if fin is not None:
+                async for ev in gen.events():
+                    if isinstance(ev, TokenEvent):
+                        texts.append(ev.text)
+                        tokens.extend(ev.logprobs)
+                    elif isinstance(ev, FinishEvent):
+                        texts.append(ev.text)
                         body = {"id": f"cmpl-{gen.request_id}", "object": "text_completion",
                                 "created": int(time.time()), "model": self._model,
-                                "choices": [{"index": 0, "text": "".join(texts), "logprobs": logprobs,
-                                             "finish_reason": finish_reason(fin)}],
-                                "usage": usage(fin)}
+                                "choices": [{"index": 0, "text": "".join(texts),
+                                             "logprobs": lp.build(tuple(tokens)) if lp is not None else None,
+                                             "finish_reason": finish_reason(ev)}],
+                                "usage": usage(ev)}
                         await JSONResponse(body)(scope, receive, send)
                         return
                 raise RuntimeError("engine stream ended without a FinishEvent")
@@ -562,16 +555,19 @@ class _EventStream(Response):
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]})
+            lp = front.logprobs_builder(req)
             try:
-                async for text, lp, fin in front.choice_chunks(gen, req):
-                    if fin is not None:
-                        await emit(chunk([{"index": 0, "text": text, "logprobs": lp,
-                                           "finish_reason": finish_reason(fin)}]))
+                async for ev in gen.events():
+                    if isinstance(ev, TokenEvent):
+                        await emit(chunk([{"index": 0, "text": ev.text,
+                                           "logprobs": lp.build(ev.logprobs) if lp is not None else None,
+                                           "finish_reason": None}]))
+                    elif isinstance(ev, FinishEvent):
+                        await emit(chunk([{"index": 0, "text": ev.text, "logprobs": None,
+                                           "finish_reason": finish_reason(ev)}]))
                         if req.include_usage:
-                            await emit(chunk([], usage(fin)))
-                    elif text or lp is not None:
-                        await emit(chunk([{"index": 0, "text": text, "logprobs": lp, "finish_reason": None}]))
-                    else:
+                            await emit(chunk([], usage(ev)))
+                    elif isinstance(ev, PrefillProgress):
                         await emit(": prefill\n\n")  # an SSE comment: keeps proxies from timing out
             except StalledClientError as exc:
                 logger.info("request %s: %s", gen.request_id, exc)
