@@ -4,12 +4,16 @@ that serves gRPC and HTTP on the same engine (tiny model, bearer token set)."""
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from reformer_client import Client
@@ -166,13 +170,16 @@ def test_disconnecting_mid_stream_aborts_and_frees_the_cache(server: ServerProce
     assert server.metric("reformer_http_requests_total", route="/v1/completions", status="200") >= 1
 
 
-def test_draining_server_answers_503_and_closes_its_port(tiny_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_draining_server_answers_503_and_lets_running_streams_finish(tiny_model_dir: Path,  # noqa: F811
+                                                                   tmp_path: Path) -> None:
     proc = start_server(tiny_model_dir, tmp_path, "--http-port", "0", "--drain-announce", "3")
     try:
         url = proc.http_url
-        assert _get(f"{url}/ready")[0] == 200
         with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0) as c:
             model = c.models.list().data[0].id
+            stream = c.completions.create(model=model, prompt=PROMPT, max_tokens=600, temperature=0, stream=True,
+                                          extra_body={"ignore_eos": True})
+            chunks = [next(iter(stream))]
             proc.proc.terminate()
             deadline = time.monotonic() + 2
             while _get(f"{url}/ready")[0] == 200 and time.monotonic() < deadline:
@@ -181,5 +188,49 @@ def test_draining_server_answers_503_and_closes_its_port(tiny_model_dir: Path, t
             with pytest.raises(openai.InternalServerError) as err:
                 c.completions.create(model=model, prompt=PROMPT, max_tokens=2)
             assert err.value.status_code == 503
+            chunks += list(stream)  # the running stream goes on through the drain
+            assert chunks[-1].choices[0].finish_reason == "length"
+        assert proc.proc.wait(timeout=30) == 0
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_tls_and_the_open_stream_limit_apply_to_http(tiny_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=reformer",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    proc = start_server(tiny_model_dir, tmp_path / "srv", "--http-port", "0", "--tls-cert", str(cert), "--tls-key",
+                        str(key), "--max-concurrent-streams", "1", wait_serving=False)
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        base = f"https://127.0.0.1:{proc.http_port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/ready", context=context, timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except urllib.error.HTTPError as e:  # 503 while loading
+                assert e.code == 503 and time.monotonic() < deadline
+                time.sleep(0.1)
+        with pytest.raises(OSError):  # plaintext HTTP is not served on a TLS port (the server hangs up)
+            urllib.request.urlopen(f"http://127.0.0.1:{proc.http_port}/ready", timeout=5)
+        with httpx.Client(base_url=f"{base}/v1", verify=context, timeout=60) as http, \
+                openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0,
+                              http_client=openai.DefaultHttpxClient(verify=context)) as c:
+            model = c.models.list().data[0].id
+            body = {"model": model, "prompt": PROMPT, "max_tokens": 800, "stream": True, "ignore_eos": True}
+            with http.stream("POST", "/completions", json=body) as first:  # holds the one open stream
+                lines = first.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                with pytest.raises(openai.RateLimitError) as err:
+                    c.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+                assert "--max-concurrent-streams" in err.value.message
+            deadline = time.monotonic() + 10
+            while proc.metric("reformer_grpc_streams_open") != 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.completions.create(model=model, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
     finally:
         assert proc.stop() == 0, proc.log()
