@@ -148,7 +148,9 @@ async def measure(model_dir: Path, srv: ServerProcess, args: argparse.Namespace)
     direct: dict[int, float] = {n: 0.0 for n in args.streams}
     served: dict[int, float] = {n: 0.0 for n in args.streams}
     http: dict[int, float] = {n: 0.0 for n in args.streams}
-    cpu = {path: {n: 0.0 for n in args.streams} for path in ("grpc", "http")}  # server CPU s, summed over rounds
+    # CPU seconds summed over rounds: the server's (its process metric) and this client process's own
+    # (time.process_time; the in-process engine idles during served rounds)
+    cpu = {path: {n: 0.0 for n in args.streams} for path in ("grpc", "http", "grpc_client", "http_client")}
     limits = httpx.Limits(max_connections=max(args.streams), max_keepalive_connections=max(args.streams))
     try:
         async with AsyncClient(srv.target) as client, httpx.AsyncClient(base_url=srv.http_url, timeout=600,
@@ -160,20 +162,21 @@ async def measure(model_dir: Path, srv: ServerProcess, args: argparse.Namespace)
             for r in range(args.repeat):
                 for n in args.streams:
                     direct[n] = max(direct[n], await direct_round(engine, n, args.prompt_len, args.new_tokens))
-                    before = _cpu(srv)
+                    before, client_before = _cpu(srv), time.process_time()
                     served[n] = max(served[n], await grpc_round(client, n, args.prompt_len, args.new_tokens))
-                    middle = _cpu(srv)
+                    middle, client_middle = _cpu(srv), time.process_time()
                     http[n] = max(http[n], await http_round(web, model, n, args.prompt_len, args.new_tokens))
                     cpu["grpc"][n] += middle - before
                     cpu["http"][n] += _cpu(srv) - middle
+                    cpu["grpc_client"][n] += client_middle - client_before
+                    cpu["http_client"][n] += time.process_time() - client_middle
                     logger.info("round %d, %d streams: direct %.1f, gRPC %.1f, HTTP %.1f tok/s", r, n, direct[n],
                                 served[n], http[n])
     finally:
         await engine.shutdown(drain=False)
     per_token = {path: {n: 1000 * c / (args.repeat * n * args.new_tokens) for n, c in by_n.items()}
                  for path, by_n in cpu.items()}
-    return {"direct": direct, "grpc": served, "http": http, "grpc_cpu_ms": per_token["grpc"],
-            "http_cpu_ms": per_token["http"]}
+    return {"direct": direct, "grpc": served, "http": http, **{f"{k}_cpu_ms": v for k, v in per_token.items()}}
 
 
 def main() -> None:
@@ -213,12 +216,13 @@ def main() -> None:
           f"{'random SMALL model' if args.model is None else args.model}, {args.device}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})\n")
     print("| streams | engine-direct tok/s | gRPC tok/s | HTTP tok/s | gRPC / direct | HTTP / gRPC | "
-          "gRPC vs 1-stream gRPC | server CPU ms/token gRPC | HTTP |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "gRPC vs 1-stream gRPC | server CPU ms/token gRPC | HTTP | client CPU ms/token gRPC | HTTP |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.streams:
         print(f"| {n} | {direct[n]:.1f} | {grpc_[n]:.1f} | {http[n]:.1f} | {grpc_[n] / direct[n]:.2f} | "
               f"{http[n] / grpc_[n]:.2f} | {grpc_[n] / single_grpc:.1f}x | {result['grpc_cpu_ms'][n]:.3f} | "
-              f"{result['http_cpu_ms'][n]:.3f} |")
+              f"{result['http_cpu_ms'][n]:.3f} | {result['grpc_client_cpu_ms'][n]:.3f} | "
+              f"{result['http_client_cpu_ms'][n]:.3f} |")
     print(f"\n(engine-direct {max(args.streams)}-stream scaling: {direct[max(args.streams)] / single_direct:.1f}x)")
 
 
