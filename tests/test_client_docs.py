@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -67,6 +68,7 @@ def test_cli_example_runs(line: str, server: ServerProcess, tmp_path: Path) -> N
     assert r.stdout
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 @pytest.mark.parametrize("block", CURL_EXAMPLES, ids=[f"curl-{i}" for i in range(len(CURL_EXAMPLES))])
 def test_curl_example_runs(block: str, server: ServerProcess) -> None:  # noqa: F811
     assert DEFAULT_HTTP in block and DEFAULT_MODEL in block
