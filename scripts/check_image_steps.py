@@ -3,7 +3,8 @@
     python scripts/check_image_steps.py [--keep] [--timeout 600]
 
 There is no Docker engine on the project's machines. This replays what `docker build` and `docker run`
-would do, from the Dockerfile itself (its instructions are parsed, not restated here):
+would do, from the Dockerfile itself (parsed by dockerfile-parse, its build context filtered by docker-py's
+.dockerignore matcher; not restated here):
 
 1. context   each COPY source, filtered through .dockerignore, is copied into a scratch "filesystem" per
              stage (the builder's WORKDIR, the runtime's /opt/reformer, ...).
@@ -13,9 +14,10 @@ would do, from the Dockerfile itself (its instructions are parsed, not restated 
              useradd) is the one step not replayed: it would add users to this machine.
 3. serve     the image's CMD with its ENV, on free ports and --device cpu (flags appended to the CMD win).
 4. probe     the HEALTHCHECK command until it passes (REFORMER_PORT set as the image sets it); one
-             generation through the client SDK installed from the built wheel; /metrics scraped and
-             compared with server/reformer_server/metrics.py and with every metric the Grafana dashboard
-             and the adapter rules select (the CUDA gauges aside: no GPU here).
+             generation through the client SDK installed from the built wheel and one through the
+             OpenAI-compatible HTTP API; /metrics scraped and compared with a ServerMetrics registry and
+             with every metric the deployment files name (scripts/deploy_metrics.py; the CUDA gauges
+             aside: no GPU here).
 5. stop      SIGTERM; the server must drain and exit 0 within its grace period.
 
 It checks that the image's own files work together (context, codegen, wheels with the bundled model and
