@@ -1,12 +1,13 @@
 # syntax=docker/dockerfile:1
 #
-# reformer-serve: gRPC streaming server for Reformer language models, on a CUDA-enabled PyTorch base.
+# reformer-serve: gRPC and OpenAI-compatible HTTP server for Reformer language models, on a CUDA-enabled
+# PyTorch base.
 #
 #   docker build -t reformer-serve:0.1.0 .
-#   docker run --gpus all --stop-timeout 45 -p 50051:50051 -p 9090:9090 reformer-serve:0.1.0
+#   docker run --gpus all --stop-timeout 45 -p 50051:50051 -p 8000:8000 -p 9090:9090 reformer-serve:0.1.0
 #
 # The install steps are the ones scripts/setup.sh runs (torch==2.13.0 first, then the project, then the
-# client SDK), so the CI run of those scripts exercises them; scripts/check_deploy.py checks that the pins
+# client SDK), so the CI run of those scripts exercises them; tests/test_deploy.py checks that the pins
 # agree and lints this file with hadolint. deploy/README.md has the Kubernetes side.
 
 # The official image already holds torch 2.13.0 built for CUDA 12.6 (drivers >= 560; pick a cuda13.x tag
@@ -22,7 +23,7 @@ WORKDIR /src
 
 # Same first step as scripts/setup.sh (on the matching base image it finds torch already installed), then
 # grpcio-tools, the one build-time dependency of the codegen step, at the version that generated the
-# committed stubs: the image's stubs are then the reviewed ones (scripts/check_deploy.py checks the pin).
+# committed stubs: the image's stubs are then the reviewed ones (tests/test_deploy.py checks the pin).
 RUN pip install torch==2.13.0 \
     && pip install grpcio-tools==1.85.1
 
@@ -63,10 +64,11 @@ WORKDIR /home/reformer
 # Inside a container the server must listen on all interfaces; the flags still override these.
 ENV REFORMER_HOST=0.0.0.0 \
     REFORMER_PORT=50051 \
+    REFORMER_HTTP_PORT=8000 \
     REFORMER_METRICS_PORT=9090
 
-# gRPC (generation, health, reflection) and the Prometheus metrics endpoint.
-EXPOSE 50051 9090
+# gRPC (generation, health, reflection), the OpenAI-compatible HTTP API and the Prometheus metrics endpoint.
+EXPOSE 50051 8000 9090
 
 # "healthy" means the generation service is SERVING: the model is loaded and warmed up, not draining.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \

@@ -3,7 +3,8 @@
     python scripts/check_image_steps.py [--keep] [--timeout 600]
 
 There is no Docker engine on the project's machines. This replays what `docker build` and `docker run`
-would do, from the Dockerfile itself (its instructions are parsed, not restated here):
+would do, from the Dockerfile itself (parsed by dockerfile-parse, its build context filtered by docker-py's
+.dockerignore matcher; not restated here):
 
 1. context   each COPY source, filtered through .dockerignore, is copied into a scratch "filesystem" per
              stage (the builder's WORKDIR, the runtime's /opt/reformer, ...).
@@ -13,9 +14,10 @@ would do, from the Dockerfile itself (its instructions are parsed, not restated 
              useradd) is the one step not replayed: it would add users to this machine.
 3. serve     the image's CMD with its ENV, on free ports and --device cpu (flags appended to the CMD win).
 4. probe     the HEALTHCHECK command until it passes (REFORMER_PORT set as the image sets it); one
-             generation through the client SDK installed from the built wheel; /metrics scraped and
-             compared with server/reformer_server/metrics.py and with every metric the Grafana dashboard
-             and the adapter rules select (the CUDA gauges aside: no GPU here).
+             generation through the client SDK installed from the built wheel and one through the
+             OpenAI-compatible HTTP API; /metrics scraped and compared with a ServerMetrics registry and
+             with every metric the deployment files name (scripts/deploy_metrics.py; the CUDA gauges
+             aside: no GPU here).
 5. stop      SIGTERM; the server must drain and exit 0 within its grace period.
 
 It checks that the image's own files work together (context, codegen, wheels with the bundled model and
@@ -43,6 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from docker.utils.build import exclude_paths
+from dockerfile_parse import DockerfileParser
+
 ROOT = Path(__file__).resolve().parent.parent
 # Run in scratch stages instead of on this machine: they would create system users.
 SKIPPED_COMMANDS = ("groupadd", "useradd")
@@ -50,8 +55,8 @@ SKIPPED_COMMANDS = ("groupadd", "useradd")
 log = logging.getLogger("check_image_steps")
 
 
-def _load_check_deploy() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_check_deploy", ROOT / "scripts" / "check_deploy.py")
+def _load_deploy_metrics() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_deploy_metrics", ROOT / "scripts" / "deploy_metrics.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -59,7 +64,11 @@ def _load_check_deploy() -> ModuleType:
     return module
 
 
-cd = _load_check_deploy()
+dm = _load_deploy_metrics()
+
+
+def _files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
 @dataclass
@@ -89,10 +98,11 @@ class Stage:
         return env
 
 
-def _copy(source: Path, dest: Path, ignore: list[str]) -> None:
-    for file in cd._files_under(source):
+def _copy(source: Path, dest: Path, context: set[str] | None) -> None:
+    """Copy `source` to `dest`; from the build context, only the files `context` holds."""
+    for file in _files_under(source):
         relative = str(file.relative_to(ROOT)) if file.is_relative_to(ROOT) else None
-        if relative is not None and not cd.dockerignore_includes(ignore, relative):
+        if context is not None and relative is not None and relative not in context:
             continue
         target = dest / file.relative_to(source) if source.is_dir() else dest
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -101,14 +111,17 @@ def _copy(source: Path, dest: Path, ignore: list[str]) -> None:
 
 def build(scratch: Path) -> tuple[Stage, list[str]]:
     """Replay every stage; return the last (runtime) stage and the CMD."""
-    instructions = cd.parse_dockerfile(cd.DOCKERFILE.read_text())
-    ignore = cd._dockerignore_patterns()
+    instructions = DockerfileParser(str(ROOT / "Dockerfile")).structure
+    # docker-py's exclude_paths: the files `docker build` sends as the context, after .dockerignore
+    context = exclude_paths(str(ROOT), (ROOT / ".dockerignore").read_text().splitlines())
     stages: dict[str, Stage] = {}
     stage: Stage | None = None
     cmd: list[str] = []
     for ins in instructions:
-        if ins.keyword == "FROM":
-            name = ins.args.split(" AS ")[-1].strip() if " AS " in ins.args.upper() else str(ins.stage)
+        keyword, args = ins["instruction"], " ".join(ins["value"].split())
+        if keyword == "FROM":
+            name = re.split(r"\s+AS\s+", args, flags=re.IGNORECASE)[-1] if re.search(r"\sAS\s", args, re.I) \
+                else str(len(stages))
             stage = Stage(name=name, root=scratch / name)
             stage.root.mkdir(parents=True)
             stage.venv = scratch / f"venv-{name}"
@@ -118,13 +131,13 @@ def build(scratch: Path) -> tuple[Stage, list[str]]:
             continue
         if stage is None:
             continue  # ARG before the first FROM
-        if ins.keyword == "WORKDIR":
-            stage.workdir = ins.args if ins.args.startswith("/") else f"{stage.workdir}/{ins.args}"
+        if keyword == "WORKDIR":
+            stage.workdir = args if args.startswith("/") else f"{stage.workdir}/{args}"
             stage.path(stage.workdir).mkdir(parents=True, exist_ok=True)
-        elif ins.keyword == "ENV":
-            stage.env.update(cd._env_pairs(ins.args))
-        elif ins.keyword == "COPY":
-            tokens = shlex.split(ins.args)
+        elif keyword == "ENV":
+            stage.env.update(pair.split("=", 1) for pair in shlex.split(args))  # the KEY=VALUE form
+        elif keyword == "COPY":
+            tokens = shlex.split(args)
             origin = next((t.split("=", 1)[1] for t in tokens if t.startswith("--from=")), None)
             paths = [t for t in tokens if not t.startswith("--")]
             *sources, dest = paths
@@ -135,13 +148,13 @@ def build(scratch: Path) -> tuple[Stage, list[str]]:
                     target.parent.mkdir(parents=True, exist_ok=True)
                 else:
                     target.mkdir(parents=True, exist_ok=True)
-                _copy(src, target, ignore if origin is None else [])
-        elif ins.keyword == "RUN":
-            _run_step(stage, ins.args)
-        elif ins.keyword == "CMD":
-            cmd = cd._exec_form(ins.args) or []
-        elif ins.keyword == "HEALTHCHECK":
-            stage.env["_HEALTHCHECK"] = ins.args.split("CMD", 1)[1].strip()
+                _copy(src, target, context if origin is None else None)
+        elif keyword == "RUN":
+            _run_step(stage, args)
+        elif keyword == "CMD":
+            cmd = json.loads(args)  # the exec form
+        elif keyword == "HEALTHCHECK":
+            stage.env["_HEALTHCHECK"] = args.split("CMD", 1)[1].strip()
     assert stage is not None
     return stage, cmd
 
@@ -190,12 +203,13 @@ def serve_and_probe(stage: Stage, cmd: list[str], timeout_s: float, model: Path 
     # The default CMD serves the bundled model: every file of it must be in the wheel.
     source_models = ROOT / "reformer_infer" / "models"
     wheel_models = Path(installed["reformer_infer"]).parent / "models"
-    for file in cd._files_under(source_models):
+    for file in _files_under(source_models):
         if not (wheel_models / file.relative_to(source_models)).is_file():
             problems.append(f"the wheel lacks the bundled model file {file.relative_to(ROOT)}")
     port_file = stage.root / "ports.json"
     env = stage.run_env()
-    argv = [*cmd, "--port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu"]
+    argv = [*cmd, "--port", "0", "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file),
+            "--device", "cpu"]
     if model is not None:
         argv += ["--model", str(model)]
     log.info("serve: %s", " ".join(argv))
@@ -219,6 +233,7 @@ def serve_and_probe(stage: Stage, cmd: list[str], timeout_s: float, model: Path 
             time.sleep(1.0)
         log.info("HEALTHCHECK passed after %.1f s", time.monotonic() - started)
         problems += _generate(stage, ports["port"], workdir)
+        problems += _http_complete(ports["http_port"])
         problems += _compare_metrics(ports["metrics_port"])
         server.send_signal(signal.SIGTERM)
         cfg_grace = float(stage.env.get("REFORMER_GRACE_PERIOD", 30))
@@ -263,44 +278,39 @@ def _generate(stage: Stage, port: int, workdir: Path) -> list[str]:
     return [] if result["tokens"] > 0 else ["the generation returned no tokens"]
 
 
+def _http_complete(http_port: int) -> list[str]:
+    """One completion through the OpenAI-compatible HTTP API the image turns on (REFORMER_HTTP_PORT)."""
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as r:
+            model = json.loads(r.read())["data"][0]["id"]
+        body = json.dumps({"model": model, "prompt": "Emma Woodhouse", "max_tokens": 4}).encode()
+        request = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            completion = json.loads(r.read())
+    except (OSError, ValueError, KeyError) as e:
+        return [f"the HTTP API failed: {e}"]
+    log.info("HTTP /v1/completions: %r", completion["choices"][0]["text"])
+    return [] if completion["usage"]["completion_tokens"] > 0 else ["the HTTP completion returned no tokens"]
+
+
 def _compare_metrics(metrics_port: int) -> list[str]:
-    """The live endpoint against metrics.py (as check_deploy.py reads it) and against the dashboard."""
+    """The live endpoint against a ServerMetrics registry and against what the deployment files name."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    # Compared as series names: the text format shows an Info as a gauge named `<name>_info`.
-    scraped = {f.name: f.type for f in text_string_to_metric_families(text) if f.name.startswith("reformer_")}
-    live = cd.series_names(scraped)
-    declared = cd.server_metric_families()
-    cuda = {n: k for n, k in declared.items() if n.startswith("reformer_cuda_")}  # bound only on a GPU
-    expected = cd.series_names({n: k for n, k in declared.items() if n not in cuda})
-    problems = [
-        f"{n} is in metrics.py but not on the live /metrics endpoint" for n in sorted(expected - live)
-    ]
-    problems += [
-        f"{n} is on the live /metrics endpoint but check_deploy.py did not find it in metrics.py"
-        for n in sorted(live - expected)
-    ]
-    try:
-        selected = {
-            name
-            for _, expr in cd.dashboard_queries() + cd.adapter_queries()
-            for name in cd.promql_metric_names(expr)
-        }
-    except cd.ToolMissing:
-        log.warning("promql-parser not installed: dashboard queries not compared with the live endpoint")
-        return problems
-    available = live | cd.series_names(cuda)
-    problems += [
-        f"the dashboard or adapter selects {n}, which the live endpoint lacks"
-        for n in sorted(selected - available)
-    ]
-    log.info(
-        "/metrics: %d reformer_ series, the %d the dashboard and adapter select are there",
-        len(live),
-        len(selected),
-    )
+    live = {s.name for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith("reformer_")}
+    declared = {n for n in dm.server_series() if not n.startswith("reformer_cuda_")}  # CUDA gauges: GPU only
+    problems = [f"{n} is exported by ServerMetrics but not on the live /metrics endpoint"
+                for n in sorted(declared - live)]
+    problems += [f"{n} is on the live /metrics endpoint but not in a ServerMetrics registry"
+                 for n in sorted(live - declared)]
+    named = {name for _, name in dm.named_metrics()}
+    problems += [f"the deployment names {n}, which the live endpoint lacks"
+                 for n in sorted(named - live) if not n.startswith("reformer_cuda_")]
+    log.info("/metrics: %d reformer_ series; the %d the deployment names are there", len(live), len(named))
     return problems
 
 

@@ -77,6 +77,11 @@ class ServerProcess:
     port: int
     metrics_port: int
     log_path: Path
+    http_port: int = -1  # the OpenAI-compatible HTTP API (started with --http-port)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def target(self) -> str:
@@ -158,7 +163,7 @@ def start_server(
             raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
         time.sleep(0.05)
     ports = json.loads(port_file.read_text())
-    server = ServerProcess(proc, ports["port"], ports["metrics_port"], log_path)
+    server = ServerProcess(proc, ports["port"], ports["metrics_port"], log_path, ports.get("http_port", -1))
     if wait_serving:
         while True:
             try:
@@ -180,8 +185,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A default server on the tiny model, shared by a test module."""
-    proc = start_server(tiny_model_dir, tmp_path_factory.mktemp("server"), "--prefill-chunk-tokens", "64")
+    """A default server on the tiny model (its HTTP API on too), shared by a test module."""
+    proc = start_server(tiny_model_dir, tmp_path_factory.mktemp("server"), "--prefill-chunk-tokens", "64",
+                        "--http-port", "0")
     yield proc
     code = proc.stop()
     assert code == 0, f"server exited with {code}:\n{proc.log()}"

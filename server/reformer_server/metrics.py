@@ -89,8 +89,14 @@ class ServerMetrics:
         self.waiting = Gauge("reformer_num_requests_waiting", "Requests waiting for admission", registry=r)
         self.cache_in_use = Gauge("reformer_cache_bytes_in_use", "Cache bytes held by admitted requests", registry=r)
         self.cache_budget = Gauge("reformer_cache_bytes_budget", "Cache byte budget for admission", registry=r)
+        # The gateway's KV-cache utilisation signal (vLLM's kv_cache_usage_perc, 0-1), for the endpoint picker.
+        self.cache_usage = Gauge("reformer_cache_usage_ratio", "Cache bytes in use / cache byte budget (0-1)",
+                                 registry=r)
         self.engine_alive = Gauge("reformer_engine_alive", "1 while the engine loop runs", registry=r)
-        self.streams_open = Gauge("reformer_grpc_streams_open", "Generation RPCs in progress", registry=r)
+        self.streams_open = Gauge("reformer_grpc_streams_open", "Generations in progress (gRPC and HTTP)", registry=r)
+        self.http_status = Counter(
+            "reformer_http_requests", "Completed HTTP API requests by route and status", ("route", "status"),
+            registry=r)
         self.model_info = Info("reformer_model", "The served model", registry=r)
         self.cuda_allocated: Gauge | None = None
         self._http: Any = None
@@ -102,6 +108,7 @@ class ServerMetrics:
         self.waiting.set_function(lambda: stats().waiting)
         self.cache_in_use.set_function(lambda: stats().cache_bytes_in_use)
         self.cache_budget.set_function(lambda: stats().cache_bytes_budget)
+        self.cache_usage.set_function(lambda: _ratio(stats()))
         # a counter read from the engine's own running total at scrape time (Counter has no set_function)
         self.registry.register(_EngineStepsCollector(stats))
         self.engine_alive.set_function(lambda: 1.0 if stats().alive else 0.0)
@@ -140,6 +147,9 @@ class ServerMetrics:
     # ---- serving path -----------------------------------------------------------------------
     def rpc_done(self, method: str, code_name: str) -> None:
         self.rpc_status.labels(method, code_name).inc()
+
+    def http_done(self, route: str, status: int) -> None:
+        self.http_status.labels(route, str(status)).inc()
 
     def request_tracker(self, prompt_tokens: int) -> RequestTracker:
         self.prompt_len.labels(self._labels["model"]).observe(prompt_tokens)
@@ -193,6 +203,10 @@ class RequestTracker:
         """The RPC ended before the engine finished (client cancel, deadline, stall, shutdown)."""
         self._m.e2e_latency.labels(**self._labels).observe(time.perf_counter() - self.arrived)
         self._m.request_finished.labels(self._labels["model"], "cancelled").inc()
+
+
+def _ratio(s: EngineStats) -> float:
+    return min(s.cache_bytes_in_use / s.cache_bytes_budget, 1.0) if s.cache_bytes_budget > 0 else 0.0
 
 
 class _EngineStepsCollector:

@@ -33,6 +33,7 @@ from reformer_server.config import ServerConfig
 from reformer_server.convert import RequestLimits
 from reformer_server.malformed import MalformedRequestInterceptor
 from reformer_server.metrics import ServerMetrics
+from reformer_server.openai_api import OpenAIFrontend
 from reformer_server.servicer import TextGenerationServicer
 
 from ._proto import generation_pb2 as pb
@@ -95,6 +96,13 @@ class ReformerServer:
         self.engine: Any = None
         self.port = 0
         self.metrics_port = -1
+        self.http_port = -1
+        self.serving = False  # what the health service says, for the HTTP front-end's /health and /ready
+        self.http: OpenAIFrontend | None = None
+        if cfg.http_port >= 0:
+            self.http = OpenAIFrontend(
+                self.servicer, ready=lambda: self.serving, auth_token=cfg.auth_token, auth_health=cfg.auth_health,
+                stall_timeout=cfg.stall_timeout, max_body_bytes=cfg.max_message_bytes, count=self.metrics.http_done)
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None  # drain()'s server.stop(grace)
@@ -123,10 +131,15 @@ class ReformerServer:
             )
 
     # ---- lifecycle ------------------------------------------------------------------------------
+    async def _set_serving(self, serving: bool) -> None:
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, status)
+
     async def start(self) -> None:
         cfg = self.cfg
-        for name in _HEALTH_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_serving(False)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls:
             assert cfg.tls_cert is not None and cfg.tls_key is not None
@@ -139,9 +152,17 @@ class ReformerServer:
             self.metrics_port = self.metrics.start_http(cfg.metrics_host or cfg.host, cfg.metrics_port)
         logger.info("gRPC listening on %s:%d (%s); loading the model", cfg.host, self.port, "TLS" if cfg.tls else
                     "plaintext")
+        if self.http is not None:
+            sock = self.http.bind(cfg.host, cfg.http_port)
+            self.http_port = sock.getsockname()[1]
+            await self.http.start(sock, tls_cert=_str(cfg.tls_cert), tls_key=_str(cfg.tls_key),
+                                  tls_client_ca=_str(cfg.tls_client_ca))
+            logger.info("OpenAI-compatible HTTP API on %s:%d (%s)", cfg.host, self.http_port,
+                        "TLS" if cfg.tls else "plaintext")
         if cfg.port_file is not None:
             tmp = cfg.port_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port}))
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
+                                       "http_port": self.http_port}))
             tmp.replace(cfg.port_file)  # atomic: a reader never sees half a file
 
     async def load(self) -> None:
@@ -204,8 +225,7 @@ class ReformerServer:
             max_context=engine.max_context, default_max_new_tokens=cfg.default_max_new_tokens,
             max_prompt_bytes=cfg.max_prompt_bytes, max_time_s=cfg.max_request_time))
         freeze_startup_objects()  # no ~50 ms full-GC pauses inside engine steps from here on
-        for name in _HEALTH_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_serving(True)
         logger.info("serving %s (%s, %s, backend %s, tokenizer %s, cache budget %d bytes) on %s:%d", desc.name,
                     desc.device, dtype, cfg.backend, desc.tokenizer.kind, budget, cfg.host, self.port)
 
@@ -223,8 +243,7 @@ class ReformerServer:
             await asyncio.sleep(1.0)
             if self.engine is not None and not self.engine.stats().alive:
                 logger.error("engine loop has died; reporting NOT_SERVING")
-                for name in _HEALTH_NAMES:
-                    await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self._set_serving(False)
                 return
 
     def request_stop(self) -> None:
@@ -262,6 +281,7 @@ class ReformerServer:
         logger.info("draining: NOT_SERVING, refusing new requests, %d running get up to %.0fs",
                     len(self.servicer.active), grace)
         self.servicer.draining = True
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         force = asyncio.ensure_future(self._force.wait())
         # A moment in which probes on a still-open port read NOT_SERVING rather than a refused connection.
@@ -272,6 +292,8 @@ class ReformerServer:
         # round-robin channel moves to the other replicas) instead of getting UNAVAILABLE for the whole
         # grace period, while the streams already running continue.
         self._stopping = asyncio.ensure_future(self.server.stop(remaining))
+        if self.http is not None:
+            self.http.begin_shutdown()  # the HTTP listener closes too; running responses go on
         idle = asyncio.ensure_future(self.servicer.wait_idle(remaining))
         await asyncio.wait({idle, force}, return_when=asyncio.FIRST_COMPLETED)
         force.cancel()
@@ -286,6 +308,8 @@ class ReformerServer:
         await self.server.stop(grace=1.0)
         if self._stopping is not None:
             await self._stopping
+        if self.http is not None:
+            await self.http.stop(timeout=1.0)
         if self.engine is not None:
             await self.engine.shutdown(drain=False, timeout=5.0)
         self.metrics.stop_http()
@@ -294,6 +318,10 @@ class ReformerServer:
 
 async def serve(cfg: ServerConfig) -> None:
     await ReformerServer(cfg).run()
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _model_device(model: Any, fallback: str) -> str:

@@ -62,8 +62,9 @@ def _rpc(fn: Handler) -> Handler:
     return wrapper
 
 
-class _Generation:
-    """One engine request as one RPC sees it: its events, its metrics, and its abort when left early."""
+class Generation:
+    """One engine request as one call sees it (a gRPC RPC or an HTTP request, openai_api.py): the shared
+    admission and validation path, its events, its metrics, and its abort when left early."""
 
     def __init__(self, servicer: TextGenerationServicer, request: pb.GenerateRequest) -> None:
         engine = servicer.ready_engine()
@@ -167,7 +168,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     # ---- RPCs ----------------------------------------------------------------------------
     @_rpc
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        gen = _Generation(self, request)
+        gen = Generation(self, request)
         try:
             piece = gen.engine.tokenizer.piece
             async for ev in gen.events():
@@ -177,7 +178,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
 
     @_rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        gen = _Generation(self, request)
+        gen = Generation(self, request)
         acc = convert.ResponseAccumulator(gen.request_id, gen.engine.tokenizer.piece)
         try:
             async for ev in gen.events():
