@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from .cache import ReformerCache, SequenceCache
 from .config import ReformerConfig
-from .pool import DecodePool, StepBatch, cache_bytes
+from .pool import DecodePool, StepBatch, StepPlan, cache_bytes
+from .step_graphs import StepGraphs
 
 # Mask values of the reference implementation (fp32 / fp16). They are finite on purpose: a query whose
 # window holds nothing visible but itself attends to itself (self mask -1e5 beats mask -1e9).
@@ -674,6 +675,7 @@ class ReformerLM(nn.Module):
         self.lm_head.decoder = nn.Linear(2 * config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.score_budget = DEFAULT_SCORE_ELEMENTS
+        self._step_graphs: dict[int, StepGraphs] = {}  # id(pool) -> its captured decode steps
         self.reset_rotations()
         # Every linear weight is stored (in, out)-contiguous and used through its transpose (same values,
         # same state-dict shapes). For the few rows of a decode step, CPU GEMM runs 1.3-1.8x faster with
@@ -899,6 +901,12 @@ class ReformerLM(nn.Module):
         return DecodePool(self.config, num_hashes=R, device=self.device, dtype=self.dtype, sequences=sequences,
                           tokens=tokens, **layout)
 
+    def use_step_graphs(self, pool: DecodePool, capture: Callable | None = None) -> StepGraphs:
+        """Decode the sequences of `pool` through captured steps from now on (`step_graphs`): on CUDA, one
+        CUDA graph per batch bucket; `capture` replaces the recorder (tests: `step_graphs.EagerReplay`)."""
+        graphs = self._step_graphs[id(pool)] = StepGraphs(self, pool, capture)
+        return graphs
+
     @torch.inference_mode()
     def decode_step(self, input_ids: Tensor, cache: ReformerCache) -> tuple[Tensor, ReformerCache]:
         """One token for every sequence in the batch: (B, 1) -> logits (B, 1, V). Sequences may have
@@ -932,11 +940,20 @@ class ReformerLM(nn.Module):
 
     def _decode_pooled(self, ids: Tensor, pool: DecodePool, slots: list[int]) -> Tensor:
         full = any(layer.full_attention for layer in self.lsh_layers())
-        batch = pool.begin_step(slots, full_attention=full)
-        logits = self.decode_core(ids, pool, batch)
-        # between steps: sequences reaching one chunk are hashed from the next token on (not with full attention)
-        due = pool.end_step(batch, slots)
-        if due and not full:
+        graphs = self._step_graphs.get(id(pool))
+        if graphs is not None and graphs.pool is pool and not full:
+            logits, plan = graphs.run(ids, slots)
+        else:
+            plan = pool.begin_step(slots, full_attention=full)
+            logits = self.decode_core(ids, pool, plan)
+        self.finish_step(pool, plan, slots)
+        return logits
+
+    def finish_step(self, pool: DecodePool, plan: StepPlan, slots: list[int]) -> None:
+        """Between steps: advance the sequences; those reaching one chunk are hashed and decode by LSH
+        windows from the next token on (not with full attention)."""
+        due = pool.end_step(plan, slots)
+        if due and not any(layer.full_attention for layer in self.lsh_layers()):
             by_length: dict[int, list[int]] = {}
             for s in due:
                 by_length.setdefault(pool.length[s], []).append(s)
@@ -945,12 +962,13 @@ class ReformerLM(nn.Module):
                     if layer.attention.kind == "lsh":
                         layer.attention.self_attention.hash_sequences(pool, pool.lsh_index[i], group, T)
             pool.mark_hashed(due)
-        return logits
 
-    def decode_core(self, ids: Tensor, pool: DecodePool, batch: StepBatch) -> Tensor:
+    def decode_core(self, ids: Tensor, pool: DecodePool, plan: StepPlan) -> Tensor:
         """The device part of a decode step: ids (n,) -> logits (n, V), reading and updating the pool's tensors
         in place. No host sync and no data-dependent shape: one trace (or captured graph) replays it for every
-        token of a batch while its sequences stay (`begin_step` / `end_step` do the host bookkeeping)."""
+        token of a batch while its sequences stay (`DecodePool.begin_step` / `finish_step` do the host
+        bookkeeping)."""
+        batch = pool.step_view(plan)
         x = self.embeddings(ids, batch.lengths)  # (B, E)
         a, h = x, x
         for i, layer in enumerate(self.encoder.layers):

@@ -47,17 +47,28 @@ DELTA_SIZE = 128
 
 
 @dataclass
+class StepPlan:
+    """What the host decides for one decode step (between steps): which slots (a device tensor, uploaded only
+    when the batch's sequences change), whether any needs the dense attention, and how the per-slot tensors
+    are read. A decode step is a function of the plan and the pool's tensors alone."""
+
+    slots: Tensor  # (n,) int64 pool slots (a pad slot fills the rows of a padded batch)
+    rows: int  # rows that are real sequences (the first `rows`)
+    first: int | None  # the slots are first, first + 1, ...: per-slot tensors are read through views
+    dense_span: int  # positions the dense attention covers (0: every sequence decodes by LSH windows)
+
+
+@dataclass
 class StepBatch:
-    """The sequences of one decode step. Every tensor is on the device and read from the pool's device-side
-    state (no tensor is built from host values while the batch keeps its sequences), so the step itself
-    has no host sync and its shapes depend on the batch size alone."""
+    """The device-side view of one decode step, read from the pool's per-slot tensors inside the step (no
+    tensor is built from host values), so the step has no host sync and its shapes depend on n alone."""
 
     slots: Tensor  # (n,) int64 pool slots
     lengths: Tensor  # (n,) int64 positions of the new tokens
     hashed: Tensor  # (n, 1, 1) bool: decodes by LSH windows (else densely: shorter than one chunk so far)
     new_rows: Tensor  # (n,) pool row of each new token's position (its page row)
-    first: int | None  # the slots are first, first + 1, ...: per-slot tensors are read through views
-    dense_span: int  # positions the dense attention covers (0: every sequence decodes by LSH windows)
+    first: int | None
+    dense_span: int
     memo: dict = field(default_factory=dict)  # per-step tensors every LSH layer would otherwise rebuild
 
     def select(self, t: Tensor) -> Tensor:
@@ -93,6 +104,8 @@ class DecodePool:
         self.C = cfg.lsh_attn_chunk_length
         self._step_key: tuple[int, ...] = ()
         self._step_slots: Tensor | None = None
+        self._pad: int | None = None
+        self.generation = 0  # bumped whenever the pool's tensors are reallocated (captured steps are stale)
         # Slots and pages are taken and given back by the thread that runs the model (an engine defers the
         # release of an aborted request to its loop); the free lists are guarded all the same.
         self._lock = threading.RLock()
@@ -111,6 +124,7 @@ class DecodePool:
     @torch.inference_mode(False)  # normal tensors: updated in place in and out of inference mode
     def _alloc_slots(self, S: int) -> None:
         """Grow every per-slot tensor to S slots (copying the old ones: rare, amortised by doubling)."""
+        self.generation += 1
         Ll, Lc, H, D, R, K = len(self.lsh_index), len(self.local_index), self.H, self.D, self.R, self.K
         dev, dt = self.device, self.dtype
         new = {
@@ -148,6 +162,7 @@ class DecodePool:
         """Grow the paged tensors to N pages. `torch.empty`: on a CPU, pages never written take no memory."""
         Ll, H, D, R, P = len(self.lsh_index), self.H, self.D, self.R, self.P
         dev, dt = self.device, self.dtype
+        self.generation += 1
         if N * P >= 2**31:
             raise ValueError(f"a pool of {N * P} positions does not fit the int32 row numbers of its order tables")
         keys = torch.empty(Ll, H, N * P, D, dtype=dt, device=dev)
@@ -164,7 +179,9 @@ class DecodePool:
     def _select_into(self, name: str, src: Tensor, index: Tensor, dim: int = 0) -> Tensor:
         """`src.index_select(dim, index)` into a buffer reused across steps (the caller is done with the last
         result before asking again under the same name). Window gathers are MBs per step; a fresh buffer
-        each time would be fresh pages to fault in (large allocations are mmapped, see memory.py)."""
+        each time would be fresh pages to fault in (large allocations are mmapped, see memory.py). CPU only."""
+        if self.device.type != "cpu":  # a captured step keeps the addresses it read: no buffer swaps there
+            return torch.index_select(src, dim, index)
         shape = list(src.shape)
         shape[dim] = index.numel()
         numel = math.prod(shape)
@@ -231,11 +248,12 @@ class DecodePool:
 
     @property
     def slots_in_use(self) -> int:
-        return self.S - len(self._free_slots)
+        """Slots held by sequences (the pad slot of padded batches not counted)."""
+        return self.S - len(self._free_slots) - (self._pad is not None)
 
     @property
     def pages_in_use(self) -> int:
-        return self.N - len(self._free_pages)
+        return self.N - len(self._free_pages) - (len(self.pages[self._pad]) if self._pad is not None else 0)
 
     def sequence_bytes(self, slot: int) -> int:
         return len(self.pages[slot]) * page_bytes(len(self.lsh_index), self.H, self.D, self.R, self.P, self.dtype) \
@@ -313,41 +331,52 @@ class DecodePool:
         return (inverse[rows >> self.shift] * self.P + (rows & (self.P - 1))).to(torch.int32)
 
     # ---- one decode step -----------------------------------------------------------------------
-    def begin_step(self, slots: list[int], full_attention: bool = False) -> StepBatch:
-        """Make room for every sequence's new token (between steps: pages are normally held from the
-        prefill on, sized to the request) and read the step's index tensors from the device-side state.
-        The slot tensor is uploaded only when the batch's sequences change."""
+    def begin_step(self, slots: list[int], full_attention: bool = False, out: Tensor | None = None) -> StepPlan:
+        """Plan a decode step of the sequences `slots` (host side, between steps): room for every new token
+        (pages are normally held from the prefill on, sized to the request), the slot tensor (uploaded only
+        when the batch's sequences change, or copied into `out`, a static buffer of a captured step whose
+        extra rows take the pad slot), and whether a dense attention is needed."""
         for s in slots:
             self._ensure_pages(s, self.length[s] + 1)
         key = tuple(slots)
-        if key != self._step_key or self._step_slots is None or self._step_slots.device != self.device:
-            host = torch.tensor(slots)
-            if self.device.type == "cuda":  # one asynchronous copy from pinned memory
-                host = host.pin_memory()
-            self._step_key, self._step_slots = key, host.to(self.device, non_blocking=True)
-        sl = self._step_slots
-        first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
-        if first is not None:
-            T, hashed = self.len_d.narrow(0, first, len(slots)), self.hashed_d.narrow(0, first, len(slots))
-            table = self.page_table.narrow(0, first, len(slots))
+        if out is not None:
+            first = None
+            if key != self._step_key or self._step_slots is not out:
+                full = slots + [self.pad_slot()] * (out.numel() - len(slots))
+                out.copy_(_upload(full, self.device))
+                self._step_key, self._step_slots = key, out
         else:
-            T, hashed, table = self.len_d.index_select(0, sl), self.hashed_d.index_select(0, sl), \
-                self.page_table.index_select(0, sl)
-        rows = self._page_rows(table, T.view(-1, 1)).view(-1)
+            if key != self._step_key or self._step_slots is None or self._step_slots.numel() != len(slots):
+                self._step_key, self._step_slots = key, _upload(slots, self.device)
+            first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
         # the dense attention covers the first chunk (every position a not-yet-hashed sequence has) when
         # some sequence still needs it; with full attention, every position so far
         dense = any(not self.is_hashed[s] for s in slots) or full_attention
         span = (max(self.length[s] for s in slots) + 1 if full_attention else self.C) if dense else 0
-        return StepBatch(sl, T, hashed.view(-1, 1, 1), rows, first, span)
+        return StepPlan(self._step_slots, len(slots), first, span)
 
-    def end_step(self, batch: StepBatch, slots: list[int]) -> list[int]:
-        """Advance lengths (on the device too); merge full deltas (between steps). Returns the slots that
-        reached one LSH chunk with this token and must now be hashed (the attention layers do it:
-        `set_order`, then `mark_hashed`)."""
-        if batch.first is not None:
-            self.len_d.narrow(0, batch.first, len(slots)).add_(1)
+    def step_view(self, plan: StepPlan) -> StepBatch:
+        """The step's index tensors, read from the device-side state (inside the step)."""
+        sl, first = plan.slots, plan.first
+        if first is not None:
+            n = sl.numel()
+            T, hashed, table = self.len_d.narrow(0, first, n), self.hashed_d.narrow(0, first, n), \
+                self.page_table.narrow(0, first, n)
         else:
-            self.len_d.index_add_(0, batch.slots, torch.ones_like(batch.slots))
+            T, hashed, table = self.len_d.index_select(0, sl), self.hashed_d.index_select(0, sl), \
+                self.page_table.index_select(0, sl)
+        rows = self._page_rows(table, T.view(-1, 1)).view(-1)
+        return StepBatch(sl, T, hashed.view(-1, 1, 1), rows, first, plan.dense_span)
+
+    def end_step(self, plan: StepPlan, slots: list[int]) -> list[int]:
+        """Advance lengths (on the device too; pad rows stay); merge full deltas (between steps). Returns the
+        slots that reached one LSH chunk with this token and must now be hashed (the attention layers do
+        it: `set_order`, then `mark_hashed`)."""
+        if plan.first is not None:
+            self.len_d.narrow(0, plan.first, len(slots)).add_(1)
+        else:
+            real = plan.slots.narrow(0, 0, len(slots))
+            self.len_d.index_add_(0, real, torch.ones_like(real))
         due = []
         for s in slots:
             self.length[s] += 1
@@ -357,6 +386,18 @@ class DecodePool:
             elif self.length[s] >= self.C and self.lsh_index:
                 due.append(s)
         return due
+
+    def pad_slot(self) -> int:
+        """A slot no sequence owns, for the extra rows of a padded batch: it holds one page, never advances,
+        counts as hashed (pads never force the dense attention), and whatever a step writes there is never read
+        by a real sequence."""
+        if self._pad is None:
+            with self._lock:
+                slot = self._take_slot()
+                self._ensure_pages(slot, 1)
+                self._pad = slot
+                self.hashed_d[slot] = True
+        return self._pad
 
     def mark_hashed(self, slots: list[int]) -> None:
         """Sequences whose every position was just hashed and sorted (`set_order`): they decode by LSH windows."""
@@ -521,6 +562,14 @@ class DecodePool:
             return None
         cum = self._merged_order(self.lsh_index[layer], slot)[1]
         return torch.diff(cum, dim=-1, prepend=torch.zeros_like(cum[..., :1]))
+
+
+def _upload(values: list[int], device: torch.device) -> Tensor:
+    """int64 tensor of host values on `device`: from pinned memory and asynchronous on CUDA."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def page_bytes(Ll: int, H: int, D: int, R: int, P: int, dtype: torch.dtype) -> int:

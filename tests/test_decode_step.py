@@ -77,9 +77,9 @@ def test_the_step_core_compiles_as_one_graph_and_replays_across_merges():
             if step == 2:
                 warm = len(traces)  # the first call creates the step's scratch buffers: traced twice
             static_before = [pool.static_len[s] for s in slots]
-            batch = pool.begin_step(slots)
-            logits = core(tok, pool, batch)
-            assert not pool.end_step(batch, slots)  # all hashed already: nothing to do between steps
+            plan = pool.begin_step(slots)
+            logits = core(tok, pool, plan)
+            assert not pool.end_step(plan, slots)  # all hashed already: nothing to do between steps
             merges += sum(pool.static_len[s] != b for s, b in zip(slots, static_before, strict=True))
             if step % 50 == 0:  # the compiled step computes what the eager one does
                 ref = torch.cat([model.decode_step(tok[i].view(1, 1), refs[i])[0][:, 0] for i in range(4)])
@@ -113,3 +113,59 @@ def test_half_precision_decode_keeps_fp32_softmax_accumulators():
                 worst = max(worst, (got.float() - want).abs().max().item())
         assert worst <= bound, (dtype, worst)
         assert agree >= 27, (dtype, agree)
+
+
+def test_captured_steps_replay_on_static_buffers_like_eager_steps():
+    """Steps through `StepGraphs` (with the eager stand-in for a CUDA graph, which checks that no buffer it
+    reads moved): batches padded to buckets with the pad slot, sequences joining and leaving, the dense
+    variant and the dense-to-LSH transition, a pool that grows (every recording is dropped and made again).
+    Logits equal plain eager steps; the pad slot never shows in the slots or pages in use."""
+    from reformer_infer.step_graphs import EagerReplay
+
+    model = enwik8_layout_model(["local", "lsh", "local", "lsh"])
+    pool = model.new_decode_pool(8, 8 * 300, delta_size=8)
+    graphs = model.use_step_graphs(pool, capture=EagerReplay)
+    ids = prompts(6, 5, 9)  # 5..50 tokens: some dense, some hashed (chunk 16)
+    got = [model.prefill(x, capacity=x.shape[1] + 60, pool=pool)[1] for x in ids]
+    ref = [model.prefill(x)[1] for x in ids]
+    g = torch.Generator().manual_seed(3)
+    live = list(range(6))
+    for step in range(40):
+        if step == 10:
+            live = [0, 2, 3, 5]  # two leave: a bucket of 4
+        if step == 20:
+            got[1].release()
+            extra = prompts(1, 70, 1)[0]  # a new sequence, past what the pool held: it grows
+            got[1] = model.prefill(extra, capacity=200, pool=pool)[1]
+            ref[1] = model.prefill(extra)[1]
+            live = [0, 1, 2, 3, 5]  # a bucket of 8 with 3 pad rows
+        tok = torch.randint(3, 258, (len(live), 1), generator=g)
+        a, _ = model.decode_step(tok, ReformerCache([got[i].sequences[0] for i in live]))
+        for r, i in enumerate(live):
+            b, _ = model.decode_step(tok[r : r + 1], ref[i])
+            assert (a[r] - b[0]).abs().max().item() <= 1e-5, (step, i)
+    assert graphs.captures >= 4  # buckets 8 and 4, dense and not, again after the pool grew
+    assert pool.slots_in_use == 6
+    for c in got:
+        c.release()
+    assert pool.slots_in_use == 0 and pool.pages_in_use == 0
+
+
+def test_a_captured_step_refuses_moved_buffers():
+    """The stand-in replay fails loudly where a CUDA graph would read freed memory: a pool reallocated
+    behind its back."""
+    import pytest
+
+    from reformer_infer.step_graphs import EagerReplay, StepGraphs
+
+    model = enwik8_layout_model(["local", "lsh"])
+    pool = model.new_decode_pool(2, 64)
+    _, cache = model.prefill(prompts(1, 20, 1)[0], capacity=30, pool=pool)
+    graphs = StepGraphs(model, pool, capture=EagerReplay)
+    slot = cache.sequences[0].slot
+    _, plan = graphs.run(torch.tensor([7]), [slot])
+    model.finish_step(pool, plan, [slot])
+    (replay, _), = graphs._graphs.values()
+    pool._alloc_pages(2 * pool.N)  # the pool moves: a graph recorded before must not replay
+    with pytest.raises(RuntimeError, match="moved buffers"):
+        replay()
