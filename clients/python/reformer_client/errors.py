@@ -67,6 +67,10 @@ class RequestCancelledError(ReformerError):
     code = "CANCELLED"
 
 
+class NotFoundError(ReformerError):
+    """NOT_FOUND: e.g. Cancel of an id under which this caller has no running request."""
+
+
 class ServerError(ReformerError):
     code = "INTERNAL"
 
@@ -78,6 +82,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ReformerError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: RequestCancelledError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
 }
 
 
