@@ -600,6 +600,36 @@ def test_equal_length_burst_is_prefilled_in_one_batched_pass_with_the_same_resul
         assert tokens_of(events) == list(generate(model, p, n, temperature=0.8, seed=i))
 
 
+def test_a_failure_applying_one_requests_token_fails_only_that_request(model: ReformerLM) -> None:
+    async def go() -> list[list[Event]]:
+        engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=64))
+        seen = 0
+
+        def hook(phase: str, request_id: str | None) -> None:
+            nonlocal seen
+            if phase == "update" and request_id == "victim":
+                seen += 1
+                if seen == 3:  # its third token: detokenising / stop matching of that request raised
+                    raise UnicodeError("injected: broken detokenizer state")
+
+        engine.fault_hook = hook
+        engine.start()
+        streams = [engine.add_request(prompt(12, seed=i), greedy(6)) for i in range(2)]
+        streams.append(engine.add_request(prompt(12, seed=7), greedy(6), request_id="victim"))
+        out = await asyncio.gather(*(collect(s) for s in streams))
+        stats = engine.stats()
+        assert stats.alive and stats.cache_bytes_in_use == 0 and stats.extra["step_failures_total"] == 0
+        await engine.shutdown()
+        return out
+
+    *others, victim = run(go)
+    fin = finish_of(victim)
+    assert fin.finish_reason is FinishReason.ERROR and fin.error_kind == "internal"
+    assert fin.error == "UnicodeError: injected: broken detokenizer state" and fin.generated_tokens == 2
+    for seed, events in enumerate(others):
+        assert tokens_of(events) == list(generate(model, prompt(12, seed=seed), 6, temperature=0.0))
+
+
 def test_failure_in_a_batched_prefill_fails_only_its_request(model: ReformerLM) -> None:
     async def go() -> list[list[Event]]:
         engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=64))
