@@ -216,7 +216,7 @@ def test_streams_per_client_are_counted_per_caller(stub: pb_grpc.TextGenerationS
 def test_short_request_behind_a_flood_of_long_prompts_gets_its_first_token_first(
     tiny_model_dir: Path, tmp_path: Path  # noqa: F811
 ) -> None:
-    """12 prompts of 900 tokens fill the queue of a 4-slot server, then a 20-byte request arrives. The long
+    """12 prompts of ~1000 tokens fill the queue of a 4-slot server, then a 20-byte request arrives. The long
     prompts may take 3 slots; the short one gets the fourth and, prefilled least-work-first, its first token
     comes before any long prompt's (each of those needs hundreds of steps of 16 units). Before issue 18 it
     waited for whole long requests to finish."""
@@ -238,8 +238,9 @@ def test_short_request_behind_a_flood_of_long_prompts_gets_its_first_token_first
                     assert first is not None
                     return first
 
-                longs = [asyncio.ensure_future(first_token(prompt_text(900 - i))) for i in range(12)]
-                while srv.metric("reformer_num_requests_waiting") < 12 - 3:
+                longs = [asyncio.ensure_future(first_token(prompt_text(1000 - i))) for i in range(12)]
+                while (srv.metric("reformer_num_requests_waiting") + srv.metric("reformer_num_requests_running")
+                       < 12):
                     await asyncio.sleep(0.01)
                 short = await first_token(prompt_text(20))
                 return short, list(await asyncio.gather(*longs))
