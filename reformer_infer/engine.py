@@ -17,9 +17,15 @@ middle of an executing step is dropped when that step ends). Events reach each c
 bounded `RequestStream`: the engine never blocks on a consumer; when the buffer is full, token events
 are coalesced into the last one (no token or text is lost, only granularity).
 
-Failures: an exception in one request's prefill (including out-of-memory) finishes only that request
-with ERROR; an out-of-memory in a batched decode fails the sequences of that batch; any other exception
-in the loop fails every request and marks the engine dead (`stats().alive` is False).
+Failures (issue 18: one request's fault stays its own): an exception in one request's prefill (including
+out-of-memory) or in applying its sampled token finishes only that request with ERROR; an exception in a
+batched decode fails the sequences of that batch (logged with their ids) and the engine goes on. A decode
+step or an engine step that raises counts as a step failure; only `max_step_failures` of them in a row
+mark the engine dead (`stats().alive` is False), failing every request.
+
+Admission (issue 18: no head-of-line blocking): long prompts may not take the `short_prompt_slots` last
+slots, the queue ranks a request by arrival + prompt length / `queue_aging_rate` (see scheduler.py), and a
+request waiting longer than `max_queue_time_s` fails with OverloadedError's kind ("overloaded").
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from reformer_infer.requests import (
     InvalidRequestError,
     OutOfMemoryError,
     PrefillProgress,
+    RequestBounds,
     SamplingParams,
     TokenEvent,
     TokenizerUnavailableError,
@@ -72,7 +79,8 @@ _STATUS = {
 # prefill work (bounds how long new arrivals and aborts wait for the step to end, and its activations).
 GROUP_PREFILL_STEPS = 32
 
-# A fault hook gets (phase, request_id) at "step" (request_id None) and before each "prefill" chunk;
+# A fault hook gets (phase, request_id) at "step" (request_id None), before each "prefill" chunk, for each
+# request of a batched "decode" step before it runs, and before a sampled token is applied ("update");
 # whatever it raises is handled exactly like a failure of that phase. Tests use it to inject faults.
 FaultHook = Callable[[str, "str | None"], None]
 
@@ -91,6 +99,12 @@ class EngineConfig:
     # Woken from idle by a request, the engine waits while more keep arriving (each within a quarter of
     # this of the last), up to this long, so a burst is prefilled in one batched pass (0: no wait).
     arrival_window_s: float = 0.002
+    bounds: RequestBounds = field(default_factory=RequestBounds)  # stop strings / stop token ids per request
+    long_prompt_tokens: int | None = None  # prompts longer than this are long (None: no distinction)
+    short_prompt_slots: int = 0  # slots long prompts may not take (needs long_prompt_tokens)
+    queue_aging_rate: float | None = None  # prompt tokens/s of head start in the queue (None: FIFO)
+    max_queue_time_s: float | None = None  # a request waiting longer fails as overloaded (None: no limit)
+    max_step_failures: int = 3  # consecutive failed steps that mark the engine dead
 
 
 _HELD = threading.local()  # .wakers: the loop wakers whose wake-up this thread holds back (None: not holding)
@@ -326,6 +340,9 @@ class Engine:
                 max_waiting=self.config.max_queue,
                 cache_budget_bytes=self.config.cache_memory_bytes,
                 max_context=self.max_context,
+                long_prompt_tokens=self.config.long_prompt_tokens,
+                short_slots=self.config.short_prompt_slots,
+                aging_rate=self.config.queue_aging_rate,
             ),
             model.cache_bytes,
         )
@@ -342,6 +359,9 @@ class Engine:
         self.fault_hook: FaultHook | None = None
         # statistics
         self._steps = 0
+        self._step_failures = 0  # consecutive failed steps (reset by a step that succeeds)
+        self._step_failures_total = 0
+        self._decode_failure: tuple[Exception, list[str]] | None = None  # set by a step's failed decode
         self._arrivals = 0  # requests ever added (the idle engine's burst wait watches it)
         self._prefill_tokens_total = 0
         self._decode_tokens_total = 0
@@ -391,7 +411,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         self._check_accepting()  # a draining engine answers "unavailable" before judging the request
         prompt = list(prompt_ids)
-        params.validate(vocab_size=self._vocab_size, max_new_tokens_limit=self.config.max_new_tokens_limit)
+        params.validate(vocab_size=self._vocab_size, max_new_tokens_limit=self.config.max_new_tokens_limit,
+                        bounds=self.config.bounds)
         validate_prompt(prompt, vocab_size=self._vocab_size)
         if params.stop and not self.tokenizer.has_text:
             raise TokenizerUnavailableError(f"stop strings are matched on text, and {self.tokenizer.reason}")
@@ -467,6 +488,7 @@ class Engine:
                     "prefilling": float(sum(1 for r in self._prefilling if not r.finished)),
                     "decoding": float(sum(1 for r in self._decoding if not r.finished)),
                     "last_decode_batch": float(self._last_decode_batch),
+                    "step_failures_total": float(self._step_failures_total),
                 },
             )
 
@@ -490,7 +512,16 @@ class Engine:
                     if self._stop_loop:
                         break
                 with torch.inference_mode():
-                    self.step()
+                    self._decode_failure = None
+                    try:
+                        self.step()
+                    except Exception as exc:
+                        self._step_failed(exc)  # re-raises once too many steps in a row failed
+                        continue
+                if self._decode_failure is not None:
+                    self._step_failed(*self._decode_failure)
+                else:
+                    self._step_succeeded()
         except BaseException as exc:  # the loop must report every failure before it stops
             logger.exception("engine loop failed; failing all requests")
             with self._cond:
@@ -501,6 +532,25 @@ class Engine:
                         req, FinishReason.ERROR, error=f"engine failure: {self._fatal_error}", kind="internal"
                     )
         self._release_finished()
+
+    def _step_failed(self, exc: Exception, request_ids: Sequence[str] = ()) -> None:
+        """Count a failed step; the engine goes on unless `max_step_failures` steps in a row failed (then
+        this re-raises and the loop dies). A short pause keeps a persistent fault from spinning the loop."""
+        with self._cond:
+            self._step_failures += 1
+            self._step_failures_total += 1
+            failures = self._step_failures
+        limit = self.config.max_step_failures
+        logger.error("engine step failed (%d in a row, limit %d)%s: %r", failures, limit,
+                     f", failing requests {', '.join(request_ids)}" if request_ids else "", exc, exc_info=exc)
+        if failures >= limit:
+            raise exc
+        time.sleep(min(0.01 * failures, 0.1))
+
+    def _step_succeeded(self) -> None:
+        if self._step_failures:
+            with self._cond:
+                self._step_failures = 0
 
     def _await_burst(self) -> None:
         """(Lock held; the engine was idle and a request arrived.) Wait while more requests keep arriving,
@@ -589,9 +639,14 @@ class Engine:
             self._last_decode_batch = len(decode_batch)
 
     def _schedule(self, now: float) -> None:
+        max_wait = self.config.max_queue_time_s
         for req in list(self._requests.values()):
             if req.deadline is not None and now >= req.deadline:
                 self._finish(req, FinishReason.ERROR, error="max_time_s exceeded", kind="timeout")
+            elif max_wait is not None and req.admitted is None and now - req.arrival > max_wait:
+                self._finish(req, FinishReason.ERROR, kind="overloaded",
+                             error=f"waited {now - req.arrival:.1f}s for admission, longer than the queue time "
+                                   f"limit of {max_wait:g}s (--max-queue-time)")
         for sched in self._scheduler.schedule():
             req = self._requests[sched.request_id]
             req.admitted = now
@@ -656,7 +711,7 @@ class Engine:
             oom = _is_oom(exc)
             if oom and self._device.type == "cuda":
                 torch.cuda.empty_cache()
-            logger.warning("prefill of request %s failed: %r", req.request_id, exc)
+            logger.warning("prefill of request %s failed: %r", req.request_id, exc, exc_info=not oom)
             with self._cond:
                 self._finish(
                     req,
@@ -749,19 +804,25 @@ class Engine:
             return 0
         input_ids = torch.tensor(ids, dtype=torch.long, device=self._device)  # (B, 1)
         try:
+            if self.fault_hook is not None:
+                for req in batch:
+                    self.fault_hook("decode", req.request_id)
             logits, _ = self.model.decode_step(input_ids, self._batch_caches(caches))  # (B, 1, V)
             out = sample_batch(logits[:, -1, :], [r.sampler for r in batch])
         except Exception as exc:
-            if not _is_oom(exc):
-                raise  # a bug or a broken device: the loop fails everything
-            if self._device.type == "cuda":
+            oom = _is_oom(exc)
+            if oom and self._device.type == "cuda":
                 torch.cuda.empty_cache()
-            logger.warning("decode step of %d sequences ran out of memory: %r", len(batch), exc)
-            with self._cond:
-                for req in batch:
-                    self._finish(
-                        req, FinishReason.ERROR, error=f"out of memory during decode: {exc}", kind="oom"
-                    )
+            ids = [r.request_id for r in batch]
+            with self._cond, _wakeups_held():
+                for req in batch:  # their state goes (the step may have half-written it); the others' stays
+                    self._finish(req, FinishReason.ERROR, kind="oom" if oom else "internal",
+                                 error=("out of memory during decode: " if oom else "decode step failed: ")
+                                 + f"{type(exc).__name__}: {exc}")
+            if oom:
+                logger.warning("decode step of %d sequences ran out of memory: %r", len(batch), exc)
+            else:  # a bug or a broken device: the loop counts it, and too many in a row end the engine
+                self._decode_failure = (exc, ids)
             return 0
         now = time.monotonic()
         with self._cond, _wakeups_held():
@@ -773,7 +834,17 @@ class Engine:
 
     # ---- update ----------------------------------------------------------------------------------
     def _update(self, req: _Request, token: int, logprob: TokenLogprob | None, now: float) -> None:
-        """Apply one sampled token to a request (lock held): emit text, finish when a stop rule fires."""
+        """Apply one sampled token to a request (lock held); a failure here fails that request only."""
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("update", req.request_id)
+            self._apply_token(req, token, logprob, now)
+        except Exception as exc:
+            logger.error("request %s failed applying token %d: %r", req.request_id, token, exc, exc_info=exc)
+            self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}", kind="internal")
+
+    def _apply_token(self, req: _Request, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        """Emit one sampled token's text and finish the request when a stop rule fires (lock held)."""
         params = req.params
         if req.first_token is None:
             req.first_token = now

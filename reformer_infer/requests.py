@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -52,6 +53,38 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class RequestBounds:
+    """Server-set bounds on the size of one request's parameters, so no request can make the engine do
+    unbounded work per token (stop matching) or hold unbounded memory. Checked before any work is done."""
+
+    max_stop_strings: int = 16
+    max_stop_string_bytes: int = 256  # UTF-8 bytes of one stop string
+    max_stop_token_ids: int = 64
+
+
+def validate_stops(stop: Sequence[str], stop_token_ids: Sequence[int], bounds: RequestBounds) -> None:
+    """Raise InvalidRequestError when the stop conditions pass `bounds` (counts first: O(1) on any input)."""
+    if len(stop) > bounds.max_stop_strings:
+        raise InvalidRequestError(
+            "stop", f"{len(stop)} stop strings given; the limit is {bounds.max_stop_strings} (--max-stop-strings)"
+        )
+    if len(stop_token_ids) > bounds.max_stop_token_ids:
+        raise InvalidRequestError(
+            "stop_token_ids",
+            f"{len(stop_token_ids)} stop token ids given; the limit is {bounds.max_stop_token_ids} "
+            "(--max-stop-token-ids)",
+        )
+    for s in stop:
+        # len(s) chars >= 1 byte each: a string with more characters than the limit is refused unencoded
+        size = len(s) if len(s) > bounds.max_stop_string_bytes else len(s.encode("utf-8", "surrogatepass"))
+        if size > bounds.max_stop_string_bytes:
+            raise InvalidRequestError(
+                "stop", f"a stop string of {size} bytes is longer than the limit of {bounds.max_stop_string_bytes} "
+                "bytes (--max-stop-string-bytes)"
+            )
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation parameters. `temperature == 0` means greedy decoding."""
 
@@ -68,8 +101,11 @@ class SamplingParams:
     priority: int = 0  # larger runs earlier; FIFO within a priority
     max_time_s: float | None = None  # per-request wall-clock limit on generation
 
-    def validate(self, *, vocab_size: int, max_new_tokens_limit: int | None = None) -> None:
+    def validate(
+        self, *, vocab_size: int, max_new_tokens_limit: int | None = None, bounds: RequestBounds | None = None
+    ) -> None:
         """Raise InvalidRequestError naming the first bad field."""
+        validate_stops(self.stop, self.stop_token_ids, bounds or RequestBounds())
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:

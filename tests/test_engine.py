@@ -248,16 +248,16 @@ def test_out_of_memory_in_one_prefill_fails_only_that_request(model: ReformerLM)
     run(go)
 
 
-def test_exception_in_engine_loop_fails_all_requests_and_marks_engine_dead(model: ReformerLM) -> None:
+def test_repeated_step_failures_fail_all_requests_and_mark_engine_dead(model: ReformerLM) -> None:
     async def go() -> None:
-        engine = Engine(model, EngineConfig(max_batch=2, prefill_chunk_tokens=16))
+        engine = Engine(model, EngineConfig(max_batch=2, prefill_chunk_tokens=16, max_step_failures=3))
         steps = 0
 
         def hook(phase: str, request_id: str | None) -> None:
             nonlocal steps
             if phase == "step":
                 steps += 1
-                if steps == 5:
+                if steps >= 5:  # every step from the fifth on: a broken device
                     raise RuntimeError("injected loop failure")
 
         engine.fault_hook = hook
@@ -269,8 +269,59 @@ def test_exception_in_engine_loop_fails_all_requests_and_marks_engine_dead(model
             assert "injected loop failure" in (fin.error or "")
         stats = engine.stats()
         assert not stats.alive and stats.cache_bytes_in_use == 0
+        assert steps == 4 + 3 and stats.extra["step_failures_total"] == 3
         with pytest.raises(EngineStoppedError):
             engine.add_request(prompt(3), greedy(2))
+        await engine.shutdown()
+
+    run(go)
+
+
+def test_a_failed_step_or_decode_fails_only_its_requests_and_the_engine_keeps_serving(model: ReformerLM) -> None:
+    """A step that raises once is retried; a decode step that raises fails the requests it was decoding
+    (INTERNAL, state released) and nothing else; the engine stays alive and serves greedy tokens equal to
+    the library's."""
+
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=16, max_step_failures=2))
+        steps = 0
+        poisoned = {"victim"}
+
+        def hook(phase: str, request_id: str | None) -> None:
+            nonlocal steps
+            if phase == "step":
+                steps += 1
+                if steps == 3:
+                    raise RuntimeError("injected one-off step failure")
+            if phase == "decode" and request_id in poisoned:
+                poisoned.discard(request_id)  # once: the next step succeeds, so the count starts again
+                raise RuntimeError("injected decode bug")
+
+        engine.fault_hook = hook
+        engine.start()
+        victim = await collect(engine.add_request(prompt(9, seed=9), greedy(20), request_id="victim"))
+        fin = finish_of(victim)
+        assert fin.finish_reason is FinishReason.ERROR and fin.error_kind == "internal"
+        assert "decode step failed: RuntimeError: injected decode bug" in (fin.error or "")
+        streams = [engine.add_request(prompt(10 + i, seed=i), greedy(8)) for i in range(3)]
+        poisoned.add("late-victim")
+        late = engine.add_request(prompt(5, seed=5), greedy(8), request_id="late-victim")
+        results = await asyncio.gather(*(collect(s) for s in streams), collect(late))
+        # the late victim's decode step failed, and with it whoever shared that batch; the rest are untouched
+        assert finish_of(results[-1]).error_kind == "internal"
+        for seed, events in enumerate(results[:-1]):
+            fin = finish_of(events)
+            if fin.finish_reason is FinishReason.ERROR:
+                assert "injected decode bug" in (fin.error or "")
+            else:
+                assert tokens_of(events) == list(generate(model, prompt(10 + seed, seed=seed), 8, temperature=0.0))
+        stats = engine.stats()
+        assert stats.alive and stats.cache_bytes_in_use == 0 and stats.extra["cache_bytes_allocated"] == 0
+        assert stats.extra["step_failures_total"] >= 2
+        for seed in range(3):
+            again = await collect(engine.add_request(prompt(10 + seed, seed=seed), greedy(8)))
+            assert finish_of(again).finish_reason is FinishReason.LENGTH
+            assert tokens_of(again) == list(generate(model, prompt(10 + seed, seed=seed), 8, temperature=0.0))
         await engine.shutdown()
 
     run(go)
@@ -547,6 +598,36 @@ def test_equal_length_burst_is_prefilled_in_one_batched_pass_with_the_same_resul
     for i, (p, n, events) in enumerate(zip(prompts, budgets, results, strict=True)):
         assert finish_of(events).finish_reason is FinishReason.LENGTH
         assert tokens_of(events) == list(generate(model, p, n, temperature=0.8, seed=i))
+
+
+def test_a_failure_applying_one_requests_token_fails_only_that_request(model: ReformerLM) -> None:
+    async def go() -> list[list[Event]]:
+        engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk_tokens=64))
+        seen = 0
+
+        def hook(phase: str, request_id: str | None) -> None:
+            nonlocal seen
+            if phase == "update" and request_id == "victim":
+                seen += 1
+                if seen == 3:  # its third token: detokenising / stop matching of that request raised
+                    raise UnicodeError("injected: broken detokenizer state")
+
+        engine.fault_hook = hook
+        engine.start()
+        streams = [engine.add_request(prompt(12, seed=i), greedy(6)) for i in range(2)]
+        streams.append(engine.add_request(prompt(12, seed=7), greedy(6), request_id="victim"))
+        out = await asyncio.gather(*(collect(s) for s in streams))
+        stats = engine.stats()
+        assert stats.alive and stats.cache_bytes_in_use == 0 and stats.extra["step_failures_total"] == 0
+        await engine.shutdown()
+        return out
+
+    *others, victim = run(go)
+    fin = finish_of(victim)
+    assert fin.finish_reason is FinishReason.ERROR and fin.error_kind == "internal"
+    assert fin.error == "UnicodeError: injected: broken detokenizer state" and fin.generated_tokens == 2
+    for seed, events in enumerate(others):
+        assert tokens_of(events) == list(generate(model, prompt(12, seed=seed), 6, temperature=0.0))
 
 
 def test_failure_in_a_batched_prefill_fails_only_its_request(model: ReformerLM) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -112,6 +113,67 @@ def test_oom_in_a_long_prefill_fails_that_stream_only_and_spares_the_decoding_on
             stats = srv.engine.stats()
             assert stats.alive and stats.cache_bytes_in_use == 0 and stats.extra["cache_bytes_allocated"] == 0
             assert await health(srv.port) == health_pb2.HealthCheckResponse.SERVING
+
+    asyncio.run(scenario())
+
+
+def test_a_bug_in_one_requests_prefill_or_decode_fails_only_it_and_the_engine_keeps_serving(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture,  # noqa: F811
+) -> None:
+    """Non-OOM exceptions (what a bug triggered by one input looks like): in a prefill unit, in the decode
+    step of a request decoding alone, and once at the start of a step. Each fails only the requests it hit,
+    with INTERNAL, logged with their ids; the decoding neighbours' greedy tokens are unchanged; health stays
+    SERVING and cache bytes return to 0. (Before issue 18 any of these failed every request and stopped the
+    engine.)"""
+    survivors = [pb.GenerateRequest(text=f"stream {i}: It is a truth", max_new_tokens=40, ignore_eos=True,
+                                    temperature=0.0) for i in range(3)]
+
+    async def scenario() -> None:
+        async with running_server(tiny_model_dir, "--prefill-chunk-tokens", "32") as srv:
+            faults = {"prefill": "bad-prefill", "decode": "bad-decode"}
+            step_fault = threading.Event()  # set here, read and cleared in the engine thread
+
+            def hook(phase: str, request_id: str | None) -> None:
+                if phase == "step" and step_fault.is_set():
+                    step_fault.clear()
+                    raise RuntimeError("injected: one-off step failure")
+                if request_id is not None and faults.get(phase) == request_id:
+                    raise ValueError(f"injected: bug in {phase} of {request_id}")
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                stub = pb_grpc.TextGenerationStub(ch)
+                alone = [await collect(stub.GenerateStream(r, timeout=CALL_TIMEOUT_S)) for r in survivors]
+                srv.engine.fault_hook = hook
+                streams = [stub.GenerateStream(r, timeout=CALL_TIMEOUT_S) for r in survivors]
+                for st in streams:
+                    assert (await st.read()).token_ids  # all three are decoding
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Generate(pb.GenerateRequest(text=prompt_text(300), max_new_tokens=5,
+                                                           request_id="bad-prefill"), timeout=CALL_TIMEOUT_S)
+                assert e.value.code() == grpc.StatusCode.INTERNAL
+                assert "prefill failed: injected: bug in prefill of bad-prefill" in e.value.details()
+                step_fault.set()
+                for st, (alone_tokens, _) in zip(streams, alone, strict=True):
+                    rest, last = await collect(st)
+                    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+                    assert rest == alone_tokens[1:]  # the same greedy tokens as when running alone
+                # decoding alone, so its failed decode step hits nobody else
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Generate(pb.GenerateRequest(text="x", max_new_tokens=5, request_id="bad-decode"),
+                                        timeout=CALL_TIMEOUT_S)
+                assert e.value.code() == grpc.StatusCode.INTERNAL
+                assert "decode step failed: ValueError: injected: bug in decode of bad-decode" in e.value.details()
+                ok = await stub.Generate(survivors[0], timeout=CALL_TIMEOUT_S)
+                assert list(ok.token_ids) == alone[0][0]
+            stats = srv.engine.stats()
+            assert stats.alive and stats.cache_bytes_in_use == 0 and stats.extra["cache_bytes_allocated"] == 0
+            assert stats.extra["step_failures_total"] == 2  # the decode step and the one-off step
+            assert await health(srv.port) == health_pb2.HealthCheckResponse.SERVING
+            assert await health(srv.port, "reformer.v1.TextGeneration") == health_pb2.HealthCheckResponse.SERVING
+        assert srv.metrics.registry.get_sample_value("reformer_engine_step_failures_total") == 2.0
+        logged = caplog.text
+        assert "prefill of request bad-prefill failed" in logged
+        assert "failing requests bad-decode" in logged and "engine step failed (1 in a row, limit 3)" in logged
 
     asyncio.run(scenario())
 

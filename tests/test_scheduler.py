@@ -198,3 +198,77 @@ def test_random_mix_of_transitions_returns_to_zero() -> None:
     for rid in live:
         s.abort(rid)
     assert s.bytes_in_use == 0 and s.num_running == 0 and s.num_waiting == 0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_hol(clock: FakeClock, max_running: int = 4, budget: int = 10_000, short_slots: int = 1,
+             aging_rate: float | None = 10.0) -> Scheduler:
+    cfg = SchedulerConfig(max_running=max_running, max_waiting=64, cache_budget_bytes=budget, max_context=1000,
+                          long_prompt_tokens=20, short_slots=short_slots, aging_rate=aging_rate)
+    return Scheduler(cfg, lambda n: n * BYTES_PER_TOKEN, clock=clock)
+
+
+def test_long_prompts_leave_the_short_slots_to_a_short_request_behind_them() -> None:
+    s = make_hol(FakeClock(), aging_rate=None)  # FIFO order: only the slot rule lets the short one in
+    for i in range(6):
+        s.add(req(f"long{i}", prompt=100, new=1))
+    assert ids(s.schedule()) == ["long0", "long1", "long2"]  # 4 slots, 1 kept for short prompts
+    s.add(req("short", prompt=5, new=1))
+    assert ids(s.schedule()) == ["short"]
+    s.finish("short", RequestStatus.FINISHED_LENGTH)
+    assert s.schedule() == []  # the freed slot is a short one: the longs keep waiting
+    s.finish("long0", RequestStatus.FINISHED_LENGTH)
+    assert ids(s.schedule()) == ["long3"]  # FIFO among the long ones
+
+
+def test_a_shorter_prompt_overtakes_a_longer_one_only_within_the_aging_window() -> None:
+    clock = FakeClock()
+    s = make_hol(clock, max_running=1, short_slots=0)
+    s.add(req("busy", prompt=5, new=1))
+    assert ids(s.schedule()) == ["busy"]
+    s.add(req("long", prompt=100, new=1))  # rank 0 + 100 / 10 = 10 s
+    clock.now = 4.0
+    s.add(req("mid", prompt=30, new=1))  # rank 4 + 3 = 7: overtakes
+    clock.now = 9.0
+    s.add(req("short-early", prompt=5, new=1))  # rank 9.5: overtakes
+    clock.now = 11.0
+    s.add(req("short-late", prompt=1, new=1))  # rank 11.1: the long one has aged past it
+    order = []
+    for _ in range(4):
+        s.finish(s.running[0].request_id, RequestStatus.FINISHED_LENGTH)
+        order += ids(s.schedule())
+    assert order == ["mid", "short-early", "long", "short-late"]
+
+
+def test_a_request_waiting_for_bytes_is_passed_by_short_ones_only_until_its_rank_time() -> None:
+    clock = FakeClock()
+    s = make_hol(clock, max_running=8, budget=3000, short_slots=2)
+    s.add(req("big0", prompt=100, new=50))  # 1500 bytes
+    assert ids(s.schedule()) == ["big0"]
+    s.add(req("head", prompt=10, new=190))  # 2000 bytes: waits for big0; rank 1.0 s
+    s.add(req("long", prompt=30, new=1))  # 310 bytes would fit, but a long prompt never passes a blocked one
+    clock.now = 0.5
+    s.add(req("short", prompt=5, new=5))  # 100 bytes, rank 1.0 (after the head): passes it before 1.0 s
+    assert ids(s.schedule()) == ["short"]
+    clock.now = 1.0  # the head's rank time: nothing passes it any more
+    s.add(req("short2", prompt=5, new=5))
+    assert s.schedule() == []
+    s.finish("big0", RequestStatus.FINISHED_LENGTH)
+    assert ids(s.schedule()) == ["head", "short2", "long"]
+    assert s.bytes_in_use == 2000 + 100 + 100 + 310
+
+
+def test_invalid_head_of_line_settings_are_refused() -> None:
+    for kw in ({"short_slots": 4}, {"short_slots": 1, "long_prompt_tokens": None}, {"aging_rate": 0.0}):
+        base = {"max_running": 4, "max_waiting": 1, "cache_budget_bytes": 10, "max_context": 10,
+                "long_prompt_tokens": 5, "short_slots": 0, "aging_rate": None}
+        base.update(kw)
+        with pytest.raises(ValueError):
+            Scheduler(SchedulerConfig(**base), lambda n: n)

@@ -129,7 +129,9 @@ def test_cancel_rpc_ends_a_stream_by_request_id(stub: pb_grpc.TextGenerationStub
     assert stub.Cancel(pb.CancelRequest(request_id="cancel-me-1")).cancelled
     last = list(call)[-1]
     assert last.finish_reason == pb.FINISH_REASON_CANCELLED
-    assert not stub.Cancel(pb.CancelRequest(request_id="cancel-me-1")).cancelled
+    with pytest.raises(grpc.RpcError) as e:  # no longer running
+        stub.Cancel(pb.CancelRequest(request_id="cancel-me-1"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_long_prompt_streams_prefill_progress(stub: pb_grpc.TextGenerationStub) -> None:

@@ -121,3 +121,42 @@ def test_byte_tokenizer_spells_tokens_as_characters_or_byte_pieces() -> None:
     assert [tok.piece(i) for i in tok.encode("A €")] == ["A", " ", "<0xE2>", "<0x82>", "<0xAC>"]
     assert [tok.piece(i) for i in (0, 1, EOS_ID)] == ["<pad>", "<unused>", "</s>"]
     assert tok.kind == "byte" and tok.has_text and tok.files == ()
+
+
+def _first_stop_by_brute_force(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Reference: feed `text` one character at a time and cut at the first end position where any stop string
+    ends (the longest one there); what is released overall is the text before it."""
+    for end in range(1, len(text) + 1):
+        ending = [s for s in stops if s and text[:end].endswith(s)]
+        if ending:
+            return text[: end - max(map(len, ending))], True
+    return text, False
+
+
+@given(st.text(alphabet="abc€", max_size=40), st.lists(st.text(alphabet="abc€", min_size=1, max_size=5), max_size=6),
+       st.integers(0, 2**16))
+def test_stop_automaton_equals_a_character_by_character_search(text: str, stops: list[str], seed: int) -> None:
+    rng = random.Random(seed)
+    m = StopStringMatcher(stops)
+    released, stopped, pos = "", False, 0
+    while pos < len(text) and not stopped:
+        k = rng.randint(0, 5)
+        out, stopped = m.push(text[pos : pos + k])
+        released += out
+        pos += k
+        # what is held back is exactly the longest suffix that could still start a stop string
+        if not stopped:
+            seen = text[:pos]
+            hold = max((k for s in stops for k in range(1, len(s)) if seen.endswith(s[:k])), default=0)
+            assert m.pending == seen[len(seen) - hold :] if hold else m.pending == ""
+    if not stopped:
+        released += m.flush()
+    assert (released, stopped) == _first_stop_by_brute_force(text, stops)
+
+
+def test_many_long_stop_strings_build_one_automaton_over_their_total_length() -> None:
+    stops = [f"{i:05d}" + "x" * 250 for i in range(16)]  # the server's default limits: 16 x 256 bytes
+    m = StopStringMatcher(stops)
+    assert len(m._goto) <= 1 + sum(map(len, stops))
+    out, stopped = m.push("abc 00007" + "x" * 250 + " tail")
+    assert (out, stopped) == ("abc ", True)

@@ -25,10 +25,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self,
         token: str,
         *,
+        also: tuple[str, ...] = (),
         exempt_health: bool = True,
         on_reject: Callable[[str], None] | None = None,
     ) -> None:
-        self._expected = f"Bearer {token}".encode()
+        # `also`: further accepted tokens (--priority-tokens)
+        self._expected = tuple(f"Bearer {t}".encode() for t in (token, *also))
         self._exempt_health = exempt_health
         self._on_reject = on_reject
 
@@ -36,8 +38,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         for key, value in metadata or ():
             if key == "authorization":
                 got = value.encode() if isinstance(value, str) else bytes(value)
-                # Constant-time comparison: the token is a secret.
-                return hmac.compare_digest(got, self._expected)
+                # Constant-time comparison: the token is a secret (every one is compared, whichever matches).
+                return sum(hmac.compare_digest(got, expected) for expected in self._expected) > 0
         return False
 
     async def intercept_service(

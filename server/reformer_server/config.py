@@ -7,6 +7,8 @@ only when `parse_config` is called (never at import time), so tests can pass `en
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -73,6 +75,17 @@ class ServerConfig:
     max_prompt_bytes: int = 4 * 2**20
     max_request_time: float | None = None  # None: no server-side cap on a request's generation time
     max_concurrent_streams: int = 256
+    max_streams_per_client: int = 0  # 0: no per-client limit (only --max-concurrent-streams)
+    max_queue_time: float | None = None  # None: a request may wait in the queue until its deadline
+    max_stop_strings: int = 16
+    max_stop_string_bytes: int = 256
+    max_stop_token_ids: int = 64
+    long_prompt_tokens: int = 2048  # prompts longer than this may not take the short-prompt slots
+    short_prompt_slots: int | None = None  # None: max_batch // 4 (0 when max_batch is 1)
+    queue_aging_rate: float = 1000.0  # prompt tokens per second of head start a shorter request gets
+    allow_client_priority: bool = False
+    priority_tokens: tuple[str, ...] = ()  # bearer tokens whose callers may set priority
+    allow_insecure_token: bool = False
     drain_announce: float = 1.0
     keepalive_min_ping_interval: float = 10.0
     warmup: bool = True
@@ -96,6 +109,11 @@ class _Option:
     @property
     def env(self) -> str:
         return "REFORMER_" + self.dest.upper()
+
+
+def _opt_tokens(text: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b'); '' -> ()."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _opt_path(text: str) -> Path | None:
@@ -170,6 +188,34 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--max-concurrent-streams", "max_concurrent_streams", int,
             "generation streams (Generate, GenerateStream) open at once; more are refused with "
             "RESOURCE_EXHAUSTED (health and info calls are not counted)"),
+    _Option("--max-streams-per-client", "max_streams_per_client", int,
+            "generation streams one client may have open at once (a client is its bearer token, else its IP "
+            "address); more get RESOURCE_EXHAUSTED. 0: no per-client limit (behind a proxy every peer may be "
+            "the same address)"),
+    _Option("--max-queue-time", "max_queue_time", _opt_seconds,
+            "seconds a request may wait for admission before it fails with RESOURCE_EXHAUSTED (0 or empty: no "
+            "limit besides the client's deadline)"),
+    _Option("--max-stop-strings", "max_stop_strings", int, "most stop strings in one request"),
+    _Option("--max-stop-string-bytes", "max_stop_string_bytes", int, "longest stop string (UTF-8 bytes)"),
+    _Option("--max-stop-token-ids", "max_stop_token_ids", int, "most stop token ids in one request"),
+    _Option("--long-prompt-tokens", "long_prompt_tokens", int,
+            "prompts longer than this count as long: they may not take the last --short-prompt-slots slots, "
+            "and shorter requests may be admitted ahead of them"),
+    _Option("--short-prompt-slots", "short_prompt_slots", int,
+            "batch slots kept for prompts of at most --long-prompt-tokens, so a short request is never stuck "
+            "behind a flood of long prompts (default: a quarter of --max-batch)"),
+    _Option("--queue-aging-rate", "queue_aging_rate", float,
+            "queue order: a request ranks by arrival time + prompt tokens / this rate (tokens per second), so "
+            "shorter prompts overtake longer ones that arrived less than their length difference / rate earlier "
+            "and a long prompt is overtaken only for a bounded time"),
+    _Option("--allow-client-priority", "allow_client_priority", parse_bool,
+            "honour the priority field of every request (default: only callers with a --priority-tokens token)"),
+    _Option("--priority-tokens", "priority_tokens", _opt_tokens,
+            "comma-separated bearer tokens whose callers' priority field is honoured (they are accepted by "
+            "--auth-token's check too; prefer the environment variable)"),
+    _Option("--allow-insecure-token", "allow_insecure_token", parse_bool,
+            "start with a bearer token on a non-loopback address without TLS (the token then crosses the "
+            "network in cleartext; only behind a TLS-terminating proxy)"),
     _Option("--keepalive-min-ping-interval", "keepalive_min_ping_interval", float,
             "smallest interval (s) between client keepalive pings the server accepts"),
     _Option("--warmup", "warmup", parse_bool, "run one short generation before reporting SERVING"),
@@ -194,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{opt.help} [env {opt.env}; default {default if default is not None else 'auto'}]",
         )
     return parser
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or 'localhost' (a name other than that counts as non-loopback)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
@@ -222,9 +279,22 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         cfg.auth_token = None
     for name in ("max_batch", "max_queue", "max_new_tokens_limit", "default_max_new_tokens",
                  "prefill_chunk_tokens", "stream_buffer_events", "max_message_bytes", "max_concurrent_streams",
-                 "max_prompt_bytes"):
+                 "max_prompt_bytes", "max_stop_string_bytes", "long_prompt_tokens"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("max_streams_per_client", "max_stop_strings", "max_stop_token_ids"):
+        if getattr(cfg, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if cfg.short_prompt_slots is None:
+        cfg.short_prompt_slots = cfg.max_batch // 4
+    if not 0 <= cfg.short_prompt_slots < cfg.max_batch:
+        parser.error("--short-prompt-slots must be in [0, --max-batch)")
+    if not (cfg.queue_aging_rate > 0 and math.isfinite(cfg.queue_aging_rate)):
+        parser.error("--queue-aging-rate must be a positive number of tokens per second")
+    if (cfg.auth_token or cfg.priority_tokens) and not cfg.tls and not cfg.allow_insecure_token and not is_loopback(cfg.host):
+        parser.error(f"refusing to require a bearer token on {cfg.host} without TLS: the token would cross the "
+                     "network in cleartext. Give --tls-cert/--tls-key, bind a loopback address, or pass "
+                     "--allow-insecure-token true (e.g. behind a TLS-terminating proxy)")
     if not 0 <= cfg.arrival_window <= 1:
         parser.error("--arrival-window must be in [0, 1] seconds")
     if not cfg.drain_announce >= 0:

@@ -19,9 +19,11 @@ from reformer_infer.requests import (
     FinishReason,
     InvalidRequestError,
     PrefillProgress,
+    RequestBounds,
     SamplingParams,
     TokenEvent,
     TokenLogprob,
+    validate_stops,
 )
 from reformer_server._proto import generation_pb2 as pb
 from reformer_server.model_info import ModelDescription
@@ -43,6 +45,7 @@ class RequestLimits:
     default_max_new_tokens: int
     max_prompt_bytes: int | None = None  # checked before encoding or truncating (cheap refusal of huge input)
     max_time_s: float | None = None  # server cap on a request's generation time
+    bounds: RequestBounds = RequestBounds()  # stop strings / stop token ids, checked before any other work
 
 
 class TextEncoder(Protocol):
@@ -52,9 +55,11 @@ class TextEncoder(Protocol):
 
 
 def to_engine_request(
-    req: pb.GenerateRequest, tokenizer: TextEncoder, limits: RequestLimits
+    req: pb.GenerateRequest, tokenizer: TextEncoder, limits: RequestLimits, *, allow_priority: bool = True
 ) -> tuple[list[int], SamplingParams]:
-    """Validate a GenerateRequest and return (prompt token ids, sampling params)."""
+    """Validate a GenerateRequest and return (prompt token ids, sampling params). The request's priority is
+    kept only when `allow_priority` (the server's --allow-client-priority, or a --priority-tokens caller)."""
+    validate_stops(req.stop, req.stop_token_ids, limits.bounds)  # O(1) on the counts: before any other work
     if req.text and len(req.token_ids):
         raise InvalidRequestError("token_ids", "give either text or token_ids, not both")
     if not req.text and not len(req.token_ids):
@@ -77,7 +82,7 @@ def to_engine_request(
         stop_token_ids=tuple(req.stop_token_ids),
         logprobs=req.logprobs,
         ignore_eos=req.ignore_eos,
-        priority=req.priority,
+        priority=req.priority if allow_priority else 0,
         max_time_s=max_time_s,
     )
     # Range and context checks are the engine's (SamplingParams.validate, validate_prompt, the scheduler), so
@@ -86,6 +91,18 @@ def to_engine_request(
     if req.truncation == pb.TRUNCATION_LEFT and 0 < room < len(prompt):
         prompt = prompt[-room:]
     return prompt, params
+
+
+def check_text_size(field: str, text: str, limit: int | None) -> None:
+    """Refuse a text of more than `limit` UTF-8 bytes (a Tokenize input, a prompt) before encoding it."""
+    if limit is None:
+        return
+    # at least one byte per character: a text with more characters than the limit is refused unencoded
+    size = len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise InvalidRequestError(
+            field, f"text of {size} bytes is larger than this server's limit of {limit} bytes (--max-prompt-bytes)"
+        )
 
 
 def _check_prompt_size(req: pb.GenerateRequest, limit: int | None) -> None:

@@ -7,6 +7,7 @@ status code and message shape.
     StalledClientError                  -> RESOURCE_EXHAUSTED (the client stopped reading)
     TokenizerUnavailableError           -> FAILED_PRECONDITION (text asked of a model without a tokenizer)
     EngineStoppedError / NotReadyError  -> UNAVAILABLE        (loading, draining, engine gone)
+    NotFoundError                       -> NOT_FOUND          (Cancel of an id the caller does not own)
     anything else                       -> INTERNAL           (a bug: logged with its traceback)
 
 Rich details use the standard `grpc-status-details-bin` trailer (google.rpc.Status), which grpcurl and
@@ -49,6 +50,10 @@ class RequestFailedError(Exception):
     """The engine reported an internal failure of one request (a bug, not the request's fault)."""
 
 
+class NotFoundError(Exception):
+    """No such resource for this caller (Cancel of an id the caller has no running request under)."""
+
+
 class UnauthenticatedError(Exception):
     """Missing or wrong bearer token."""
 
@@ -84,6 +89,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, Metadata]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ()
     if isinstance(exc, NotReadyError | EngineStoppedError):
         return grpc.StatusCode.UNAVAILABLE, str(exc) or "server is not accepting requests", ()
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc), ()
     if isinstance(exc, UnauthenticatedError):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc), ()
     if isinstance(exc, RequestFailedError):
@@ -99,4 +106,6 @@ def finish_error(ev: FinishEvent) -> Exception | None:
         return None
     if ev.error_kind == "oom":
         return OutOfMemoryError(ev.error or "out of memory")
+    if ev.error_kind == "overloaded":  # waited past --max-queue-time
+        return OverloadedError(ev.error or "waited too long for admission")
     return RequestFailedError(ev.error or "unknown engine error")

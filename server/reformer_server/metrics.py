@@ -210,10 +210,15 @@ def _ratio(s: EngineStats) -> float:
 
 
 class _EngineStepsCollector:
-    """`reformer_engine_steps_total`: engine steps run so far, as a counter (rate() works on it)."""
+    """`reformer_engine_steps_total` and `reformer_engine_step_failures_total`, read from the engine's own
+    running totals as counters (rate() works on them)."""
 
     def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily("reformer_engine_steps", "Engine steps run so far", value=self._stats().steps_total)
+        stats = self._stats()
+        yield CounterMetricFamily("reformer_engine_steps", "Engine steps run so far", value=stats.steps_total)
+        yield CounterMetricFamily("reformer_engine_step_failures", "Engine steps that raised (their requests "
+                                  "failed; too many in a row stop the engine)",
+                                  value=stats.extra.get("step_failures_total", 0.0))

@@ -51,7 +51,7 @@ from reformer_infer.requests import (
 )
 from reformer_server._proto import generation_pb2 as pb
 from reformer_server.errors import NotReadyError, RequestFailedError, StalledClientError
-from reformer_server.servicer import Generation, TextGenerationServicer
+from reformer_server.servicer import Caller, Generation, TextGenerationServicer
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +320,14 @@ class OpenAIFrontend:
                 return hmac.compare_digest(value, self._expected or b"")
         return False
 
+    def _caller(self, request: Request) -> Caller:
+        """The caller as the gRPC side names one: its bearer token where the server knows it, else its
+        address (same per-client stream limit and priority rules over both protocols)."""
+        auth = request.headers.get("authorization", "")
+        token = auth.removeprefix("Bearer ").encode() if auth.startswith("Bearer ") else None
+        host = request.client.host if request.client is not None else ""
+        return self.servicer.caller_of(token, ("ipv6:[" + host + "]" if ":" in host else "ipv4:" + host) if host else "")
+
     # ---- routes -------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         # Liveness: the process answers and its engine (once loaded) is alive; same as grpc.health "".
@@ -366,7 +374,7 @@ class OpenAIFrontend:
                 self.servicer.ready_engine()  # raises NotReadyError (loading or draining)
             assert desc is not None
             req = parse_completion(await self._json(request), desc.name)
-            gen = Generation(self.servicer, req.generate)
+            gen = Generation(self.servicer, req.generate, self._caller(request))
         except Exception as exc:
             return http_error_for(exc).response()
         if req.stream:

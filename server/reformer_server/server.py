@@ -25,7 +25,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from reformer_infer.requests import SamplingParams
+from reformer_infer.requests import RequestBounds, SamplingParams
 from reformer_server import backend as backends
 from reformer_server import model_info
 from reformer_server.auth import BearerTokenInterceptor, server_credentials
@@ -91,8 +91,10 @@ class ReformerServer:
         prometheus_client.disable_created_metrics()
         self.metrics = ServerMetrics(backend=cfg.backend)
         self.health = health.aio.HealthServicer()
-        self.servicer = TextGenerationServicer(self.metrics, stall_timeout=cfg.stall_timeout,
-                                               max_streams=cfg.max_concurrent_streams)
+        self.servicer = TextGenerationServicer(
+            self.metrics, stall_timeout=cfg.stall_timeout, max_streams=cfg.max_concurrent_streams,
+            max_streams_per_client=cfg.max_streams_per_client, allow_client_priority=cfg.allow_client_priority,
+            priority_tokens=cfg.priority_tokens, tokens_checked=bool(cfg.auth_token))
         self.engine: Any = None
         self.port = 0
         self.metrics_port = -1
@@ -110,6 +112,7 @@ class ReformerServer:
         if cfg.auth_token:
             interceptors.append(BearerTokenInterceptor(
                 cfg.auth_token,
+                also=cfg.priority_tokens,
                 exempt_health=not cfg.auth_health,
                 on_reject=lambda method: self.metrics.rpc_done(method.rsplit("/", 1)[-1], "UNAUTHENTICATED"),
             ))
@@ -190,6 +193,12 @@ class ReformerServer:
             max_new_tokens_limit=cfg.max_new_tokens_limit,
             stream_buffer_events=cfg.stream_buffer_events,
             arrival_window_s=cfg.arrival_window,
+            bounds=RequestBounds(max_stop_strings=cfg.max_stop_strings, max_stop_string_bytes=cfg.max_stop_string_bytes,
+                                 max_stop_token_ids=cfg.max_stop_token_ids),
+            long_prompt_tokens=cfg.long_prompt_tokens,
+            short_prompt_slots=cfg.short_prompt_slots or 0,
+            queue_aging_rate=cfg.queue_aging_rate,
+            max_queue_time_s=cfg.max_queue_time,
         ))
         engine.start()
         self.engine = engine
@@ -223,7 +232,7 @@ class ReformerServer:
             await self._warm_up(engine)
         self.servicer.attach(engine, desc, RequestLimits(
             max_context=engine.max_context, default_max_new_tokens=cfg.default_max_new_tokens,
-            max_prompt_bytes=cfg.max_prompt_bytes, max_time_s=cfg.max_request_time))
+            max_prompt_bytes=cfg.max_prompt_bytes, max_time_s=cfg.max_request_time, bounds=engine.config.bounds))
         freeze_startup_objects()  # no ~50 ms full-GC pauses inside engine steps from here on
         await self._set_serving(True)
         logger.info("serving %s (%s, %s, backend %s, tokenizer %s, cache budget %d bytes) on %s:%d", desc.name,

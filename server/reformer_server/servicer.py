@@ -6,6 +6,10 @@ the one error mapping (errors.py, applied by `_rpc`). Two serving rules live her
 - An engine request is aborted in a `finally` unless its FinishEvent was seen: grpc.aio closes a handler
   parked at an await with CancelledError (client cancel, deadline) and `finally` is the only place that
   always runs (notes/serving.md).
+- Requests belong to a caller (its bearer token when the server checks tokens or the token is a
+  --priority-tokens one, else its IP address): Cancel finds only the caller's own requests (NOT_FOUND
+  otherwise, the same answer as for an id that is not running), --max-streams-per-client counts per
+  caller, and a request's priority is honoured only with --allow-client-priority or a priority token.
 - Writes are bounded in time: a client that stops reading for `stall_timeout` gets its request aborted, so
   it cannot pin a batch slot and cache bytes forever. (The engine's own hand-off buffer is bounded and never
   blocks the engine loop, so a slow reader does not slow the other streams.)
@@ -15,8 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -25,7 +33,7 @@ from reformer_infer.requests import FinishEvent, InvalidRequestError, Overloaded
 from reformer_server import convert
 from reformer_server._proto import generation_pb2 as pb
 from reformer_server._proto import generation_pb2_grpc as pb_grpc
-from reformer_server.errors import NotReadyError, StalledClientError, finish_error, status_for
+from reformer_server.errors import NotFoundError, NotReadyError, StalledClientError, finish_error, status_for
 from reformer_server.metrics import RequestTracker, ServerMetrics
 from reformer_server.model_info import ModelDescription
 
@@ -62,17 +70,46 @@ def _rpc(fn: Handler) -> Handler:
     return wrapper
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a call: `key` groups a caller's requests (never the token itself); `privileged` callers may set
+    a priority."""
+
+    key: str
+    privileged: bool = False
+
+
+def _bearer(context: grpc.aio.ServicerContext) -> bytes | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            raw = value.encode() if isinstance(value, str) else bytes(value)
+            return raw.removeprefix(b"Bearer ")
+    return None
+
+
+def _peer_host(peer: str) -> str:
+    """'ipv4:10.0.0.7:53211' -> 'ipv4:10.0.0.7', 'ipv6:[::1]:5000' -> 'ipv6:[::1]' (a client's connections and
+    ports are one caller); other forms (unix sockets) as they are."""
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
 class Generation:
     """One engine request as one call sees it (a gRPC RPC or an HTTP request, openai_api.py): the shared
     admission and validation path, its events, its metrics, and its abort when left early."""
 
-    def __init__(self, servicer: TextGenerationServicer, request: pb.GenerateRequest) -> None:
+    def __init__(self, servicer: TextGenerationServicer, request: pb.GenerateRequest, caller: Caller) -> None:
         engine = servicer.ready_engine()
         assert servicer.limits is not None
         if len(servicer.active) >= servicer.max_streams:
             raise OverloadedError(f"{len(servicer.active)} generation streams are open, the limit of "
                                   "--max-concurrent-streams")
-        prompt, params = convert.to_engine_request(request, engine.tokenizer, servicer.limits)
+        per_client = servicer.max_streams_per_client
+        if per_client and servicer.streams_of[caller.key] >= per_client:
+            raise OverloadedError(f"this client has {servicer.streams_of[caller.key]} generation streams open, the "
+                                  "limit of --max-streams-per-client")
+        prompt, params = convert.to_engine_request(
+            request, engine.tokenizer, servicer.limits,
+            allow_priority=servicer.allow_client_priority or caller.privileged)
         if request.request_id and request.request_id in servicer.active:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already in use by a running request")
         self.engine = engine
@@ -81,7 +118,7 @@ class Generation:
         self.request_id: str = self.stream.request_id
         self.finished = False
         self.tracker: RequestTracker = servicer.metrics.request_tracker(len(prompt))
-        servicer.request_started(self.request_id)
+        servicer.request_started(self.request_id, caller.key)
 
     async def events(self) -> AsyncIterator[Any]:
         async for ev in self.stream:
@@ -110,10 +147,20 @@ class Generation:
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
-    def __init__(self, metrics: ServerMetrics, *, stall_timeout: float = 30.0, max_streams: int = 256) -> None:
+    def __init__(self, metrics: ServerMetrics, *, stall_timeout: float = 30.0, max_streams: int = 256,
+                 max_streams_per_client: int = 0, allow_client_priority: bool = False,
+                 priority_tokens: tuple[str, ...] = (), tokens_checked: bool = False) -> None:
         self.metrics = metrics
         self.stall_timeout = stall_timeout
         self.max_streams = max_streams  # open generations (Generate + GenerateStream) at once
+        self.max_streams_per_client = max_streams_per_client  # 0: no per-client limit
+        self.allow_client_priority = allow_client_priority
+        self._priority_tokens = tuple(t.encode() for t in priority_tokens)
+        # Only a token the server checks (--auth-token) or knows (--priority-tokens) names a caller: an
+        # unchecked one is made up at will, so without auth every caller is its address.
+        self._tokens_checked = tokens_checked
+        self.owners: dict[str, str] = {}  # running request id -> its caller's key
+        self.streams_of: Counter[str] = Counter()  # caller key -> generations open
         self.engine: Any = None  # set by attach() once the model is loaded
         self.description: ModelDescription | None = None
         self.limits: convert.RequestLimits | None = None
@@ -133,13 +180,32 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             raise NotReadyError("model is still loading; retry shortly")
         return self.engine
 
-    def request_started(self, request_id: str) -> None:
+    def caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        return self.caller_of(_bearer(context), _peer_host(context.peer() or ""))
+
+    def caller_of(self, token: bytes | None, peer: str) -> Caller:
+        """The caller of a call with this bearer token (or None) from this peer host (gRPC's `ipv4:10.0.0.7`
+        form; the HTTP front-end passes the same form)."""
+        if token:
+            privileged = any(hmac.compare_digest(token, t) for t in self._priority_tokens)
+            if privileged or self._tokens_checked:
+                return Caller("token:" + hashlib.sha256(token).hexdigest()[:16], privileged)
+        return Caller("peer:" + peer)
+
+    def request_started(self, request_id: str, caller_key: str) -> None:
         self.active.add(request_id)
+        self.owners[request_id] = caller_key
+        self.streams_of[caller_key] += 1
         self._idle.clear()
         self.metrics.streams_open.inc()
 
     def request_ended(self, request_id: str) -> None:
         self.active.discard(request_id)
+        caller_key = self.owners.pop(request_id, None)
+        if caller_key is not None:
+            self.streams_of[caller_key] -= 1
+            if self.streams_of[caller_key] <= 0:
+                del self.streams_of[caller_key]
         self.metrics.streams_open.dec()
         if not self.active:
             self._idle.set()
@@ -168,7 +234,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     # ---- RPCs ----------------------------------------------------------------------------
     @_rpc
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        gen = Generation(self, request)
+        gen = Generation(self, request, self.caller(context))
         try:
             piece = gen.engine.tokenizer.piece
             async for ev in gen.events():
@@ -178,7 +244,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
 
     @_rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        gen = Generation(self, request)
+        gen = Generation(self, request, self.caller(context))
         acc = convert.ResponseAccumulator(gen.request_id, gen.engine.tokenizer.piece)
         try:
             async for ev in gen.events():
@@ -201,6 +267,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     @_rpc
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         engine = self.ready_engine()  # a model without a tokenizer raises FAILED_PRECONDITION here
+        assert self.limits is not None
+        convert.check_text_size("text", request.text, self.limits.max_prompt_bytes)
         return pb.TokenizeResponse(token_ids=engine.tokenizer.encode(request.text))
 
     @_rpc
@@ -208,6 +276,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
         engine = self.ready_engine()
+        assert self.limits is not None
+        limit = self.limits.max_prompt_bytes
+        if limit is not None and len(request.token_ids) > limit:
+            raise InvalidRequestError("token_ids", f"{len(request.token_ids)} token ids are more than this server's "
+                                      f"limit of {limit} (--max-prompt-bytes)")
         vocab = engine.tokenizer.vocab_size
         for t in request.token_ids:
             if not (0 <= t < vocab):
@@ -219,7 +292,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         if not request.request_id:
             raise InvalidRequestError("request_id", "must be non-empty")
         engine = self.engine
-        if engine is None or request.request_id not in self.active:
-            return pb.CancelResponse(cancelled=False)
+        owner = self.owners.get(request.request_id)
+        if engine is None or owner is None or owner != self.caller(context).key:
+            # another caller's request gets the same answer as an unknown id: ids are not probed this way
+            raise NotFoundError(f"no running request {request.request_id!r} of this caller")
         engine.abort(request.request_id)
         return pb.CancelResponse(cancelled=True)

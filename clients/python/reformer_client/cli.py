@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("REFORMER_TOKEN") or os.environ.get("REFORMER_AUTH_TOKEN"),
                    help="bearer token [env REFORMER_TOKEN or REFORMER_AUTH_TOKEN]")
     p.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-cert / --client-cert)")
+    p.add_argument("--allow-insecure-token", action="store_true",
+                   help="send --token over plaintext to a non-loopback target (only via a trusted TLS proxy)")
     p.add_argument("--ca-cert", type=Path, help="PEM CA bundle to verify the server (default: system roots)")
     p.add_argument("--client-cert", type=Path, help="PEM client certificate (mutual TLS)")
     p.add_argument("--client-key", type=Path, help="PEM client private key (mutual TLS)")
@@ -119,6 +121,7 @@ def _client(args: argparse.Namespace) -> Client:
         args.target, tls=tls, root_certificates=read(args.ca_cert), private_key=read(args.client_key),
         certificate_chain=read(args.client_cert), server_name=args.server_name, token=args.token,
         retry=retry, timeout=args.timeout, generate_timeout=args.timeout,
+        allow_insecure_token=args.allow_insecure_token,
     )
 
 
@@ -214,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _client(args) as client:
             return _COMMANDS[args.command](client, args)
+    except ValueError as e:  # e.g. a token refused on a plaintext channel to a remote target
+        print(f"reformer-client: error: {e}", file=sys.stderr)
+        return 2
     except _CliError as e:
         parser.print_usage(sys.stderr)
         print(f"reformer-client: error: {e}", file=sys.stderr)

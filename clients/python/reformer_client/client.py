@@ -11,6 +11,7 @@ and jitter (`RetryPolicy`); streams never retry, since tokens may already have b
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +23,7 @@ import grpc
 from reformer_client import _convert, _health
 from reformer_client._proto import generation_pb2 as pb
 from reformer_client._proto import generation_pb2_grpc as pb_grpc
-from reformer_client.errors import ReformerError, from_rpc_error
+from reformer_client.errors import NotFoundError, ReformerError, from_rpc_error
 from reformer_client.types import GenerateResult, HealthStatus, ModelInfo, StreamEvent
 
 T = TypeVar("T")
@@ -80,6 +81,32 @@ def _rpc_error(e: grpc.RpcError) -> ReformerError:
     return from_rpc_error(code, details, trailing)
 
 
+def is_local_target(target: str) -> bool:
+    """True when a gRPC target stays on this machine: a unix socket, 'localhost' or a loopback address.
+    'host:port', '[::1]:port', 'dns:///host:port', 'ipv4:127.0.0.1:port' and 'ipv6:[::1]:port' are understood;
+    any other name counts as remote."""
+    t = target.strip()
+    if t.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if t.startswith(scheme):
+            t = t[len(scheme):].split(",")[0]
+            break
+    if t.startswith("["):  # [v6]:port
+        host = t[1:t.find("]")] if "]" in t else t[1:]
+    elif t.count(":") == 1:  # host:port
+        host = t.split(":")[0]
+    else:  # a bare host, or a bare IPv6 address
+        host = t
+    host = host.lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Settings:
     """What Client and AsyncClient share: credentials, metadata, timeouts, retry policy."""
 
@@ -98,6 +125,7 @@ class _Settings:
         retry: RetryPolicy | None,
         validate: bool,
         options: Sequence[tuple[str, Any]] | None,
+        allow_insecure_token: bool = False,
     ) -> None:
         self.target = target
         self.tls = tls if tls is not None else bool(root_certificates or certificate_chain)
@@ -116,8 +144,13 @@ class _Settings:
                 creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
             self.credentials = creds
         elif token:
-            # Call credentials need a secure channel; on plaintext (loopback, a TLS-terminating proxy) the
-            # same header is sent as metadata.
+            if not allow_insecure_token and not is_local_target(target):
+                raise ValueError(
+                    f"refusing to send a bearer token to {target} over a plaintext channel (anyone on the path "
+                    "could read it): use tls=True / root_certificates, or pass allow_insecure_token=True (e.g. "
+                    "through a TLS-terminating proxy you trust)")
+            # Call credentials need a secure channel; on plaintext (loopback, or allowed above) the same header
+            # is sent as metadata.
             self.metadata = (("authorization", f"Bearer {token}"),)
 
 
@@ -242,7 +275,8 @@ _CLIENT_DOC = """
     tls: use TLS (default: on when certificates are given). root_certificates: PEM CA bundle (None: system
     roots); private_key / certificate_chain: PEM client key and certificate for mutual TLS; server_name:
     override the name checked against the server certificate.
-    token: bearer token sent as `authorization: Bearer <token>`.
+    token: bearer token sent as `authorization: Bearer <token>`. Over a plaintext channel it is sent only to a
+    loopback target (else ValueError) unless allow_insecure_token=True (a TLS-terminating proxy you trust).
     timeout: deadline of unary calls in seconds (default 30); generate_timeout: deadline of generations
     (default 3600, long enough for a 64K-token prefill). Every method also takes `timeout=`.
     retry: RetryPolicy for unary calls on UNAVAILABLE (default: 4 attempts); pass NO_RETRY to disable.
@@ -268,11 +302,13 @@ class Client:
         retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 (frozen dataclass: immutable default)
         validate: bool = True,
         options: Sequence[tuple[str, Any]] | None = None,
+        allow_insecure_token: bool = False,
     ) -> None:
         self._s = _Settings(
             target, tls=tls, root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, server_name=server_name, token=token, timeout=timeout,
             generate_timeout=generate_timeout, retry=retry, validate=validate, options=options,
+            allow_insecure_token=allow_insecure_token,
         )
         if self._s.credentials is not None:
             self._channel = grpc.secure_channel(target, self._s.credentials, options=self._s.options)
@@ -345,8 +381,13 @@ class Client:
         return msg.text
 
     def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
-        """Cancel a request by id (e.g. one started by another process); True if it was running."""
-        msg = self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id), timeout or self._s.timeout)
+        """Cancel one of this caller's requests by id (e.g. one started by another process with the same token);
+        True if it was running, False if no request of this caller runs under that id."""
+        try:
+            msg = self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id),
+                              timeout or self._s.timeout)
+        except NotFoundError:
+            return False
         return bool(msg.cancelled)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
@@ -375,11 +416,13 @@ class AsyncClient:
         retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 (frozen dataclass: immutable default)
         validate: bool = True,
         options: Sequence[tuple[str, Any]] | None = None,
+        allow_insecure_token: bool = False,
     ) -> None:
         self._s = _Settings(
             target, tls=tls, root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain, server_name=server_name, token=token, timeout=timeout,
             generate_timeout=generate_timeout, retry=retry, validate=validate, options=options,
+            allow_insecure_token=allow_insecure_token,
         )
         if self._s.credentials is not None:
             self._channel = grpc.aio.secure_channel(target, self._s.credentials, options=self._s.options)
@@ -448,9 +491,12 @@ class AsyncClient:
         return msg.text
 
     async def cancel(self, request_id: str, *, timeout: float | None = None) -> bool:
-        msg = await self._unary(
-            self._stub.Cancel, pb.CancelRequest(request_id=request_id), timeout or self._s.timeout
-        )
+        try:
+            msg = await self._unary(
+                self._stub.Cancel, pb.CancelRequest(request_id=request_id), timeout or self._s.timeout
+            )
+        except NotFoundError:
+            return False
         return bool(msg.cancelled)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:

@@ -74,6 +74,10 @@ class FailedPreconditionError(ReformerError):
     code = "FAILED_PRECONDITION"
 
 
+class NotFoundError(ReformerError):
+    """NOT_FOUND: e.g. Cancel of an id under which this caller has no running request."""
+
+
 class ServerError(ReformerError):
     code = "INTERNAL"
 
@@ -86,6 +90,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ReformerError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: RequestCancelledError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
 }
 
 

@@ -112,7 +112,9 @@ class TextGenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Cancel(self, request, context):
-        """Cancels a running or waiting request by its id (for callers that cannot cancel the RPC itself).
+        """Cancels one of the caller's running or waiting requests by its id (for callers that cannot cancel the
+        RPC itself). The caller is its bearer token where the server checks tokens, else its IP address; an id
+        under which this caller has no request fails with NOT_FOUND, whoever else may use it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
