@@ -99,6 +99,9 @@ class EngineConfig:
     # Woken from idle by a request, the engine waits while more keep arriving (each within a quarter of
     # this of the last), up to this long, so a burst is prefilled in one batched pass (0: no wait).
     arrival_window_s: float = 0.002
+    # On CUDA, decode steps replay one captured graph per batch bucket (step_graphs.py) instead of launching
+    # every op; elsewhere they run eagerly.
+    cuda_graphs: bool = True
     bounds: RequestBounds = field(default_factory=RequestBounds)  # stop strings / stop token ids per request
     long_prompt_tokens: int | None = None  # prompts longer than this are long (None: no distinction)
     short_prompt_slots: int = 0  # slots long prompts may not take (needs long_prompt_tokens)
@@ -333,6 +336,8 @@ class Engine:
             per_token = max(float(model.cache_bytes_per_token()), 1.0)
             tokens = min(int(self.config.cache_memory_bytes / per_token), self.config.max_batch * self.max_context)
             self._pool = model.new_decode_pool(self.config.max_batch, tokens)
+            if self.config.cuda_graphs and self._device.type == "cuda":
+                model.use_step_graphs(self._pool)
         self._pool_kw: dict[str, Any] = {} if self._pool is None else {"pool": self._pool}  # for prefills
         self._scheduler = Scheduler(
             SchedulerConfig(

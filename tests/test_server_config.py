@@ -75,3 +75,11 @@ def test_exported_backends_are_selectable_and_default_to_float32() -> None:
     assert backend.resolve_dtype("auto", "cpu", "eager") == "float32"
     with pytest.raises(ValueError, match="unknown backend"):
         backend.load_backend("tensorrt", Path("/nowhere"), "cpu", "float32")
+
+
+def test_cuda_graphs_on_by_default_and_switched_off_three_ways() -> None:
+    assert parse_config([], env={}).cuda_graphs is True
+    assert parse_config(["--no-cuda-graphs"], env={}).cuda_graphs is False
+    assert parse_config(["--cuda-graphs", "false"], env={}).cuda_graphs is False
+    assert parse_config([], env={"REFORMER_CUDA_GRAPHS": "0"}).cuda_graphs is False
+    assert parse_config(["--cuda-graphs", "true"], env={"REFORMER_CUDA_GRAPHS": "0"}).cuda_graphs is True

@@ -63,6 +63,7 @@ class ServerConfig:
     prefill_chunk_tokens: int = 512
     stream_buffer_events: int = 256
     arrival_window: float = 0.002  # seconds an idle engine waits for the rest of a burst of requests
+    cuda_graphs: bool = True  # on CUDA, replay captured decode steps (one graph per batch bucket)
     stall_timeout: float = 30.0
     grace_period: float = 30.0
     tls_cert: Path | None = None
@@ -219,6 +220,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--keepalive-min-ping-interval", "keepalive_min_ping_interval", float,
             "smallest interval (s) between client keepalive pings the server accepts"),
     _Option("--warmup", "warmup", parse_bool, "run one short generation before reporting SERVING"),
+    _Option("--cuda-graphs", "cuda_graphs", parse_bool,
+            "on CUDA, decode steps replay one captured CUDA graph per batch bucket (no effect on CPU)"),
     _Option("--switch-interval", "switch_interval", float,
             "Python GIL switch interval in seconds (the engine thread and the gRPC event loop share the GIL)"),
     _Option("--log-level", "log_level", str, "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -239,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
             opt.flag, dest=opt.dest, type=opt.type, choices=opt.choices, default=None,
             help=f"{opt.help} [env {opt.env}; default {default if default is not None else 'auto'}]",
         )
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                        help="same as --cuda-graphs false: decode steps launch every op (debugging, profiling)")
     return parser
 
 
