@@ -60,7 +60,7 @@ class ServerConfig:
     max_context: int | None = None  # None: the model's max context
     max_new_tokens_limit: int = 4096
     default_max_new_tokens: int = 64
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int | None = None  # None: sized for the device (512 on a CPU, 16384 on a GPU)
     stream_buffer_events: int = 256
     arrival_window: float = 0.002  # seconds an idle engine waits for the rest of a burst of requests
     cuda_graphs: bool = True  # on CUDA, replay captured decode steps (one graph per batch bucket)
@@ -90,7 +90,9 @@ class ServerConfig:
     drain_announce: float = 1.0
     keepalive_min_ping_interval: float = 10.0
     warmup: bool = True
-    switch_interval: float = 0.0005  # sys.setswitchinterval: GIL hand-off between engine thread and event loop
+    # sys.setswitchinterval: GIL hand-off between engine thread and event loop; None: 0.5 ms on a CPU (where
+    # the engine thread holds the GIL through every op), Python's default on a GPU
+    switch_interval: float | None = None
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -282,8 +284,10 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.error("--tls-client-ca needs --tls-cert/--tls-key")
     if cfg.auth_token == "":
         cfg.auth_token = None
+    if cfg.prefill_chunk_tokens is not None and cfg.prefill_chunk_tokens < 1:
+        parser.error("--prefill-chunk-tokens must be >= 1")
     for name in ("max_batch", "max_queue", "max_new_tokens_limit", "default_max_new_tokens",
-                 "prefill_chunk_tokens", "stream_buffer_events", "max_message_bytes", "max_concurrent_streams",
+                 "stream_buffer_events", "max_message_bytes", "max_concurrent_streams",
                  "max_prompt_bytes", "max_stop_string_bytes", "long_prompt_tokens"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -304,7 +308,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.error("--arrival-window must be in [0, 1] seconds")
     if not cfg.drain_announce >= 0:
         parser.error("--drain-announce must be >= 0")
-    if not (0 < cfg.switch_interval <= 0.1):
+    if cfg.switch_interval is not None and not (0 < cfg.switch_interval <= 0.1):
         parser.error("--switch-interval must be in (0, 0.1] seconds")
     if cfg.default_max_new_tokens > cfg.max_new_tokens_limit:
         parser.error("--default-max-new-tokens must be <= --max-new-tokens-limit")
