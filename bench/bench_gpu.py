@@ -1,0 +1,464 @@
+"""GPU benchmark of the decode engine (issue 21, item 6): bf16, enwik8 shape (random init), one run.
+
+Prints ONE markdown table (and writes it to --out), every figure measured in this run:
+  * 64K prefill seconds and peak GPU memory (`torch.cuda.max_memory_allocated`), ours and transformers';
+  * decode ms per step (one token for every sequence of the batch) at 1K, 16K and 64K for batch 1, 16 and 64:
+    our public `decode_step` (eager) and our `decode_core` captured in a CUDA graph (`CapturedStep`: the
+    between-steps bookkeeping, merges and hashing stay eager, as in `decode_step`), median and mean of N steps
+    after warm-up, each step timed between two `torch.cuda.synchronize()` (the host work of a step counts);
+    transformers' Reformer decode on the same GPU, same dtype, same contexts where its cache fits;
+  * cache bytes per 64K stream (`model.cache_bytes`) and how many 64K streams fit in 80 GB (and in this
+    GPU's memory) beside the weights.
+
+Decode cells run on synthetic caches of the right shapes (random keys, values and bucket ids written through
+the pool's own prefill interface, as `bench_core._ours_synthetic_cache`; transformers': random hidden states
+and bucket ids): a decode step's cost does not depend on the values, so no 64K prefill is needed per cell.
+The steps per cell (default 136) cross one delta merge per sequence (every 128 tokens): the mean includes it.
+
+  python bench/bench_gpu.py --out gpu_check.md                 # on a CUDA machine (about 3 minutes on an H100)
+  python bench/bench_gpu.py --device cpu --small --out x.md    # dry run: tiny widths and contexts, CPU
+
+`--budget-s` bounds the run: cells still to run when it is spent are skipped and the table says so
+(transformers' cells come last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import ENWIK8  # noqa: E402
+
+# Tiny widths with the enwik8 layer layout, for dry runs on a CPU (`--small`) and the CPU mode of tests/test_gpu.py.
+TINY = dict(ENWIK8, hidden_size=64, feed_forward_size=128, num_attention_heads=2, attention_head_size=32,
+            num_buckets=8, lsh_attn_chunk_length=32, local_attn_chunk_length=16, axial_pos_shape=[32, 64],
+            axial_pos_embds_dim=[16, 48], max_position_embeddings=2048)
+NOMINAL_GPU_BYTES = 80 * 10**9  # "80 GB" of the issue
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers shared with tests/test_gpu.py
+# ---------------------------------------------------------------------------------------------------
+def build_hf_dir(spec: dict, out_dir: Path, seed: int = 0) -> int:
+    """A random-init transformers Reformer of `spec` saved to `out_dir`; returns its parameter count."""
+    from transformers import ReformerConfig, ReformerModelWithLMHead
+
+    torch.manual_seed(seed)
+    hf = ReformerModelWithLMHead(ReformerConfig(**spec)).eval()
+    n = sum(p.numel() for p in hf.parameters())
+    hf.save_pretrained(out_dir)
+    return n
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def snapshot_pool(pool) -> dict:
+    """Every tensor (cloned) and host list (copied) of a decode pool: `restore_pool` puts it back."""
+    snap = {}
+    for name, val in vars(pool).items():
+        if isinstance(val, torch.Tensor) and not name.startswith("_"):
+            snap[name] = val.clone()
+        elif isinstance(val, list):
+            snap[name] = copy.deepcopy(val)
+    return snap
+
+
+def restore_pool(pool, snap: dict) -> None:
+    """Put a `snapshot_pool` back, tensors copied into the pool's own (a captured graph keeps its addresses)."""
+    for name, val in snap.items():
+        cur = getattr(pool, name)
+        if isinstance(val, torch.Tensor):
+            if cur.shape != val.shape:
+                raise RuntimeError(f"pool tensor {name} changed shape {tuple(val.shape)} -> {tuple(cur.shape)}")
+            cur.copy_(val)
+        else:
+            setattr(pool, name, copy.deepcopy(val))
+
+
+def hash_due(model, pool, due: list[int]) -> None:
+    """The between-steps work of `ReformerLM._decode_pooled`: sequences that reached one LSH chunk are hashed."""
+    if not due or any(layer.full_attention for layer in model.lsh_layers()):
+        return
+    by_length: dict[int, list[int]] = {}
+    for s in due:
+        by_length.setdefault(pool.length[s], []).append(s)
+    for T, group in by_length.items():
+        for i, layer in enumerate(model.encoder.layers):
+            if layer.attention.kind == "lsh":
+                layer.attention.self_attention.hash_sequences(pool, pool.lsh_index[i], group, T)
+    pool.mark_hashed(due)
+
+
+class CapturedStep:
+    """`model.decode_core` for a fixed batch of slots, captured once in a CUDA graph and replayed every token.
+
+    The batch is built once by `begin_step`; before each replay a fresh `begin_step` (host bookkeeping, page
+    room) gives the step's index tensors, copied into the captured batch's (its lengths and hashed flags are
+    views of the pool's device state when the slots are a compact range; the new tokens' rows never are);
+    after it, `end_step` and the hashing of sequences that reached one chunk run eagerly, as in
+    `decode_step`. A change the graph cannot follow (the dense variant of the step, a pool that grew) raises.
+    Warm-up runs on a side stream (PyTorch's recipe) and its writes to the pool are undone.
+    """
+
+    def __init__(self, model, pool, slots: list[int], warmup: int = 2) -> None:
+        self.model, self.pool, self.slots = model, pool, list(slots)
+        self.batch = pool.begin_step(self.slots)
+        self.ids = torch.zeros(len(self.slots), dtype=torch.long, device=pool.device)
+        self._ptrs = self._pool_ptrs()
+        state = snapshot_pool(pool)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.batch.memo.clear()
+                model.decode_core(self.ids, pool, self.batch)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        restore_pool(pool, state)
+        del state
+        self.batch.memo.clear()  # the step's index tensors are computed inside the graph, from the batch
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_core(self.ids, pool, self.batch)
+        if self._pool_ptrs() != self._ptrs:
+            raise RuntimeError("the pool reallocated a tensor during capture")
+
+    def _pool_ptrs(self) -> tuple:
+        p = self.pool
+        return tuple(t.data_ptr() for t in (p.keys, p.values, p.order, p.cum_static, p.dbuckets, p.dorder,
+                                            p.local_keys, p.local_values, p.page_table, p.len_d, p.hashed_d))
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token for every sequence: ids (n,) -> logits (n, V) (a fresh tensor)."""
+        fresh = self.pool.begin_step(self.slots)
+        if fresh.dense_span != self.batch.dense_span or fresh.first != self.batch.first:
+            raise RuntimeError(f"the step's variant changed (dense span {self.batch.dense_span} -> "
+                               f"{fresh.dense_span}): capture again")
+        if self._pool_ptrs() != self._ptrs:
+            raise RuntimeError("the pool grew: its tensors moved, capture again")
+        for name in ("slots", "lengths", "hashed", "new_rows"):
+            dst, src = getattr(self.batch, name), getattr(fresh, name)
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        self.ids.copy_(ids)
+        self.graph.replay()
+        logits = self.logits.clone()
+        hash_due(self.model, self.pool, self.pool.end_step(self.batch, self.slots))
+        return logits
+
+
+def synthetic_pool(model, batch: int, T: int, extra: int, seed: int = 0):
+    """A pool of `batch` sequences of T positions each with random keys, values and bucket ids, written through
+    the pool's prefill interface on the model's device (decode cost does not depend on the values). All
+    sequences share one draw per layer. Returns (pool, slots)."""
+    from reformer_infer import ReformerCache
+
+    cfg, dev, dt = model.config, model.device, model.dtype
+    H, D = cfg.num_attention_heads, cfg.attention_head_size
+    g = torch.Generator(device=dev).manual_seed(seed)
+    pool = model.new_decode_pool(batch, batch * (T + extra))
+    seqs = [pool.allocate(T + extra) for _ in range(batch)]
+    for i, kind in enumerate(cfg.attn_layers):
+        k = (torch.randn(H, T, D, generator=g, device=dev) / D**0.5).to(dt)
+        v = torch.randn(H, T, D, generator=g, device=dev).to(dt)
+        if kind == "local":
+            for s in seqs:
+                pool.write_ring(pool.local_index[i], s, k, v, T)
+        else:
+            j = pool.lsh_index[i]
+            b = torch.randint(0, cfg.total_buckets, (1, H, pool.R, T), generator=g, device=dev)
+            order = torch.argsort(b * T + torch.arange(T, device=dev), dim=-1)
+            for s in seqs:
+                rows = pool.prefill_rows([s], T)[0]
+                pool.keys[j].index_copy_(1, rows, k)
+                pool.values[j].index_copy_(1, rows, v)
+                pool.set_order(j, [s.slot], order, b)
+            del b, order
+        del k, v
+    pool.finish_prefill(seqs, T, hashed=T > cfg.lsh_attn_chunk_length)
+    return pool, ReformerCache(seqs)
+
+
+def hf_synthetic_cache(hf, batch: int, T: int, device, dtype):
+    """transformers' cache of T positions for `batch` sequences: random hidden states and bucket ids."""
+    from transformers.models.reformer.modeling_reformer import ReformerDynamicCache
+
+    cfg = hf.config
+    g = torch.Generator(device=device).manual_seed(0)
+    nb = cfg.num_buckets if isinstance(cfg.num_buckets, int) else math.prod(cfg.num_buckets)
+    cache = ReformerDynamicCache()
+    for i, kind in enumerate(cfg.attn_layers):
+        states = torch.randn(batch, T, cfg.hidden_size, generator=g, device=device).to(dtype)
+        b = None
+        if kind == "lsh":
+            b = torch.randint(0, nb, (batch, cfg.num_attention_heads, cfg.num_hashes, T), generator=g, device=device)
+            b = b + (torch.arange(cfg.num_hashes, device=device) * nb).view(1, 1, -1, 1)
+        cache.update(b, states, i)
+    return cache
+
+
+def hf_cache_bytes(cfg, batch: int, T: int, elt: int) -> int:
+    """Bytes of transformers' Reformer cache: every layer's hidden states, LSH layers' bucket ids (int64)."""
+    lsh = list(cfg.attn_layers).count("lsh")
+    return batch * T * (len(cfg.attn_layers) * cfg.hidden_size * elt + lsh * cfg.num_attention_heads * cfg.num_hashes * 8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------------
+def timed_steps(fn, steps: int, warmup: int, device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def free_device(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_reset(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes(device) -> int | None:
+    return torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a (CPU)"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def fmt_ms(v: list[float] | None) -> str:
+    return f"{statistics.median(v):.2f} (mean {statistics.fmean(v):.2f})" if v else "–"
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def run(args) -> tuple[str, list[str]]:
+    from reformer_infer import load_model
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    spec = TINY if args.small else ENWIK8
+    max_ctx = spec["max_position_embeddings"]
+    budget = Budget(args.budget_s)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    n_params = build_hf_dir(spec, tmp / "hf")
+    model = load_model(tmp / "hf", device=dev, dtype=dt).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    free_after_weights = torch.cuda.mem_get_info()[0] if cuda else None
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    total = torch.cuda.get_device_properties(dev).total_memory if cuda else None
+    header = (f"bench_gpu: {name}{f' ({fmt_bytes(total)})' if total else ''}, torch {torch.__version__}, "
+              f"{args.dtype}, {'tiny widths (--small)' if args.small else 'enwik8 shape'} "
+              f"({n_params / 1e6:.1f}M params, random init), decode: {args.steps} timed steps per cell after "
+              f"{args.warmup} warm-up, each between two synchronizes; ms per step = per token of every stream")
+    rows = ["| measure | batch | context | reformer-serve eager | reformer-serve CUDA graph | transformers | note |",
+            "|---|---|---|---|---|---|---|"]
+    gen = torch.Generator().manual_seed(0)
+
+    # ---- prefill at the longest context ----------------------------------------------------------
+    Tp = args.prefill_context or max_ctx
+    with torch.inference_mode():
+        warm = torch.randint(3, 258, (1, min(Tp, 4096)), generator=gen).to(dev)
+        model.prefill(warm, last_only=True)[1].release()  # kernels loaded, allocator warm
+        ids = torch.randint(3, 258, (1, Tp), generator=gen).to(dev)
+        free_device(dev)
+        peak_reset(dev)
+        sync(dev)
+        t0 = time.perf_counter()
+        _, cache = model.prefill(ids, last_only=True)
+        sync(dev)
+        ours_prefill_s = time.perf_counter() - t0
+        ours_prefill_peak = peak_bytes(dev)
+        cache.release()
+        del cache
+    free_device(dev)
+    prefill_row = [f"prefill s (peak {'GPU memory' if cuda else 'memory'})", "1", str(Tp),
+                   f"{ours_prefill_s:.2f} ({fmt_bytes(ours_prefill_peak)})", "–"]
+
+    # ---- our decode cells ------------------------------------------------------------------------
+    contexts = args.contexts or ([256, 1024] if args.small else [1024, 16384, 65536])
+    extra = 2 * (args.steps + args.warmup) + 8
+    decode_rows: dict[tuple[int, int], list[str]] = {}
+    for B in args.batches:
+        for T in contexts:
+            Td = min(T, max_ctx - extra)
+            key = (B, T)
+            if budget.left() < args.reserve_s:
+                decode_rows[key] = ["skipped (time budget)", "skipped (time budget)"]
+                continue
+            eager = graph = None
+            note = []
+            try:
+                with torch.inference_mode():
+                    pool, caches = synthetic_pool(model, B, Td, extra)
+                    tok = torch.full((B, 1), 65, device=dev)
+                    peak_reset(dev)
+                    eager = timed_steps(lambda c=caches, t=tok: model.decode_step(t, c), args.steps, args.warmup, dev)
+                    peak = peak_bytes(dev)
+                    if cuda and not args.no_graphs:
+                        try:
+                            cs = CapturedStep(model, pool, [s.slot for s in caches.sequences])
+                            ids1 = tok[:, 0]
+                            graph = timed_steps(lambda c=cs, i=ids1: c.step(i), args.steps, args.warmup, dev)
+                            del cs
+                        except Exception as e:  # reported in the table: a failure is a finding
+                            graph = None
+                            note.append(f"graph: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                    if cuda:
+                        note.append(f"peak {fmt_bytes(peak)}")
+                    caches.release()
+                    del pool, caches
+            except torch.OutOfMemoryError:
+                note.append("out of memory")
+            free_device(dev)
+            g_cell = fmt_ms(graph) if graph else ("n/a (CPU)" if not cuda or args.no_graphs else "failed")
+            decode_rows[key] = [fmt_ms(eager) if eager else "failed", g_cell, "; ".join(note)]
+            print(f"  ours B={B} T={Td}: eager {fmt_ms(eager)} graph {g_cell} {'; '.join(note)}", file=sys.stderr,
+                  flush=True)
+
+    # ---- transformers ----------------------------------------------------------------------------
+    from transformers import ReformerModelWithLMHead
+
+    hf_prefill = "not run (time budget)"
+    hf_decode: dict[tuple[int, int], str] = {}
+    # from_pretrained(dtype=...) keeps some parameters in fp32 (seen with transformers 5.23): cast them all
+    hf = ReformerModelWithLMHead.from_pretrained(tmp / "hf").to(device=dev, dtype=dt).eval()
+    elt = torch.empty((), dtype=dt).element_size()
+    if budget.left() > args.reserve_s + args.hf_prefill_s:
+        try:
+            with torch.no_grad():
+                ids = torch.randint(3, 258, (1, Tp), generator=gen).to(dev)
+                free_device(dev)
+                peak_reset(dev)
+                sync(dev)
+                t0 = time.perf_counter()
+                past = hf(ids, use_cache=True).past_buckets_states
+                sync(dev)
+                hf_prefill = f"{time.perf_counter() - t0:.2f} ({fmt_bytes(peak_bytes(dev))})"
+                del past
+        except torch.OutOfMemoryError:
+            hf_prefill = "out of memory"
+        free_device(dev)
+    prefill_row.append(hf_prefill)
+    for B in args.batches:
+        for T in contexts:
+            key = (B, T)
+            need = hf_cache_bytes(hf.config, B, T, elt)
+            room = torch.cuda.mem_get_info()[0] if cuda else None
+            # the cache, and per step about four copies of one layer's states (concatenation, projections)
+            if room is not None and need + 4 * need // len(hf.config.attn_layers) > room:
+                hf_decode[key] = f"not run (cache {fmt_bytes(need)} does not fit)"
+                continue
+            if budget.left() < args.reserve_s / 2:
+                hf_decode[key] = "not run (time budget)"
+                continue
+            try:
+                with torch.no_grad():
+                    state = {"past": hf_synthetic_cache(hf, B, T, dev, dt)}
+                    tok = torch.full((B, 1), 65, device=dev)
+
+                    def hf_step(state=state, tok=tok):
+                        state["past"] = hf(tok, past_buckets_states=state["past"], use_cache=True).past_buckets_states
+
+                    ms = timed_steps(hf_step, args.hf_steps, 2, dev)
+                    hf_decode[key] = fmt_ms(ms)
+                    print(f"  transformers B={B} T={T}: {fmt_ms(ms)}", file=sys.stderr, flush=True)
+                    del state
+            except torch.OutOfMemoryError:
+                hf_decode[key] = "out of memory"
+            free_device(dev)
+
+    # ---- the table -------------------------------------------------------------------------------
+    rows.append("| " + " | ".join(prefill_row) + " | last_only prefill, random ids |")
+    for B in args.batches:
+        for T in contexts:
+            eager, graph, *note = decode_rows[(B, T)]
+            hf_cell = hf_decode.get((B, T), "not run (time budget)")
+            Td = min(T, max_ctx - extra)
+            rows.append(f"| decode ms/step, median (mean) | {B} | {Td} | {eager} | {graph} | {hf_cell} | "
+                        f"{'; '.join(n for n in note if n)} |")
+    cb = model.cache_bytes(max_ctx)
+    hf_cb = hf_cache_bytes(hf.config, 1, max_ctx, elt)
+    rows.append(f"| cache bytes per stream | 1 | {max_ctx} | {fmt_bytes(cb)} ({cb} B) | – | {fmt_bytes(hf_cb)} | "
+                f"ours: `model.cache_bytes`; transformers: hidden states of every layer + bucket ids |")
+    fits = (NOMINAL_GPU_BYTES - weight_bytes) // cb
+    hf_fits = (NOMINAL_GPU_BYTES - weight_bytes) // hf_cb
+    here = f"; this GPU, free after loading the weights: {free_after_weights // cb}" if cuda else ""
+    rows.append(f"| streams of {max_ctx} that fit in 80 GB | – | {max_ctx} | {fits} | – | {hf_fits} | "
+                f"(80e9 B - {fmt_bytes(weight_bytes)} weights) / cache bytes{here} |")
+    free_device(dev)
+    return header, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="tiny widths and contexts (dry runs on a CPU)")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="same as --device cpu --small with few steps")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--contexts", type=int, nargs="+", help="default 1K 16K 64K (--small: 256 1024)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--prefill-context", type=int, help="default: the model's max context (64K)")
+    ap.add_argument("--steps", type=int, default=136, help="timed decode steps per cell (136: one merge each)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--hf-steps", type=int, default=8)
+    ap.add_argument("--hf-prefill-s", type=float, default=30.0, help="time kept for transformers' prefill")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph column")
+    ap.add_argument("--budget-s", type=float, default=200.0, help="skip cells still to run after this long")
+    ap.add_argument("--reserve-s", type=float, default=20.0, help="time a cell needs to be started")
+    ap.add_argument("--out", type=Path, help="write the table here too")
+    args = ap.parse_args()
+    if args.cpu_dry_run:
+        args.device, args.small = "cpu", True
+        args.steps, args.warmup, args.hf_steps = min(args.steps, 6), 1, 3
+        args.batches = [b for b in args.batches if b <= 16][:2] or [1]
+        args.batches = [min(b, 4) for b in args.batches]
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_gpu: no CUDA device (use --cpu-dry-run for a CPU dry run)")
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    header, rows = run(args)
+    text = header + "\n\n" + "\n".join(rows) + "\n"
+    print(text, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
