@@ -110,15 +110,20 @@ class CapturedStep:
     views of the pool's device state when the slots are a compact range; the new tokens' rows never are);
     after it, `end_step` and the hashing of sequences that reached one chunk run eagerly, as in
     `decode_step`. A change the graph cannot follow (the dense variant of the step, a pool that grew) raises.
-    Warm-up runs on a side stream (PyTorch's recipe) and its writes to the pool are undone.
+    `capture=False` runs the same bookkeeping with the core eager (a CPU dry run of everything but the graph).
+    Warm-up runs on a side stream (PyTorch's recipe) and its writes to the pool are undone (tests/test_gpu.py
+    checks the whole pool state against an eager run afterwards).
     """
 
-    def __init__(self, model, pool, slots: list[int], warmup: int = 2) -> None:
+    def __init__(self, model, pool, slots: list[int], warmup: int = 2, capture: bool = True) -> None:
         self.model, self.pool, self.slots = model, pool, list(slots)
         self.batch = pool.begin_step(self.slots)
         self.ids = torch.zeros(len(self.slots), dtype=torch.long, device=pool.device)
         self._ptrs = self._pool_ptrs()
-        state = snapshot_pool(pool)
+        self.graph = None
+        if not capture:  # a dry run of the static-batch bookkeeping (any device): `step` runs the core eagerly
+            return
+        state = self._step_writes()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -127,7 +132,7 @@ class CapturedStep:
                 model.decode_core(self.ids, pool, self.batch)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        restore_pool(pool, state)
+        self._undo(state)
         del state
         self.batch.memo.clear()  # the step's index tensors are computed inside the graph, from the batch
         self.graph = torch.cuda.CUDAGraph()
@@ -135,6 +140,20 @@ class CapturedStep:
             self.logits = model.decode_core(self.ids, pool, self.batch)
         if self._pool_ptrs() != self._ptrs:
             raise RuntimeError("the pool reallocated a tensor during capture")
+
+    def _step_writes(self) -> dict:
+        """What a step writes in the pool (the new tokens' key/value rows, the deltas, the local rings), saved:
+        a whole snapshot would double a 64 x 64K pool (~54 GB)."""
+        p, rows = self.pool, self.batch.new_rows
+        return {"keys": p.keys.index_select(2, rows), "values": p.values.index_select(2, rows),
+                **{name: getattr(p, name).clone() for name in ("dbuckets", "dorder", "local_keys", "local_values")}}
+
+    def _undo(self, saved: dict) -> None:
+        p, rows = self.pool, self.batch.new_rows
+        p.keys.index_copy_(2, rows, saved["keys"])
+        p.values.index_copy_(2, rows, saved["values"])
+        for name in ("dbuckets", "dorder", "local_keys", "local_values"):
+            getattr(p, name).copy_(saved[name])
 
     def _pool_ptrs(self) -> tuple:
         p = self.pool
@@ -154,7 +173,11 @@ class CapturedStep:
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         self.ids.copy_(ids)
-        self.graph.replay()
+        if self.graph is not None:
+            self.graph.replay()
+        else:  # what the graph would do: recompute the step's index tensors from the batch, run the core
+            self.batch.memo.clear()
+            self.logits = self.model.decode_core(self.ids, self.pool, self.batch)
         logits = self.logits.clone()
         hash_due(self.model, self.pool, self.pool.end_step(self.batch, self.slots))
         return logits
@@ -247,6 +270,12 @@ def peak_bytes(device) -> int | None:
     return torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
 
 
+def failure(e: BaseException) -> str:
+    """One table-safe line naming an exception."""
+    first = (str(e).splitlines() or [""])[0][:100].replace("|", "/")
+    return f"{type(e).__name__}: {first}"
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "n/a (CPU)"
@@ -263,6 +292,36 @@ class Budget:
 
     def left(self) -> float:
         return self.end - time.monotonic()
+
+
+def ours_cell(model, B: int, T: int, extra: int, args) -> tuple[list[float] | None, list[float] | None, list[str]]:
+    """Decode ms of B sequences at T positions: eager `decode_step`, then `CapturedStep` replays (CUDA)."""
+    dev = model.device
+    cuda = dev.type == "cuda"
+    eager = graph = None
+    note: list[str] = []
+    caches = None
+    try:
+        with torch.inference_mode():
+            pool, caches = synthetic_pool(model, B, T, extra)
+            tok = torch.full((B, 1), 65, device=dev)
+            peak_reset(dev)
+            eager = timed_steps(lambda: model.decode_step(tok, caches), args.steps, args.warmup, dev)
+            peak = peak_bytes(dev)
+            if cuda and not args.no_graphs:
+                try:
+                    cs = CapturedStep(model, pool, [s.slot for s in caches.sequences])
+                    graph = timed_steps(lambda: cs.step(tok[:, 0]), args.steps, args.warmup, dev)
+                except Exception as e:  # reported in the table: a failure is a finding
+                    note.append(f"graph: {failure(e)}")
+            if cuda:
+                note.append(f"peak {fmt_bytes(peak)}")
+    except Exception as e:
+        note.append(f"eager: {failure(e)}")
+    finally:
+        if caches is not None:
+            caches.release()
+    return eager, graph, note
 
 
 def run(args) -> tuple[str, list[str]]:
@@ -292,23 +351,25 @@ def run(args) -> tuple[str, list[str]]:
 
     # ---- prefill at the longest context ----------------------------------------------------------
     Tp = args.prefill_context or max_ctx
-    with torch.inference_mode():
-        warm = torch.randint(3, 258, (1, min(Tp, 4096)), generator=gen).to(dev)
-        model.prefill(warm, last_only=True)[1].release()  # kernels loaded, allocator warm
-        ids = torch.randint(3, 258, (1, Tp), generator=gen).to(dev)
-        free_device(dev)
-        peak_reset(dev)
-        sync(dev)
-        t0 = time.perf_counter()
-        _, cache = model.prefill(ids, last_only=True)
-        sync(dev)
-        ours_prefill_s = time.perf_counter() - t0
-        ours_prefill_peak = peak_bytes(dev)
-        cache.release()
-        del cache
+    try:
+        with torch.inference_mode():
+            warm = torch.randint(3, 258, (1, min(Tp, 4096)), generator=gen).to(dev)
+            model.prefill(warm, last_only=True)[1].release()  # kernels loaded, allocator warm
+            ids = torch.randint(3, 258, (1, Tp), generator=gen).to(dev)
+            free_device(dev)
+            peak_reset(dev)
+            sync(dev)
+            t0 = time.perf_counter()
+            _, cache = model.prefill(ids, last_only=True)
+            sync(dev)
+            ours_prefill = f"{time.perf_counter() - t0:.2f} ({fmt_bytes(peak_bytes(dev))})"
+            cache.release()
+            del cache
+    except Exception as e:  # reported in the table: a failure is a finding
+        ours_prefill = f"failed: {failure(e)}"
     free_device(dev)
-    prefill_row = [f"prefill s (peak {'GPU memory' if cuda else 'memory'})", "1", str(Tp),
-                   f"{ours_prefill_s:.2f} ({fmt_bytes(ours_prefill_peak)})", "–"]
+    print(f"  ours prefill {Tp}: {ours_prefill}", file=sys.stderr, flush=True)
+    prefill_row = [f"prefill s (peak {'GPU memory' if cuda else 'memory'})", "1", str(Tp), ours_prefill, "–"]
 
     # ---- our decode cells ------------------------------------------------------------------------
     contexts = args.contexts or ([256, 1024] if args.small else [1024, 16384, 65536])
@@ -321,30 +382,7 @@ def run(args) -> tuple[str, list[str]]:
             if budget.left() < args.reserve_s:
                 decode_rows[key] = ["skipped (time budget)", "skipped (time budget)"]
                 continue
-            eager = graph = None
-            note = []
-            try:
-                with torch.inference_mode():
-                    pool, caches = synthetic_pool(model, B, Td, extra)
-                    tok = torch.full((B, 1), 65, device=dev)
-                    peak_reset(dev)
-                    eager = timed_steps(lambda c=caches, t=tok: model.decode_step(t, c), args.steps, args.warmup, dev)
-                    peak = peak_bytes(dev)
-                    if cuda and not args.no_graphs:
-                        try:
-                            cs = CapturedStep(model, pool, [s.slot for s in caches.sequences])
-                            ids1 = tok[:, 0]
-                            graph = timed_steps(lambda c=cs, i=ids1: c.step(i), args.steps, args.warmup, dev)
-                            del cs
-                        except Exception as e:  # reported in the table: a failure is a finding
-                            graph = None
-                            note.append(f"graph: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                    if cuda:
-                        note.append(f"peak {fmt_bytes(peak)}")
-                    caches.release()
-                    del pool, caches
-            except torch.OutOfMemoryError:
-                note.append("out of memory")
+            eager, graph, note = ours_cell(model, B, Td, extra, args)
             free_device(dev)
             g_cell = fmt_ms(graph) if graph else ("n/a (CPU)" if not cuda or args.no_graphs else "failed")
             decode_rows[key] = [fmt_ms(eager) if eager else "failed", g_cell, "; ".join(note)]
@@ -371,8 +409,8 @@ def run(args) -> tuple[str, list[str]]:
                 sync(dev)
                 hf_prefill = f"{time.perf_counter() - t0:.2f} ({fmt_bytes(peak_bytes(dev))})"
                 del past
-        except torch.OutOfMemoryError:
-            hf_prefill = "out of memory"
+        except Exception as e:
+            hf_prefill = f"failed: {failure(e)}"
         free_device(dev)
     prefill_row.append(hf_prefill)
     for B in args.batches:
@@ -399,8 +437,8 @@ def run(args) -> tuple[str, list[str]]:
                     hf_decode[key] = fmt_ms(ms)
                     print(f"  transformers B={B} T={T}: {fmt_ms(ms)}", file=sys.stderr, flush=True)
                     del state
-            except torch.OutOfMemoryError:
-                hf_decode[key] = "out of memory"
+            except Exception as e:
+                hf_decode[key] = f"failed: {failure(e)}"
             free_device(dev)
 
     # ---- the table -------------------------------------------------------------------------------
