@@ -308,12 +308,15 @@ def ours_cell(model, B: int, T: int, extra: int, args) -> tuple[list[float] | No
             peak_reset(dev)
             eager = timed_steps(lambda: model.decode_step(tok, caches), args.steps, args.warmup, dev)
             peak = peak_bytes(dev)
-            if cuda and not args.no_graphs:
+            if cuda and not args.no_graphs and getattr(args, "graph_failed", None):
+                note.append(f"graph: not tried (failed in an earlier cell: {args.graph_failed})")
+            elif cuda and not args.no_graphs:
                 try:
                     cs = CapturedStep(model, pool, [s.slot for s in caches.sequences])
                     graph = timed_steps(lambda: cs.step(tok[:, 0]), args.steps, args.warmup, dev)
                 except Exception as e:  # reported in the table: a failure is a finding
-                    note.append(f"graph: {failure(e)}")
+                    args.graph_failed = failure(e)
+                    note.append(f"graph: {args.graph_failed}")
             if cuda:
                 note.append(f"peak {fmt_bytes(peak)}")
     except Exception as e:

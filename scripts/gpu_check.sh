@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# GPU check of issue 21 (item 6), in one call on a CUDA machine: the gpu-marked tests, then the benchmark.
+#
+# The machine may have another torch (the device image: torch 2.11, Python 3.12) and no internet. Nothing is
+# fetched: the only install is from wheel files carried in .whl/ (git-ignored: .gitignore and
+# .git/info/exclude). reformer_infer needs torch and safetensors alone here (it imports tokenizers and
+# sentencepiece only for checkpoints that carry tokenizer files; the bundled model and the enwik8-shape model
+# have none); tests/test_gpu.py and bench/bench_gpu.py add transformers (the random-init enwik8-shape model and
+# the baseline) and pytest. The device image has torch, safetensors 0.8.0, transformers 5.17.0, pytest,
+# pytest-timeout, huggingface_hub 1.33, tokenizers 0.23.2, regex, typer, numpy, pyyaml, tqdm, packaging
+# (device KINDS.md): carry only the repo's own pin of transformers, whose requirements those satisfy
+# (huggingface-hub>=1.31,<3; tokenizers>=0.23.1,<0.24; safetensors>=0.8.0). Prepare, in the repo root:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl transformers==5.23.0
+#
+# (13 MB; checked to download on 2026-12-07. The same command fetches safetensors==0.8.0, pytest==9.0.3 or
+# pytest-timeout==2.4.0 if an image ever lacks them; keep one version of each in .whl/.) Without .whl/ the
+# image's own transformers is used, and the log says which.
+#
+# Run it with the device tool (see docs/benchmarks.md, "GPU check"):
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# It writes $OUT/gpu_check.md (the table), $OUT/gpu_tests.log and $OUT/gpu_bench.log when OUT is set, else
+# under runs/gpu_check/. Phases have their own time limits (45 + 45 + 180 + 200 s: under 8 minutes).
+# Without a CUDA device the tests skip, the script says so and exits 0 (GPU_CHECK_DRY_RUN=1 also runs the
+# benchmark's tiny CPU dry run, to exercise the table's path). Exit status: 0 when every phase passed.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+DEST=${OUT:-$REPO/runs/gpu_check}
+mkdir -p "$DEST"
+export PYTHONUNBUFFERED=1
+SITE=/tmp/gpu_check_site
+START=$(date +%s)
+say() { echo "== gpu_check [$(( $(date +%s) - START ))s] $*"; }
+
+# ---- 1. wheels carried along (never the network) --------------------------------------------------
+PYPATH=$REPO
+if compgen -G ".whl/*.whl" >/dev/null; then
+  say "installing $(ls .whl/*.whl | wc -l) carried wheel(s) into $SITE: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  rm -rf "$SITE"
+  if ! timeout -k 5 45 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" .whl/*.whl; then
+    say "FAILED: pip install from .whl/ (see above)"; exit 1
+  fi
+  PYPATH=$SITE:$REPO
+else
+  say "no .whl/ wheels carried: using the installed packages as they are"
+fi
+export PYTHONPATH=$PYPATH${PYTHONPATH:+:$PYTHONPATH}
+
+# ---- 2. environment ------------------------------------------------------------------------------
+command -v nvidia-smi >/dev/null && timeout 20 nvidia-smi -L
+if ! timeout -k 5 45 "$PY" - <<'EOF'; then
+import platform, torch, safetensors, transformers, reformer_infer
+cuda = torch.cuda.is_available()
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"safetensors {safetensors.__version__}, transformers {transformers.__version__} from "
+      f"{transformers.__file__.rsplit('/', 2)[0]}, reformer_infer from {reformer_infer.__file__.rsplit('/', 2)[0]}")
+print(f"device: {torch.cuda.get_device_name() if cuda else 'no CUDA device'}")
+EOF
+  say "FAILED: the packages the check needs do not import (above)"; exit 1
+fi
+HAVE_CUDA=$(timeout 45 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+
+# ---- 3. GPU tests --------------------------------------------------------------------------------
+say "tests: python -m pytest -m gpu tests/test_gpu.py (limit 180 s)"
+timeout -k 10 180 "$PY" -m pytest -m gpu tests/test_gpu.py -v -s -rs -p no:cacheprovider 2>&1 | tee "$DEST/gpu_tests.log"
+TESTS_RC=${PIPESTATUS[0]}
+[ "$TESTS_RC" = 124 ] && say "tests: TIMED OUT after 180 s"
+say "tests: exit status $TESTS_RC"
+
+if [ "$HAVE_CUDA" != 1 ]; then
+  if [ "${REFORMER_GPU_TESTS_ON_CPU:-0}" = 1 ]; then
+    say "NO CUDA DEVICE: the GPU tests ran on the CPU at tiny sizes (REFORMER_GPU_TESTS_ON_CPU=1: a dry run of their logic); the GPU benchmark was not run (nothing was measured)."
+  else
+    say "NO CUDA DEVICE: the GPU tests were skipped and the GPU benchmark was not run (nothing was measured)."
+  fi
+  if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+    say "GPU_CHECK_DRY_RUN=1: the benchmark's tiny CPU dry run (not a GPU figure)"
+    timeout -k 10 300 "$PY" bench/bench_gpu.py --cpu-dry-run --out "$DEST/gpu_check.md" 2>&1 | tee "$DEST/gpu_bench.log"
+    say "dry run: exit status ${PIPESTATUS[0]}; table in $DEST/gpu_check.md"
+  fi
+  [ "$TESTS_RC" = 0 ] || [ "$TESTS_RC" = 5 ] || { say "tests failed"; exit 1; }
+  exit 0
+fi
+
+# ---- 4. benchmark --------------------------------------------------------------------------------
+say "benchmark: bench/bench_gpu.py (limit 200 s; cells still to run after 160 s are skipped and say so)"
+timeout -k 10 200 "$PY" bench/bench_gpu.py --budget-s 160 --out "$DEST/gpu_check.md" 2>&1 | tee "$DEST/gpu_bench.log"
+BENCH_RC=${PIPESTATUS[0]}
+[ "$BENCH_RC" = 124 ] && say "benchmark: TIMED OUT after 200 s (the table was not written)"
+say "benchmark: exit status $BENCH_RC; table in $DEST/gpu_check.md"
+say "done: tests $TESTS_RC, benchmark $BENCH_RC"
+[ "$TESTS_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
