@@ -33,6 +33,8 @@ PY=${PYTHON:-python3}
 DEST=${OUT:-$REPO/runs/gpu_check}
 mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1
+# the random-init enwik8-shape model is built once and shared by the tests and the benchmark
+export REFORMER_GPU_CHECK_MODEL_DIR=${REFORMER_GPU_CHECK_MODEL_DIR:-/tmp/gpu_check_models}
 SITE=/tmp/gpu_check_site
 START=$(date +%s)
 say() { echo "== gpu_check [$(( $(date +%s) - START ))s] $*"; }

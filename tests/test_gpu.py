@@ -31,7 +31,7 @@ from reformer_infer.sampling import RequestSampler, sample_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / "bench"))
-from bench_gpu import ENWIK8, TINY, CapturedStep, build_hf_dir, restore_pool, snapshot_pool  # noqa: E402
+from bench_gpu import ENWIK8, TINY, CapturedStep, model_dir, restore_pool, snapshot_pool  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 ON_CPU = not CUDA and os.environ.get("REFORMER_GPU_TESTS_ON_CPU") == "1"
@@ -70,9 +70,7 @@ def quantile(x: torch.Tensor, q: float) -> float:
 
 @pytest.fixture(scope="module")
 def enwik8_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("enwik8") / "hf"
-    build_hf_dir(SPEC, d)
-    return d
+    return model_dir(SPEC, "enwik8" if CUDA else "tiny", tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
