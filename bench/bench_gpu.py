@@ -29,6 +29,7 @@ import copy
 import gc
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -199,7 +200,7 @@ class CapturedStep:
 def synthetic_pool(model, batch: int, T: int, extra: int, seed: int = 0):
     """A pool of `batch` sequences of T positions each with random keys, values and bucket ids, written through
     the pool's prefill interface on the model's device (decode cost does not depend on the values). All
-    sequences share one draw per layer. Returns (pool, slots)."""
+    sequences share one draw per layer. Returns (pool, ReformerCache of the sequences)."""
     from reformer_infer import ReformerCache
 
     cfg, dev, dt = model.config, model.device, model.dtype
@@ -300,11 +301,19 @@ def fmt_ms(v: list[float] | None) -> str:
 
 
 class Budget:
+    """Seconds left for starting cells; `stop` (SIGTERM: the caller's time limit) spends them at once, so the
+    cells still to run are skipped and the table is written within the caller's grace period."""
+
     def __init__(self, seconds: float) -> None:
         self.end = time.monotonic() + seconds
+        self.stopped = False
 
     def left(self) -> float:
         return self.end - time.monotonic()
+
+    def stop(self, *_: object) -> None:
+        self.stopped, self.end = True, time.monotonic()
+        raise TimeoutError("stopped by SIGTERM (time limit)")  # the cell running is reported as stopped
 
 
 def ours_cell(model, B: int, T: int, extra: int, args) -> tuple[list[float] | None, list[float] | None, list[str]]:
@@ -340,7 +349,7 @@ def ours_cell(model, B: int, T: int, extra: int, args) -> tuple[list[float] | No
     return eager, graph, note
 
 
-def run(args) -> tuple[str, list[str]]:
+def run(args, budget: Budget) -> tuple[str, list[str]]:
     from reformer_infer import load_model
 
     dev = torch.device(args.device)
@@ -348,7 +357,6 @@ def run(args) -> tuple[str, list[str]]:
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     spec = TINY if args.small else ENWIK8
     max_ctx = spec["max_position_embeddings"]
-    budget = Budget(args.budget_s)
     tmp = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     hf_dir = model_dir(spec, "tiny" if args.small else "enwik8", tmp)
     model = load_model(hf_dir, device=dev, dtype=dt).eval()
@@ -407,14 +415,21 @@ def run(args) -> tuple[str, list[str]]:
                   flush=True)
 
     # ---- transformers ----------------------------------------------------------------------------
+    from transformers import ReformerConfig as HFConfig
     from transformers import ReformerModelWithLMHead
 
     hf_prefill = "not run (time budget)"
     hf_decode: dict[tuple[int, int], str] = {}
-    # from_pretrained(dtype=...) keeps some parameters in fp32 (seen with transformers 5.23): cast them all
-    hf = ReformerModelWithLMHead.from_pretrained(hf_dir).to(device=dev, dtype=dt).eval()
+    hf_cfg = HFConfig.from_pretrained(hf_dir)
+    hf = None
+    if budget.left() > args.reserve_s / 2:
+        try:
+            # from_pretrained(dtype=...) keeps some parameters in fp32 (seen with transformers 5.23): cast them all
+            hf = ReformerModelWithLMHead.from_pretrained(hf_dir).to(device=dev, dtype=dt).eval()
+        except Exception as e:
+            hf_prefill = f"failed to load: {failure(e)}"
     elt = torch.empty((), dtype=dt).element_size()
-    if budget.left() > args.reserve_s + args.hf_prefill_s:
+    if hf is not None and budget.left() > args.reserve_s + args.hf_prefill_s:
         try:
             with torch.no_grad():
                 ids = torch.randint(3, 258, (1, Tp), generator=gen).to(dev)
@@ -433,13 +448,13 @@ def run(args) -> tuple[str, list[str]]:
     for B in args.batches:
         for T in contexts:
             key = (B, T)
-            need = hf_cache_bytes(hf.config, B, T, elt)
+            need = hf_cache_bytes(hf_cfg, B, T, elt)
             room = torch.cuda.mem_get_info()[0] if cuda else None
             # the cache, and per step about four copies of one layer's states (concatenation, projections)
-            if room is not None and need + 4 * need // len(hf.config.attn_layers) > room:
+            if room is not None and need + 4 * need // len(hf_cfg.attn_layers) > room:
                 hf_decode[key] = f"not run (cache {fmt_bytes(need)} does not fit)"
                 continue
-            if budget.left() < args.reserve_s / 2:
+            if hf is None or budget.left() < args.reserve_s / 2:
                 hf_decode[key] = "not run (time budget)"
                 continue
             try:
@@ -468,7 +483,7 @@ def run(args) -> tuple[str, list[str]]:
             rows.append(f"| decode ms/step, median (mean) | {B} | {Td} | {eager} | {graph} | {hf_cell} | "
                         f"{'; '.join(n for n in note if n)} |")
     cb = model.cache_bytes(max_ctx)
-    hf_cb = hf_cache_bytes(hf.config, 1, max_ctx, elt)
+    hf_cb = hf_cache_bytes(hf_cfg, 1, max_ctx, elt)
     rows.append(f"| cache bytes per stream | 1 | {max_ctx} | {fmt_bytes(cb)} ({cb} B) | – | {fmt_bytes(hf_cb)} | "
                 f"ours: `model.cache_bytes`; transformers: hidden states of every layer + bucket ids |")
     fits = (NOMINAL_GPU_BYTES - weight_bytes) // cb
@@ -507,7 +522,9 @@ def main() -> None:
         sys.exit("bench_gpu: no CUDA device (use --cpu-dry-run for a CPU dry run)")
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    header, rows = run(args)
+    budget = Budget(args.budget_s)
+    signal.signal(signal.SIGTERM, budget.stop)
+    header, rows = run(args, budget)
     text = header + "\n\n" + "\n".join(rows) + "\n"
     print(text, flush=True)
     if args.out:
