@@ -3,8 +3,8 @@
 Prints ONE markdown table (and writes it to --out), every figure measured in this run:
   * 64K prefill seconds and peak GPU memory (`torch.cuda.max_memory_allocated`), ours and transformers';
   * decode ms per step (one token for every sequence of the batch) at 1K, 16K and 64K for batch 1, 16 and 64:
-    our public `decode_step` (eager) and our `decode_core` captured in a CUDA graph (`CapturedStep`: the
-    between-steps bookkeeping, merges and hashing stay eager, as in `decode_step`), median and mean of N steps
+    our public `decode_step`, eager and through the library's captured steps (`model.use_step_graphs(pool)`:
+    one CUDA graph per batch bucket, as the engine runs with --cuda-graphs), median and mean of N steps
     after warm-up, each step timed between two `torch.cuda.synchronize()` (the host work of a step counts);
     transformers' Reformer decode on the same GPU, same dtype, same contexts where its cache fits;
   * cache bytes per 64K stream (`model.cache_bytes`) and how many 64K streams fit in 80 GB (and in this
@@ -102,101 +102,6 @@ def restore_pool(pool, snap: dict) -> None:
             setattr(pool, name, copy.deepcopy(val))
 
 
-def hash_due(model, pool, due: list[int]) -> None:
-    """The between-steps work of `ReformerLM._decode_pooled`: sequences that reached one LSH chunk are hashed."""
-    if not due or any(layer.full_attention for layer in model.lsh_layers()):
-        return
-    by_length: dict[int, list[int]] = {}
-    for s in due:
-        by_length.setdefault(pool.length[s], []).append(s)
-    for T, group in by_length.items():
-        for i, layer in enumerate(model.encoder.layers):
-            if layer.attention.kind == "lsh":
-                layer.attention.self_attention.hash_sequences(pool, pool.lsh_index[i], group, T)
-    pool.mark_hashed(due)
-
-
-class CapturedStep:
-    """`model.decode_core` for a fixed batch of slots, captured once in a CUDA graph and replayed every token.
-
-    The batch is built once by `begin_step`; before each replay a fresh `begin_step` (host bookkeeping, page
-    room) gives the step's index tensors, copied into the captured batch's (its lengths and hashed flags are
-    views of the pool's device state when the slots are a compact range; the new tokens' rows never are);
-    after it, `end_step` and the hashing of sequences that reached one chunk run eagerly, as in
-    `decode_step`. A change the graph cannot follow (the dense variant of the step, a pool that grew) raises.
-    `capture=False` runs the same bookkeeping with the core eager (a CPU dry run of everything but the graph).
-    Warm-up runs on a side stream (PyTorch's recipe) and its writes to the pool are undone (tests/test_gpu.py
-    checks the whole pool state against an eager run afterwards).
-    """
-
-    def __init__(self, model, pool, slots: list[int], warmup: int = 2, capture: bool = True) -> None:
-        self.model, self.pool, self.slots = model, pool, list(slots)
-        self.batch = pool.begin_step(self.slots)
-        self.ids = torch.zeros(len(self.slots), dtype=torch.long, device=pool.device)
-        self._ptrs = self._pool_ptrs()
-        self.graph = None
-        if not capture:  # a dry run of the static-batch bookkeeping (any device): `step` runs the core eagerly
-            return
-        state = self._step_writes()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self.batch.memo.clear()
-                model.decode_core(self.ids, pool, self.batch)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        self._undo(state)
-        del state
-        self.batch.memo.clear()  # the step's index tensors are computed inside the graph, from the batch
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.decode_core(self.ids, pool, self.batch)
-        if self._pool_ptrs() != self._ptrs:
-            raise RuntimeError("the pool reallocated a tensor during capture")
-
-    def _step_writes(self) -> dict:
-        """What a step writes in the pool (the new tokens' key/value rows, the deltas, the local rings), saved:
-        a whole snapshot would double a 64 x 64K pool (~54 GB)."""
-        p, rows = self.pool, self.batch.new_rows
-        return {"keys": p.keys.index_select(2, rows), "values": p.values.index_select(2, rows),
-                **{name: getattr(p, name).clone() for name in ("dbuckets", "dorder", "local_keys", "local_values")}}
-
-    def _undo(self, saved: dict) -> None:
-        p, rows = self.pool, self.batch.new_rows
-        p.keys.index_copy_(2, rows, saved["keys"])
-        p.values.index_copy_(2, rows, saved["values"])
-        for name in ("dbuckets", "dorder", "local_keys", "local_values"):
-            getattr(p, name).copy_(saved[name])
-
-    def _pool_ptrs(self) -> tuple:
-        p = self.pool
-        return tuple(t.data_ptr() for t in (p.keys, p.values, p.order, p.cum_static, p.dbuckets, p.dorder,
-                                            p.local_keys, p.local_values, p.page_table, p.len_d, p.hashed_d))
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """One token for every sequence: ids (n,) -> logits (n, V) (a fresh tensor)."""
-        fresh = self.pool.begin_step(self.slots)
-        if fresh.dense_span != self.batch.dense_span or fresh.first != self.batch.first:
-            raise RuntimeError(f"the step's variant changed (dense span {self.batch.dense_span} -> "
-                               f"{fresh.dense_span}): capture again")
-        if self._pool_ptrs() != self._ptrs:
-            raise RuntimeError("the pool grew: its tensors moved, capture again")
-        for name in ("slots", "lengths", "hashed", "new_rows"):
-            dst, src = getattr(self.batch, name), getattr(fresh, name)
-            if dst.data_ptr() != src.data_ptr():
-                dst.copy_(src)
-        self.ids.copy_(ids)
-        if self.graph is not None:
-            self.graph.replay()
-        else:  # what the graph would do: recompute the step's index tensors from the batch, run the core
-            self.batch.memo.clear()
-            self.logits = self.model.decode_core(self.ids, self.pool, self.batch)
-        logits = self.logits.clone()
-        hash_due(self.model, self.pool, self.pool.end_step(self.batch, self.slots))
-        return logits
-
-
 def synthetic_pool(model, batch: int, T: int, extra: int, seed: int = 0):
     """A pool of `batch` sequences of T positions each with random keys, values and bucket ids, written through
     the pool's prefill interface on the model's device (decode cost does not depend on the values). All
@@ -206,7 +111,8 @@ def synthetic_pool(model, batch: int, T: int, extra: int, seed: int = 0):
     cfg, dev, dt = model.config, model.device, model.dtype
     H, D = cfg.num_attention_heads, cfg.attention_head_size
     g = torch.Generator(device=dev).manual_seed(seed)
-    pool = model.new_decode_pool(batch, batch * (T + extra))
+    pool = model.new_decode_pool(batch + 1, batch * (T + extra))
+    pool.pad_slot()  # taken now: taken by the first captured step, it could make the pool grow (reallocate)
     seqs = [pool.allocate(T + extra) for _ in range(batch)]
     for i, kind in enumerate(cfg.attn_layers):
         k = (torch.randn(H, T, D, generator=g, device=dev) / D**0.5).to(dt)
@@ -317,7 +223,7 @@ class Budget:
 
 
 def ours_cell(model, B: int, T: int, extra: int, args) -> tuple[list[float] | None, list[float] | None, list[str]]:
-    """Decode ms of B sequences at T positions: eager `decode_step`, then `CapturedStep` replays (CUDA)."""
+    """Decode ms of B sequences at T positions: `decode_step` eager, then through captured steps (CUDA)."""
     dev = model.device
     cuda = dev.type == "cuda"
     eager = graph = None
@@ -334,11 +240,15 @@ def ours_cell(model, B: int, T: int, extra: int, args) -> tuple[list[float] | No
                 note.append(f"graph: not tried (failed in an earlier cell: {args.graph_failed})")
             elif cuda and not args.no_graphs:
                 try:
-                    cs = CapturedStep(model, pool, [s.slot for s in caches.sequences])
-                    graph = timed_steps(lambda: cs.step(tok[:, 0]), args.steps, args.warmup, dev)
+                    model.use_step_graphs(pool)
+                    graph = timed_steps(lambda: model.decode_step(tok, caches), args.steps, args.warmup, dev)
                 except Exception as e:  # reported in the table: a failure is a finding
                     args.graph_failed = failure(e)
                     note.append(f"graph: {args.graph_failed}")
+                finally:
+                    # the model keeps a pool's captured steps (and so the pool) for good: no public way to
+                    # drop them yet, and a 64 x 64K pool is ~54 GB
+                    model._step_graphs.pop(id(pool), None)
             if cuda:
                 note.append(f"peak {fmt_bytes(peak)}")
     except Exception as e:
@@ -370,7 +280,7 @@ def run(args, budget: Budget) -> tuple[str, list[str]]:
               f"{args.dtype}, {'tiny widths (--small)' if args.small else 'enwik8 shape'} "
               f"({n_params / 1e6:.1f}M params, random init), decode: {args.steps} timed steps per cell after "
               f"{args.warmup} warm-up, each between two synchronizes; ms per step = per token of every stream")
-    rows = ["| measure | batch | context | reformer-serve eager | reformer-serve CUDA graph | transformers | note |",
+    rows = ["| measure | batch | context | reformer-serve eager | reformer-serve CUDA graphs | transformers | note |",
             "|---|---|---|---|---|---|---|"]
     gen = torch.Generator().manual_seed(0)
 
@@ -508,7 +418,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--hf-steps", type=int, default=8)
     ap.add_argument("--hf-prefill-s", type=float, default=30.0, help="time kept for transformers' prefill")
-    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph column")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the captured-steps (CUDA graph) column")
     ap.add_argument("--budget-s", type=float, default=200.0, help="skip cells still to run after this long")
     ap.add_argument("--reserve-s", type=float, default=20.0, help="time a cell needs to be started")
     ap.add_argument("--out", type=Path, help="write the table here too")

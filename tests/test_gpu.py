@@ -1,14 +1,15 @@
 """GPU checks of the decode engine (issue 21, item 6). Every test is marked `gpu` and skipped without CUDA.
 
   * bf16 decode logits follow fp32 (bundled model; random-init enwik8-shape model);
-  * `decode_core` captured in a CUDA graph and replayed == the eager `decode_step` (logits and pool state);
+  * decode steps captured in CUDA graphs (`model.use_step_graphs`, as the engine runs them) == eager steps
+    (logits and pool state);
   * 16 and 64 enwik8-shape sequences of different lengths (one at 64K) decoding together == each alone;
   * seeded sampling gives the same tokens twice on the device.
 
 Imports only torch, safetensors (through reformer_infer), transformers (building the random-init model) and
 reformer_infer. With REFORMER_GPU_TESTS_ON_CPU=1 and no CUDA the same checks run on the CPU at tiny widths
-and contexts (the CUDA-graph test replays its static batch without a graph): a dry run of the logic, not a
-GPU result.
+and contexts (the captured-step test records with `step_graphs.EagerReplay`, the library's stand-in): a dry
+run of the logic, not a GPU result.
 
 Time on an H100, estimated from op counts (no GPU has been lent yet, nothing here was timed on one): building
 and saving the 149M-parameter random-init model ~10 s on the CPU, loading it ~5 s; a decode step is ~900
@@ -31,7 +32,7 @@ from reformer_infer.sampling import RequestSampler, sample_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / "bench"))
-from bench_gpu import ENWIK8, TINY, CapturedStep, model_dir, restore_pool, snapshot_pool  # noqa: E402
+from bench_gpu import ENWIK8, TINY, model_dir, restore_pool, snapshot_pool  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 ON_CPU = not CUDA and os.environ.get("REFORMER_GPU_TESTS_ON_CPU") == "1"
@@ -141,6 +142,30 @@ def test_bf16_decode_logits_follow_fp32(which, request):
 # ---------------------------------------------------------------------------------------------------
 # CUDA graph replay == eager
 # ---------------------------------------------------------------------------------------------------
+def without_pad(snap: dict, pool) -> dict:
+    """A pool snapshot with the pad slot's state blanked (a captured step's padded rows and its recordings
+    write there; an eager step never does, and no real sequence reads it)."""
+    pad = pool._pad
+    out = dict(snap)
+    if pad is None:
+        return out
+    rows = torch.cat([torch.arange(p * pool.P, (p + 1) * pool.P) for p in pool.pages[pad]]).to(pool.device)
+    for name, x in snap.items():
+        if not isinstance(x, torch.Tensor):
+            continue
+        x = x.clone()
+        if name in ("keys", "values"):
+            x.index_fill_(2, rows, 0)
+        elif name == "order":
+            x.index_fill_(3, rows, 0)
+        elif name in ("cum_static", "dbuckets", "dorder", "local_keys", "local_values"):
+            x[:, pad] = 0
+        elif x.shape[0] == pool.S:  # page_table, len_d, hashed_d
+            x[pad] = 0
+        out[name] = x
+    return out
+
+
 def assert_same_state(a: dict, b: dict, what: str) -> None:
     """Pool snapshots equal: integer state exactly; float state bitwise, else (non-bitwise kernels) within 1% of
     its scale where both are finite (never-written page rows hold whatever memory held, NaN included)."""
@@ -161,42 +186,55 @@ def assert_same_state(a: dict, b: dict, what: str) -> None:
             assert diff <= 0.01 * scale, f"{what}: {name} differs by {diff.item():.4g} (scale {scale.item():.4g})"
 
 
-@pytest.mark.parametrize("variant", ["hashed", "mixed"])
-def test_captured_step_equals_the_eager_step(variant, enwik8_bf16):
-    """`decode_core` of 4 sequences captured once (CUDA graph) and replayed for 40 tokens, with `end_step`, the
-    delta merges (delta of 16: two merges per hashed sequence) and page bookkeeping eager between replays,
-    computes what the eager `decode_step` computes from the same state with the same tokens: logits within 1%
-    of their range at every step (bitwise expected: the same kernels) and the same pool state afterwards.
-    'mixed' keeps two sequences shorter than one chunk throughout (the step's dense variant). On a CPU dry run
-    the static-batch bookkeeping runs without a graph."""
-    model, steps = enwik8_bf16, 40 if CUDA else 24  # delta of 16: a merge every 16 tokens
-    dense = min(20, C - steps - 3)
-    lengths = [C + 44, 3 * C + 1, 5 * C + 17, 8 * C] if variant == "hashed" else [dense, C + 44, 4 * C + 5, 3]
-    assert all(L + steps < C or L > C for L in lengths)  # no sequence crosses into LSH: one variant throughout
-    pool = model.new_decode_pool(4, sum(L + steps + 8 for L in lengths), delta_size=16)
-    caches = ReformerCache.batch([model.prefill(random_ids(L, i), capacity=L + steps + 8, pool=pool)[1]
+CAPTURE_CASES = {
+    # 4 sequences past one chunk: bucket 4, no dense rows
+    "hashed": lambda steps: [C + 44, 3 * C + 1, 5 * C + 17, 8 * C],
+    # 3 sequences (bucket 4: one pad row), two shorter than one chunk throughout (the dense variant)
+    "mixed": lambda steps: [min(20, C - steps - 3), C + 44, 3],
+    # 5 sequences (bucket 8), one crossing into LSH windows on the way: dense variant, transition, then the other
+    "crossing": lambda steps: [C + 3, C - 7, 2 * C + 9, 4 * C, 6 * C + 1],
+}
+
+
+@pytest.mark.parametrize("case", list(CAPTURE_CASES))
+def test_captured_steps_equal_eager_steps(case, enwik8_dir, enwik8_bf16):
+    """Decode steps through the library's captured steps (`model.use_step_graphs(pool)`: one CUDA graph per
+    batch bucket and dense variant, replayed every token, with the between-steps bookkeeping, delta merges
+    (delta of 16 here: a merge every 16 tokens) and hashing eager) compute what eager `decode_step`s compute
+    from the same state with the same tokens: logits within 1% of their range at every step (bitwise
+    expected: the same kernels) and the same pool state afterwards (but for the pad slot). On a CPU dry run
+    the recorder is `step_graphs.EagerReplay`, the library's stand-in that refuses moved buffers."""
+    from reformer_infer.step_graphs import EagerReplay
+
+    steps = 40 if CUDA else 24
+    lengths = CAPTURE_CASES[case](steps)
+    captured = load_model(enwik8_dir, device=DEVICE, dtype=torch.bfloat16).eval()  # eager: the fixture's
+    pool = captured.new_decode_pool(len(lengths) + 1, sum(L + steps + 8 for L in lengths), delta_size=16)
+    pool.pad_slot()  # taken before the snapshot: the eager twin starts from the same pool
+    caches = ReformerCache.batch([captured.prefill(random_ids(L, i), capacity=L + steps + 8, pool=pool)[1]
                                   for i, L in enumerate(lengths)])
     slots = [s.slot for s in caches.sequences]
-    assert slots == sorted(slots)
-    inputs = torch.randint(3, 258, (steps, 4), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    inputs = torch.randint(3, 258, (steps, len(lengths)), generator=torch.Generator().manual_seed(7)).to(DEVICE)
     static0 = [pool.static_len[s] for s in slots]
     state0 = snapshot_pool(pool)
-    with torch.inference_mode():
-        cs = CapturedStep(model, pool, slots, capture=CUDA)  # on a CPU dry run: the replay logic, no graph
-        got = torch.stack([cs.step(inputs[t]).float() for t in range(steps)])
-        merged = sum(pool.static_len[s] != b for s, b in zip(slots, static0, strict=True))
-        state_graph = snapshot_pool(pool)
-        restore_pool(pool, state0)
-        ref = torch.stack([model.decode_step(inputs[t].view(-1, 1), caches)[0][:, 0].float() for t in range(steps)])
-        state_eager = snapshot_pool(pool)
+    graphs = captured.use_step_graphs(pool, capture=None if CUDA else EagerReplay)
+    got = torch.stack([captured.decode_step(inputs[t].view(-1, 1), caches)[0][:, 0].float() for t in range(steps)])
+    merged = sum(pool.static_len[s] != b for s, b in zip(slots, static0, strict=True))
+    state_graph = snapshot_pool(pool)
+    restore_pool(pool, state0)
+    ref = torch.stack([enwik8_bf16.decode_step(inputs[t].view(-1, 1), caches)[0][:, 0].float()
+                       for t in range(steps)])
+    state_eager = snapshot_pool(pool)
+    variants = 2 if case == "crossing" else 1
+    assert graphs.captures == variants, graphs.captures  # recorded once per variant, replayed every token
     assert [pool.length[s] for s in slots] == [L + steps for L in lengths]
-    assert merged == sum(L > C for L in lengths)  # every hashed sequence merged its delta
+    assert merged == sum(L + steps >= C for L in lengths)  # hashed by now: merged its delta or was just hashed
     assert torch.isfinite(got).all()
     err = rel_err(ref, got)
-    print(f"{variant}: graph vs eager max error / logit range {err.max().item():.3g}, "
+    print(f"{case}: captured vs eager max error / logit range {err.max().item():.3g}, "
           f"bitwise {torch.equal(ref, got)}")
     assert err.max().item() <= 0.01, err.amax(-1)
-    assert_same_state(state_eager, state_graph, variant)
+    assert_same_state(without_pad(state_eager, pool), without_pad(state_graph, pool), case)
     caches.release()
 
 
