@@ -248,7 +248,7 @@ def ours_cell(model, B: int, T: int, extra: int, args) -> tuple[list[float] | No
                 finally:
                     # the model keeps a pool's captured steps (and so the pool) for good: no public way to
                     # drop them yet, and a 64 x 64K pool is ~54 GB
-                    model._step_graphs.pop(id(pool), None)
+                    model.drop_step_graphs(pool)
             if cuda:
                 note.append(f"peak {fmt_bytes(peak)}")
     except Exception as e:

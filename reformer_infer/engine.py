@@ -335,8 +335,9 @@ class Engine:
         if hasattr(model, "new_decode_pool"):
             per_token = max(float(model.cache_bytes_per_token()), 1.0)
             tokens = min(int(self.config.cache_memory_bytes / per_token), self.config.max_batch * self.max_context)
-            self._pool = model.new_decode_pool(self.config.max_batch, tokens)
-            if self.config.cuda_graphs and self._device.type == "cuda":
+            graphs = self.config.cuda_graphs and self._device.type == "cuda"
+            self._pool = model.new_decode_pool(self.config.max_batch + graphs, tokens)  # + the pad slot
+            if graphs:
                 model.use_step_graphs(self._pool)
         self._pool_kw: dict[str, Any] = {} if self._pool is None else {"pool": self._pool}  # for prefills
         self._scheduler = Scheduler(

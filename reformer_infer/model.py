@@ -904,8 +904,15 @@ class ReformerLM(nn.Module):
     def use_step_graphs(self, pool: DecodePool, capture: Callable | None = None) -> StepGraphs:
         """Decode the sequences of `pool` through captured steps from now on (`step_graphs`): on CUDA, one
         CUDA graph per batch bucket; `capture` replaces the recorder (tests: `step_graphs.EagerReplay`)."""
+        pool.pad_slot()  # taken now: a pool sized to its sequences grows here, not inside a serving step
         graphs = self._step_graphs[id(pool)] = StepGraphs(self, pool, capture)
         return graphs
+
+    def drop_step_graphs(self, pool: DecodePool) -> None:
+        """Stop capturing steps for `pool` and let go of its recordings (and of the pool)."""
+        graphs = self._step_graphs.get(id(pool))
+        if graphs is not None and graphs.pool is pool:
+            del self._step_graphs[id(pool)]
 
     @torch.inference_mode()
     def decode_step(self, input_ids: Tensor, cache: ReformerCache) -> tuple[Tensor, ReformerCache]:
