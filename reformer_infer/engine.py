@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from reformer_infer.cache import ReformerCache
+from reformer_infer.pool import upload
 from reformer_infer.requests import (
     EngineStats,
     EngineStoppedError,
@@ -808,7 +809,7 @@ class Engine:
             ids = [[r.last_token] for r in batch]
         if not batch:
             return 0
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self._device)  # (B, 1)
+        input_ids = upload(ids, self._device)  # (B, 1): one asynchronous copy from pinned memory on CUDA
         try:
             if self.fault_hook is not None:
                 for req in batch:

@@ -343,11 +343,11 @@ class DecodePool:
             first = None
             if key != self._step_key or self._step_slots is not out:
                 full = slots + [self.pad_slot()] * (out.numel() - len(slots))
-                out.copy_(_upload(full, self.device))
+                out.copy_(upload(full, self.device))
                 self._step_key, self._step_slots = key, out
         else:
             if key != self._step_key or self._step_slots is None or self._step_slots.numel() != len(slots):
-                self._step_key, self._step_slots = key, _upload(slots, self.device)
+                self._step_key, self._step_slots = key, upload(slots, self.device)
             first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
         # the dense attention covers the first chunk (every position a not-yet-hashed sequence has) when
         # some sequence still needs it; with full attention, every position so far
@@ -564,7 +564,7 @@ class DecodePool:
         return torch.diff(cum, dim=-1, prepend=torch.zeros_like(cum[..., :1]))
 
 
-def _upload(values: list[int], device: torch.device) -> Tensor:
+def upload(values: list, device: torch.device) -> Tensor:
     """int64 tensor of host values on `device`: from pinned memory and asynchronous on CUDA."""
     host = torch.tensor(values, dtype=torch.long)
     if device.type == "cuda":
