@@ -587,10 +587,8 @@ class Engine:
         for cache, gen in done:
             if gen is not None:
                 gen.close()
-            for seq in getattr(cache, "sequences", ()):
-                release = getattr(seq, "release", None)
-                if release is not None:
-                    release()
+            if cache is not None:
+                cache.release()
 
     def step(self) -> None:
         """One engine iteration: schedule -> execute (batched decode + one prefill chunk) -> update."""
@@ -782,10 +780,7 @@ class Engine:
         to the prefill count (0 if the request finished meanwhile: its cache is given back)."""
         with self._cond:
             if req.finished:
-                for seq in cache.sequences:
-                    release = getattr(seq, "release", None)
-                    if release is not None:
-                        release()
+                cache.release()
                 return 0
             delta = len(req.prompt_ids) - req.prefill_done_tokens
             req.prefill_done_tokens = len(req.prompt_ids)

@@ -138,6 +138,11 @@ class ExportedSequence:
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.lsh_keys, self.lsh_values, self.lsh_order, self.lsh_counts, self.local_keys, self.local_values)
 
+    def release(self) -> None:
+        """Give the state's memory back now (idempotent); the sequence cannot decode afterwards."""
+        for name in ("lsh_keys", "lsh_values", "lsh_order", "lsh_counts", "local_keys", "local_values"):
+            setattr(self, name, getattr(self, name).new_empty(0))
+
 
 class ExportedCache(ReformerCache):
     """A batch of per-sequence exported states (possibly of different lengths); grouping copies nothing.

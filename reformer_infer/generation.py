@@ -73,6 +73,4 @@ def generate(
             with torch.inference_mode():
                 logits, cache = model.decode_step(torch.tensor([[token]], dtype=torch.long, device=device), cache)
     finally:
-        release = getattr(cache, "release", None)  # the decode state goes back (exported caches have none)
-        if release is not None:
-            release()
+        cache.release()  # the decode state goes back

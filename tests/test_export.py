@@ -145,6 +145,20 @@ def test_engine_streams_the_same_greedy_tokens_from_onnx_as_eager_generate(expor
     assert len({t for toks in streamed for t in toks}) > 4  # the greedy paths are not one repeated token
 
 
+def test_generate_runs_on_an_exported_model_and_gives_its_state_back(exported) -> None:
+    """`generate` releases its cache at the end, whatever the backend: an exported model's sequences
+    release their tensors (they raised AttributeError before)."""
+    model, out = exported("mixed", "torchscript")
+    em = ExportedModel(out, "torchscript")
+    prompt = list(range(5, 25))
+    assert list(generate(em, prompt, 6, temperature=0.0)) == list(generate(model, prompt, 6, temperature=0.0))
+    _, cache = em.prefill(torch.tensor([prompt]))
+    assert cache.nbytes > 0
+    cache.release()
+    cache.release()
+    assert cache.nbytes == 0
+
+
 def test_stacked_batch_decode_equals_eager_batch(exported) -> None:
     model, out = exported("lsh_first", "torchscript")
     em = ExportedModel(out, "torchscript", batch_mode="stack")
