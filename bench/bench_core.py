@@ -89,7 +89,7 @@ def _ours_synthetic_cache(model, T: int, extra: int):
     seq = pool.allocate(T + extra)
     cfg = model.config
     H, D = cfg.num_attention_heads, cfg.attention_head_size
-    rows = pool.prefill_rows([seq], T)[0]  # (T,) pool rows
+    rows = pool.rows_of([seq.slot], T)[0]  # (T,) pool rows
     for i, kind in enumerate(cfg.attn_layers):
         k = torch.randn(H, T, D, generator=g) / D**0.5
         v = torch.randn(H, T, D, generator=g)

@@ -125,7 +125,7 @@ def synthetic_pool(model, batch: int, T: int, extra: int, seed: int = 0):
             b = torch.randint(0, cfg.total_buckets, (1, H, pool.R, T), generator=g, device=dev)
             order = torch.argsort(b * T + torch.arange(T, device=dev), dim=-1)
             for s in seqs:
-                rows = pool.prefill_rows([s], T)[0]
+                rows = pool.rows_of([s.slot], T)[0]
                 pool.keys[j].index_copy_(1, rows, k)
                 pool.values[j].index_copy_(1, rows, v)
                 pool.set_order(j, [s.slot], order, b)

@@ -101,6 +101,12 @@ class ReformerConfig:
             return n + lcm - n % lcm
         return n
 
+    def check_prompt_length(self, n: int) -> None:
+        """Raise ValueError where `prompt_length_error` names a reason (the model's own context)."""
+        err = self.prompt_length_error(n)
+        if err is not None:
+            raise ValueError(err)
+
     def prompt_length_error(self, n: int, context: int | None = None) -> str | None:
         """Why a prompt of n tokens cannot be prefilled within `context` (default: the model's), or None.
         The prefill pads the prompt as transformers does, so the padded length must fit too."""

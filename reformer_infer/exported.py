@@ -266,9 +266,7 @@ class ExportedModel:
         """Like `ReformerLM.prefill_iter`: yields (done, total); returns (logits, cache). A prefill-graph call
         is one unit (`work_tokens` cannot split a graph); a dense-regime prompt yields once per token."""
         B, T = input_ids.shape
-        err = self.config.prompt_length_error(T)
-        if err is not None:
-            raise ValueError(err)
+        self.config.check_prompt_length(T)
         caps = row_capacities(capacity, B, T)
         if not self._uses_prefill_graph(T):
             seqs, rows = [], []

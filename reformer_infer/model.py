@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .cache import ReformerCache, SequenceCache
 from .config import ReformerConfig
-from .pool import DecodePool, StepBatch, StepPlan, cache_bytes
+from .pool import DecodePool, StepBatch, StepPlan, cache_bytes, head_rows
 from .step_graphs import StepGraphs
 
 # Mask values of the reference implementation (fp32 / fp16). They are finite on purpose: a query whose
@@ -258,19 +258,16 @@ class _Rows:
         pool = self.target.pool
         return (*pool.lsh_tables(pool.lsh_index[self.target.layer]), pool.N * pool.P)
 
-    def _heads(self, prow: Tensor, per_head: int) -> Tensor:
-        return prow + torch.arange(self.H, device=prow.device).view(1, self.H, 1) * per_head
-
     def write(self, s0: int, s1: int, k: Tensor, v: Tensor) -> None:
         """Rows (B, H, s1 - s0, D) of positions [s0, s1)."""
         kt, vt, per_head = self.tables()
-        idx = self._heads(self.prow[:, None, s0:s1], per_head).reshape(-1)
+        idx = head_rows(self.prow[:, None, s0:s1], self.H, per_head).reshape(-1)
         kt.index_copy_(0, idx, k.reshape(-1, self.D))
         vt.index_copy_(0, idx, v.reshape(-1, self.D))
 
     def _index(self, pos: Tensor, per_head: int) -> Tensor:
         B = pos.shape[0]
-        return self._heads(self.prow.gather(1, pos.reshape(B, -1)).view(pos.shape), per_head).reshape(-1)
+        return head_rows(self.prow.gather(1, pos.reshape(B, -1)).view(pos.shape), self.H, per_head).reshape(-1)
 
     def read(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, H, n, D) at positions pos (B, H, n)."""
@@ -285,7 +282,7 @@ class _Rows:
     def normalise_keys(self, s0: int, s1: int, fn: Callable[[Tensor], Tensor]) -> None:
         """Apply fn to the key rows of positions [s0, s1), in place."""
         kt, _, per_head = self.tables()
-        idx = self._heads(self.prow[:, None, s0:s1], per_head).reshape(-1)
+        idx = head_rows(self.prow[:, None, s0:s1], self.H, per_head).reshape(-1)
         kt.index_copy_(0, idx, fn(kt.index_select(0, idx)))
 
 
@@ -330,6 +327,12 @@ class LSHSelfAttention(nn.Module):
         return buckets
 
     # ---- prefill / full forward --------------------------------------------------------------
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Shared-QK and value rows (B, H, t, D) of layer-normed x (B, t, E)."""
+        B, t, _ = x.shape
+        return (self.query_key(x).view(B, t, self.H, self.D).transpose(1, 2),
+                self.value(x).view(B, t, self.H, self.D).transpose(1, 2))
+
     def forward_work(
         self,
         h: Tensor,
@@ -359,11 +362,9 @@ class LSHSelfAttention(nn.Module):
             # of queries so the score block stays bounded.
             qk, k, v = (h.new_empty(B, H, T, D) for _ in range(3))
             for s0, s1 in _slices(T, step):
-                x = layer_norm(h[:, s0:s1])
-                qk_s = self.query_key(x).view(B, s1 - s0, H, D).transpose(1, 2)
+                qk_s, v[:, :, s0:s1] = self._project(layer_norm(h[:, s0:s1]))
                 qk[:, :, s0:s1] = qk_s
                 k[:, :, s0:s1] = len_norm(qk_s) / math.sqrt(D)
-                v[:, :, s0:s1] = self.value(x).view(B, s1 - s0, H, D).transpose(1, 2)
                 yield s1 - s0
             if target is not None:
                 _Rows(target, B, T, H, D, h).write(0, T, k, v)
@@ -394,9 +395,8 @@ class LSHSelfAttention(nn.Module):
             end = T + 1 if s1 == T else s1  # the last slice takes the pads' row too
             acc[:, s0:end].zero_()
             lse_acc[:, s0:end].zero_()
-            x = layer_norm(h[:, s0:s1])
-            qk_s = self.query_key(x).view(B, s1 - s0, H, D).transpose(1, 2)  # (B, H, t, D)
-            rows.write(s0, s1, qk_s, self.value(x).view(B, s1 - s0, H, D).transpose(1, 2))
+            qk_s, v_s = self._project(layer_norm(h[:, s0:s1]))
+            rows.write(s0, s1, qk_s, v_s)
             buckets[..., s0:s1] = self.hash(qk_s)
             yield s1 - s0
         pos = torch.arange(T, device=dev)
@@ -718,6 +718,16 @@ class ReformerLM(nn.Module):
         return h.hexdigest()[:16]
 
     @property
+    def num_hashes(self) -> int:
+        """Hash rounds of the LSH layers' rotations (1 without LSH layers)."""
+        return next((layer.num_hashes for layer in self.lsh_layers()), 1)
+
+    @property
+    def full_attention(self) -> bool:
+        """Whether the LSH layers run as dense attention (`set_full_attention`)."""
+        return any(layer.full_attention for layer in self.lsh_layers())
+
+    @property
     def device(self) -> torch.device:
         return self.lm_head.decoder.weight.device
 
@@ -755,9 +765,7 @@ class ReformerLM(nn.Module):
         `capacity` is one for every row or one per row (a batch of requests with their own budgets).
         """
         B, T = input_ids.shape
-        err = self.config.prompt_length_error(T)
-        if err is not None:
-            raise ValueError(err)
+        self.config.check_prompt_length(T)
         caps = row_capacities(capacity, B, T)
         if pool is None:
             pool = self.new_decode_pool(B, sum(caps) + B)
@@ -766,7 +774,7 @@ class ReformerLM(nn.Module):
         try:
             for cap in caps:
                 seqs.append(pool.allocate(cap))
-            target = PrefillTarget(pool, seqs, pool.prefill_rows(seqs, T))
+            target = PrefillTarget(pool, seqs, pool.rows_of([s.slot for s in seqs], T))
             gen = self._forward_work(input_ids, target, last_only=last_only, work_tokens=work_tokens)
             total = self.prefill_work(T)
             done = 0
@@ -816,9 +824,7 @@ class ReformerLM(nn.Module):
     ) -> Generator[int, None, Tensor]:
         cfg = self.config
         B, T = input_ids.shape
-        err = cfg.prompt_length_error(T)
-        if err is not None:
-            raise ValueError(err)
+        cfg.check_prompt_length(T)
         Tp = cfg.padded_length(T)
         positions = torch.arange(T, device=input_ids.device)
         training = torch.is_grad_enabled()
@@ -897,9 +903,8 @@ class ReformerLM(nn.Module):
         """A pool for the decode state of up to `sequences` sequences holding `tokens` positions in all
         (it grows past either when needed). An engine keeps one so all its sequences decode together.
         `layout`: page_size, delta_size (see `DecodePool`)."""
-        R = next(self.lsh_layers()).num_hashes if "lsh" in self.config.attn_layers else 1
-        return DecodePool(self.config, num_hashes=R, device=self.device, dtype=self.dtype, sequences=sequences,
-                          tokens=tokens, **layout)
+        return DecodePool(self.config, num_hashes=self.num_hashes, device=self.device, dtype=self.dtype,
+                          sequences=sequences, tokens=tokens, **layout)
 
     def use_step_graphs(self, pool: DecodePool, capture: Callable | None = None) -> StepGraphs:
         """Decode the sequences of `pool` through captured steps from now on (`step_graphs`): on CUDA, one
@@ -946,12 +951,11 @@ class ReformerLM(nn.Module):
         return logits.unsqueeze(1), cache
 
     def _decode_pooled(self, ids: Tensor, pool: DecodePool, slots: list[int]) -> Tensor:
-        full = any(layer.full_attention for layer in self.lsh_layers())
         graphs = self._step_graphs.get(id(pool))
-        if graphs is not None and graphs.pool is pool and not full:
+        if graphs is not None and graphs.pool is pool and not self.full_attention:
             logits, plan = graphs.run(ids, slots)
         else:
-            plan = pool.begin_step(slots, full_attention=full)
+            plan = pool.begin_step(slots, full_attention=self.full_attention)
             logits = self.decode_core(ids, pool, plan)
         self.finish_step(pool, plan, slots)
         return logits
@@ -960,7 +964,7 @@ class ReformerLM(nn.Module):
         """Between steps: advance the sequences; those reaching one chunk are hashed and decode by LSH
         windows from the next token on (not with full attention)."""
         due = pool.end_step(plan, slots)
-        if due and not any(layer.full_attention for layer in self.lsh_layers()):
+        if due and not self.full_attention:
             by_length: dict[int, list[int]] = {}
             for s in due:
                 by_length.setdefault(pool.length[s], []).append(s)
@@ -988,8 +992,7 @@ class ReformerLM(nn.Module):
 
     def cache_bytes(self, num_tokens: int) -> int:
         """Cache bytes of one sequence holding `num_tokens` positions (in a decode pool of the default layout)."""
-        R = next(self.lsh_layers()).num_hashes if "lsh" in self.config.attn_layers else 1
-        return cache_bytes(self.config, R, self.dtype, num_tokens)
+        return cache_bytes(self.config, self.num_hashes, self.dtype, num_tokens)
 
     def cache_bytes_per_token(self) -> float:
         return (self.cache_bytes(8192) - self.cache_bytes(4096)) / 4096

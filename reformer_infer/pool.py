@@ -53,7 +53,6 @@ class StepPlan:
     are read. A decode step is a function of the plan and the pool's tensors alone."""
 
     slots: Tensor  # (n,) int64 pool slots (a pad slot fills the rows of a padded batch)
-    rows: int  # rows that are real sequences (the first `rows`)
     first: int | None  # the slots are first, first + 1, ...: per-slot tensors are read through views
     dense_span: int  # positions the dense attention covers (0: every sequence decodes by LSH windows)
 
@@ -261,16 +260,15 @@ class DecodePool:
                          self.ring, self.dtype)
 
     # ---- prefill ---------------------------------------------------------------------------------
-    def prefill_rows(self, seqs: list[SequenceCache], T: int) -> Tensor:
-        """(B, T) pool rows of positions [0, T) of each sequence (pages for them are held)."""
-        sl = torch.tensor([s.slot for s in seqs], device=self.device)
-        return self._page_rows(self.page_table.index_select(0, sl), torch.arange(T, device=self.device).expand(len(seqs), T))
+    def rows_of(self, slots: list[int], T: int) -> Tensor:
+        """(B, T) pool rows of positions (or static sorted slots) [0, T) of the sequences in `slots` (their
+        pages are held)."""
+        return self._first_rows(self.page_table.index_select(0, upload(slots, self.device)), T)
 
     def table_rows(self, rows: Tensor) -> Tensor:
         """Rows of the (H * N * P, D) key / value tables (`lsh_tables`) of pool rows `rows` (n, H or 1, ...)
         in every head. Recompute after the pool grows (N changes; pool rows do not)."""
-        H = self.H
-        return rows + torch.arange(H, device=rows.device).view(1, H, *[1] * (rows.dim() - 2)) * (self.N * self.P)
+        return head_rows(rows, self.H, self.N * self.P)
 
     def lsh_tables(self, j: int) -> tuple[Tensor, Tensor]:
         """LSH layer j's keys and values as (H * N * P, D) tables: head h's pool row r is table row
@@ -292,9 +290,9 @@ class DecodePool:
         sorted by (bucket, position), buckets (B, H, R, T) each position's bucket. Becomes their static order
         (as pool rows) and per-bucket counts; their deltas are emptied."""
         B, T = len(slots), order.shape[-1]
-        sl = torch.tensor(slots, device=self.device)
+        sl = upload(slots, self.device)
         table = self.page_table.index_select(0, sl)
-        rows = self._page_rows(table, torch.arange(T, device=self.device).expand(B, T)).view(-1)  # sorted slots
+        rows = self._first_rows(table, T).view(-1)  # where sorted slots [0, T) live
         for h in range(self.H):  # a head at a time: the position -> row temporaries of a 64K prefill stay small
             as_rows = self._page_rows(table, order[:, h].reshape(B, -1)).view(B, self.R, T).to(torch.int32)
             self.order[j, h].index_copy_(-1, rows, as_rows.transpose(0, 1).reshape(self.R, B * T))
@@ -318,9 +316,14 @@ class DecodePool:
         page = table.gather(1, (pos >> self.shift).reshape(table.shape[0], -1).long()).view(pos.shape)
         return page * self.P + (pos & (self.P - 1))
 
+    def _first_rows(self, table: Tensor, n: int) -> Tensor:
+        """(B, n) pool rows of positions (or static sorted slots) [0, n) of the sequences whose page-table
+        rows are `table` (B, pages)."""
+        return self._page_rows(table, torch.arange(n, device=self.device).expand(table.shape[0], n))
+
     def _rows(self, slot: int, n: int) -> Tensor:
         """Pool rows of a sequence's positions (or static sorted slots) [0, n)."""
-        return self._page_rows(self.page_table[slot : slot + 1], torch.arange(n, device=self.device).view(1, n))[0]
+        return self._first_rows(self.page_table[slot : slot + 1], n)[0]
 
     def _positions_of(self, slot: int, rows: Tensor) -> Tensor:
         """The positions of a sequence's pool rows (for inspection)."""
@@ -353,7 +356,7 @@ class DecodePool:
         # some sequence still needs it; with full attention, every position so far
         dense = any(not self.is_hashed[s] for s in slots) or full_attention
         span = (max(self.length[s] for s in slots) + 1 if full_attention else self.C) if dense else 0
-        return StepPlan(self._step_slots, len(slots), first, span)
+        return StepPlan(self._step_slots, first, span)
 
     def step_view(self, plan: StepPlan) -> StepBatch:
         """The step's index tensors, read from the device-side state (inside the step)."""
@@ -501,9 +504,7 @@ class DecodePool:
     def keys_of(self, j: int, slots: list[int], T: int) -> Tensor:
         """LSH layer j's cached keys (S, H, T, D) at positions [0, T) of sequences `slots` (the dense-to-LSH
         transition hashes them all)."""
-        sl = torch.tensor(slots, device=self.device)
-        rows = self._page_rows(self.page_table.index_select(0, sl),
-                               torch.arange(T, device=self.device).expand(len(slots), T)).view(-1)
+        rows = self.rows_of(slots, T).view(-1)
         return self.keys[j].index_select(1, rows).view(self.H, len(slots), T, self.D).transpose(0, 1)
 
     def _merged_order(self, j: int, slot: int) -> tuple[Tensor, Tensor]:
@@ -570,6 +571,12 @@ def upload(values: list, device: torch.device) -> Tensor:
     if device.type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
+
+
+def head_rows(rows: Tensor, H: int, per_head: int) -> Tensor:
+    """Rows (n, H, ...) of a table holding H heads of `per_head` rows each (head h's row r is h * per_head +
+    r), for per-head rows `rows` (n, H or 1, ...)."""
+    return rows + torch.arange(H, device=rows.device).view(1, H, *[1] * (rows.dim() - 2)) * per_head
 
 
 def page_bytes(Ll: int, H: int, D: int, R: int, P: int, dtype: torch.dtype) -> int:

@@ -132,7 +132,7 @@ class StepGraphs:
         pool = self.pool
         real = static_slots.clone()
         static_slots.fill_(pool.pad_slot())
-        recorded = StepPlan(static_slots, 0, None, plan.dense_span)
+        recorded = StepPlan(static_slots, None, plan.dense_span)
 
         def step() -> Tensor:
             return self.model.decode_core(static_ids, pool, recorded)
