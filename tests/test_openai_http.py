@@ -234,3 +234,15 @@ def test_tls_and_the_open_stream_limit_apply_to_http(tiny_model_dir: Path, tmp_p
             assert c.completions.create(model=model, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+def test_text_for_a_model_without_a_tokenizer_is_a_bad_request_not_an_internal_error(caplog) -> None:
+    """The HTTP side of gRPC's FAILED_PRECONDITION (issue 17): 400 with the reason, nothing logged as a bug."""
+    from reformer_server.openai_api import http_error_for
+
+    from reformer_infer.requests import TokenizerUnavailableError
+
+    err = http_error_for(TokenizerUnavailableError("this model has no tokenizer (no tokenizer.json or spiece.model)"))
+    assert (err.status, err.type, err.code) == (400, "invalid_request_error", "tokenizer_unavailable")
+    assert "no tokenizer.json or spiece.model" in err.message and "token ids" in err.message
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

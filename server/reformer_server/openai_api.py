@@ -47,6 +47,7 @@ from reformer_infer.requests import (
     OverloadedError,
     PrefillProgress,
     TokenEvent,
+    TokenizerUnavailableError,
     TokenLogprob,
 )
 from reformer_server._proto import generation_pb2 as pb
@@ -91,6 +92,9 @@ def http_error_for(exc: BaseException) -> HTTPError:
     if isinstance(exc, InvalidRequestError):
         param = _PARAM_NAMES.get(exc.field, exc.field)
         return HTTPError(400, f"{param}: {exc.message}", "invalid_request_error", param)
+    if isinstance(exc, TokenizerUnavailableError):  # gRPC's FAILED_PRECONDITION: text for an ids-only model
+        return HTTPError(400, f"{exc} (send the prompt as a list of token ids)", "invalid_request_error",
+                         code="tokenizer_unavailable")
     if isinstance(exc, OverloadedError):
         return HTTPError(429, f"server overloaded: {exc}" if str(exc) else "server overloaded", "server_overloaded",
                          code="overloaded")
