@@ -32,7 +32,7 @@ FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_TIME_LIMIT: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "stop_token_ids", "logprobs", "request_id", "ignore_eos", "priority", "max_time_seconds", "truncation")
+    __slots__ = ("text", "token_ids", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "stop_token_ids", "logprobs", "request_id", "ignore_eos", "priority", "max_time_seconds", "truncation", "context_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MAX_TIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_new_tokens: int
@@ -65,7 +66,8 @@ class GenerateRequest(_message.Message):
     priority: int
     max_time_seconds: float
     truncation: Truncation
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[int] = ..., request_id: _Optional[str] = ..., ignore_eos: _Optional[bool] = ..., priority: _Optional[int] = ..., max_time_seconds: _Optional[float] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    context_id: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[int] = ..., request_id: _Optional[str] = ..., ignore_eos: _Optional[bool] = ..., priority: _Optional[int] = ..., max_time_seconds: _Optional[float] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., context_id: _Optional[str] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "token")
@@ -98,12 +100,14 @@ class PrefillProgress(_message.Message):
     def __init__(self, done_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens")
+    __slots__ = ("prompt_tokens", "generated_tokens", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_seconds", "prefill_seconds", "first_token_seconds", "total_seconds")
@@ -194,7 +198,7 @@ class ModelConfig(_message.Message):
     def __init__(self, vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., attn_layers: _Optional[_Iterable[str]] = ..., num_attention_heads: _Optional[int] = ..., attention_head_size: _Optional[int] = ..., num_hashes: _Optional[int] = ..., num_buckets: _Optional[int] = ..., lsh_attn_chunk_length: _Optional[int] = ..., local_attn_chunk_length: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., axial_pos_shape: _Optional[_Iterable[int]] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_context", "max_new_tokens", "max_batch", "max_queue", "cache_memory_bytes", "max_logprobs", "max_receive_message_bytes")
+    __slots__ = ("max_context", "max_new_tokens", "max_batch", "max_queue", "cache_memory_bytes", "max_logprobs", "max_receive_message_bytes", "context_memory_bytes", "max_context_ttl_seconds", "default_context_ttl_seconds", "prefix_caching")
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +206,10 @@ class ServerLimits(_message.Message):
     CACHE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MAX_RECEIVE_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CONTEXT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     max_context: int
     max_new_tokens: int
     max_batch: int
@@ -209,7 +217,11 @@ class ServerLimits(_message.Message):
     cache_memory_bytes: int
     max_logprobs: int
     max_receive_message_bytes: int
-    def __init__(self, max_context: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ...) -> None: ...
+    context_memory_bytes: int
+    max_context_ttl_seconds: float
+    default_context_ttl_seconds: float
+    prefix_caching: bool
+    def __init__(self, max_context: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., context_memory_bytes: _Optional[int] = ..., max_context_ttl_seconds: _Optional[float] = ..., default_context_ttl_seconds: _Optional[float] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class GenerationDefaults(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
@@ -298,3 +310,63 @@ class CancelResponse(_message.Message):
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     cancelled: bool
     def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
+
+class CreateContextRequest(_message.Message):
+    __slots__ = ("text", "token_ids", "ttl_seconds")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    ttl_seconds: float
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class CreateContextResponse(_message.Message):
+    __slots__ = ("context_id", "prefill_progress", "prompt_tokens", "cache_bytes", "ttl_seconds")
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    context_id: str
+    prefill_progress: PrefillProgress
+    prompt_tokens: int
+    cache_bytes: int
+    ttl_seconds: float
+    def __init__(self, context_id: _Optional[str] = ..., prefill_progress: _Optional[_Union[PrefillProgress, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class DeleteContextRequest(_message.Message):
+    __slots__ = ("context_id",)
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    context_id: str
+    def __init__(self, context_id: _Optional[str] = ...) -> None: ...
+
+class DeleteContextResponse(_message.Message):
+    __slots__ = ("active_requests",)
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    active_requests: int
+    def __init__(self, active_requests: _Optional[int] = ...) -> None: ...
+
+class ListContextsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContextInfo(_message.Message):
+    __slots__ = ("context_id", "prompt_tokens", "cache_bytes", "expires_in_seconds", "active_requests")
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    context_id: str
+    prompt_tokens: int
+    cache_bytes: int
+    expires_in_seconds: float
+    active_requests: int
+    def __init__(self, context_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ..., active_requests: _Optional[int] = ...) -> None: ...
+
+class ListContextsResponse(_message.Message):
+    __slots__ = ("contexts",)
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    contexts: _containers.RepeatedCompositeFieldContainer[ContextInfo]
+    def __init__(self, contexts: _Optional[_Iterable[_Union[ContextInfo, _Mapping]]] = ...) -> None: ...

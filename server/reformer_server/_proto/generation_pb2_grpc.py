@@ -65,6 +65,21 @@ class TextGenerationStub:
                 request_serializer=reformer_dot_v1_dot_generation__pb2.CancelRequest.SerializeToString,
                 response_deserializer=reformer_dot_v1_dot_generation__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.CreateContext = channel.unary_stream(
+                '/reformer.v1.TextGeneration/CreateContext',
+                request_serializer=reformer_dot_v1_dot_generation__pb2.CreateContextRequest.SerializeToString,
+                response_deserializer=reformer_dot_v1_dot_generation__pb2.CreateContextResponse.FromString,
+                _registered_method=True)
+        self.DeleteContext = channel.unary_unary(
+                '/reformer.v1.TextGeneration/DeleteContext',
+                request_serializer=reformer_dot_v1_dot_generation__pb2.DeleteContextRequest.SerializeToString,
+                response_deserializer=reformer_dot_v1_dot_generation__pb2.DeleteContextResponse.FromString,
+                _registered_method=True)
+        self.ListContexts = channel.unary_unary(
+                '/reformer.v1.TextGeneration/ListContexts',
+                request_serializer=reformer_dot_v1_dot_generation__pb2.ListContextsRequest.SerializeToString,
+                response_deserializer=reformer_dot_v1_dot_generation__pb2.ListContextsResponse.FromString,
+                _registered_method=True)
 
 
 class TextGenerationServicer:
@@ -120,6 +135,35 @@ class TextGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateContext(self, request, context):
+        """Prefills a prompt once and pins its decode state on the server as a context, for many
+        generations to continue from (GenerateRequest.context_id). Nothing is generated: while a long
+        prompt is processed, messages carrying `prefill_progress` arrive; the last message of a
+        successful call carries the context (`prompt_tokens` and `cache_bytes` set). Cancelling the call
+        aborts the prefill and frees its cache. The context counts against the admission budget and
+        against --context-memory (RESOURCE_EXHAUSTED when it would not fit), and is evicted when its TTL
+        passes or on DeleteContext. A context belongs to its caller (bearer token, else IP address).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteContext(self, request, context):
+        """Deletes one of the caller's contexts: new requests can no longer use it; requests already
+        generating on it finish, and its memory is freed when the last of them does. An unknown or
+        expired id, or one the caller does not own, fails with NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContexts(self, request, context):
+        """Lists the caller's live contexts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +196,21 @@ def add_TextGenerationServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=reformer_dot_v1_dot_generation__pb2.CancelRequest.FromString,
                     response_serializer=reformer_dot_v1_dot_generation__pb2.CancelResponse.SerializeToString,
+            ),
+            'CreateContext': grpc.unary_stream_rpc_method_handler(
+                    servicer.CreateContext,
+                    request_deserializer=reformer_dot_v1_dot_generation__pb2.CreateContextRequest.FromString,
+                    response_serializer=reformer_dot_v1_dot_generation__pb2.CreateContextResponse.SerializeToString,
+            ),
+            'DeleteContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteContext,
+                    request_deserializer=reformer_dot_v1_dot_generation__pb2.DeleteContextRequest.FromString,
+                    response_serializer=reformer_dot_v1_dot_generation__pb2.DeleteContextResponse.SerializeToString,
+            ),
+            'ListContexts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContexts,
+                    request_deserializer=reformer_dot_v1_dot_generation__pb2.ListContextsRequest.FromString,
+                    response_serializer=reformer_dot_v1_dot_generation__pb2.ListContextsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +376,87 @@ class TextGeneration:
             '/reformer.v1.TextGeneration/Cancel',
             reformer_dot_v1_dot_generation__pb2.CancelRequest.SerializeToString,
             reformer_dot_v1_dot_generation__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/reformer.v1.TextGeneration/CreateContext',
+            reformer_dot_v1_dot_generation__pb2.CreateContextRequest.SerializeToString,
+            reformer_dot_v1_dot_generation__pb2.CreateContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reformer.v1.TextGeneration/DeleteContext',
+            reformer_dot_v1_dot_generation__pb2.DeleteContextRequest.SerializeToString,
+            reformer_dot_v1_dot_generation__pb2.DeleteContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContexts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reformer.v1.TextGeneration/ListContexts',
+            reformer_dot_v1_dot_generation__pb2.ListContextsRequest.SerializeToString,
+            reformer_dot_v1_dot_generation__pb2.ListContextsResponse.FromString,
             options,
             channel_credentials,
             insecure,
