@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .cache import ReformerCache, SequenceCache
 from .config import ReformerConfig
-from .pool import DecodePool, StepBatch, StepPlan, cache_bytes, head_rows
+from .pool import DecodePool, StepBatch, StepPlan, StepUpdates, cache_bytes, head_rows
 from .step_graphs import StepGraphs
 
 # Mask values of the reference implementation (fp32 / fp16). They are finite on purpose: a query whose
@@ -467,8 +467,9 @@ class LSHSelfAttention(nn.Module):
         yield from _emit_slices(acc[:, :T].view(B, T, H * D), emit, step)
 
     # ---- cached decode -----------------------------------------------------------------------
-    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch) -> Tensor:
-        """One new token per sequence: x (B, E) layer-normed -> (B, H*D). The pool is updated in place.
+    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch, updates: StepUpdates) -> Tensor:
+        """One new token per sequence: x (B, E) layer-normed -> (B, H*D). Reads the pool, writes nothing: the
+        new keys/values and delta go into `updates` (`DecodePool.apply_step` writes them after the step).
 
         Hashed sequences attend to their window in the (bucket, position)-sorted order of every round, the
         rounds combined by their logsumexp weights; sequences shorter than one chunk (and every sequence
@@ -479,34 +480,38 @@ class LSHSelfAttention(nn.Module):
         H, D, C, R = self.H, self.D, self.C, self.num_hashes
         qk = self.query_key(x).view(B, H, D)
         v = self.value(x).view(B, H, D)
-        pool.write_lsh(j, batch, len_norm(qk) / math.sqrt(D), v)  # before the gathers: the window fetches it
+        k = len_norm(qk) / math.sqrt(D)
         buckets = self.hash(qk.unsqueeze(2))[..., 0]  # (B, H, R)
-        rows, is_new = pool.lsh_window(j, batch, buckets, C, self.before, self.after)  # + insert
+        rows, is_new, dbk, dor = pool.lsh_window(j, batch, buckets, C, self.before, self.after)
+        updates.lsh[j] = (k, v, dbk, dor)
         keys, values = pool.lsh_tables(j)
         W = rows.shape[-1]
         rows = rows.reshape(B * H, R * W)  # one bag per (sequence, head): every round's window
         dots = _table_dots(qk.reshape(B * H, D), keys, rows).view(B, H, R, 1, W).float()  # softmax in fp32
-        e, s, m = _window_softmax(dots, None, None, self_mask=True, causal=False, is_self=is_new.unsqueeze(-2))
+        is_new = is_new.unsqueeze(-2)  # (B, H, R, 1, W)
+        e, s, m = _window_softmax(dots, None, None, self_mask=True, causal=False, is_self=is_new)
         w = torch.softmax(m + torch.log(s), dim=2)  # (B, H, R, 1, 1): round weights from each round's lse
-        # rounds combined inside the weighted sum: sum_r w_r * (e_r / s_r) . v_r
-        out = _table_sum((e * (w / s)).view(B * H, R * W).to(values.dtype), values, rows, batch.memo).view(B, H, D)
+        # rounds combined inside the weighted sum: sum_r w_r * (e_r / s_r) . v_r. The new token's entries
+        # name a cached row (its own is not stored yet): their weight goes to its own value instead (it is 0
+        # but where the window holds nothing else)
+        p = e * (w / s)
+        own = (p * is_new).sum(dim=(2, 3, 4)).unsqueeze(-1)  # (B, H, 1)
+        p = p.masked_fill(is_new, 0.0).view(B * H, R * W).to(values.dtype)
+        out = (_table_sum(p, values, rows, batch.memo).view(B, H, D) + own.to(v.dtype) * v)
         if batch.dense_span:
             kk, vv, kp = pool.dense_keys(j, batch, batch.dense_span)
             tpos = batch.lengths.view(-1, 1, 1)
             # rows past a sequence's new token are masked, but a zero weight times a never-written row (any
-            # bits, NaN included) is not zero: blank them
-            vv = vv.masked_fill((kp.view(1, -1) > tpos.view(-1, 1)).view(-1, 1, kp.numel(), 1), 0.0)
+            # bits, NaN included) is not zero: blank them; the new token's own row is not written yet
+            n = kp.numel()
+            later = (kp.view(1, -1) > tpos.view(-1, 1)).view(-1, 1, n, 1)
+            at = (kp.view(1, -1) == tpos.view(-1, 1)).view(-1, 1, n, 1)
+            kk = torch.where(at, k.unsqueeze(2), kk)
+            vv = torch.where(at, v.unsqueeze(2), vv.masked_fill(later, 0.0))
             o, _ = _attend_window(qk.unsqueeze(2), kk, vv, tpos, kp, self_mask=True, causal=True)
             dense = ~batch.hashed if not self.full_attention else torch.ones_like(batch.hashed)
             out = torch.where(dense, o[:, :, 0], out)
         return out.reshape(B, H * D)
-
-    def hash_sequences(self, pool: DecodePool, j: int, slots: list[int], T: int) -> None:
-        """Hash and sort every cached position of the sequences `slots` (T each; between steps), as
-        transformers does when a sequence reaches one chunk and starts decoding by LSH windows."""
-        buckets = self.hash(pool.keys_of(j, slots, T))  # (S, H, R, T); argmax ignores the key norm
-        order = torch.argsort(buckets * T + torch.arange(T, device=buckets.device), dim=-1)
-        pool.set_order(j, slots, order, buckets)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -602,21 +607,27 @@ class LocalSelfAttention(nn.Module):
             emit(s0, s1, o)
             yield s1 - s0
 
-    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch) -> Tensor:
-        """x (B, E) -> (B, H*D); the new token at position T sees [((T//C) - before) * C, T]."""
+    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch, updates: StepUpdates) -> Tensor:
+        """x (B, E) -> (B, H*D); the new token at position T sees [((T//C) - before) * C, T]. Its key and value
+        go into `updates` (written into the ring after the step)."""
         B = x.shape[0]
         H, D, C = self.H, self.D, self.C
         q = self.query(x).view(B, H, 1, D)
         k = (self.key(x) / math.sqrt(D)).view(B, H, D)
         v = self.value(x).view(B, H, D)
-        kk, vv, pp = pool.local_step(j, batch, k, v)  # rings (B, H, ring, D), their positions (B, ring)
+        updates.local[j] = (k, v)
+        kk, vv, pp = pool.local_window(j, batch)  # rings (B, H, ring, D), their positions (B, ring)
         T = batch.lengths.view(B, 1)
         start = ((T // C) - self.before).clamp(min=0) * C
         hidden = (pp < start) | (pp < 0)
+        own = (pp == T).view(B, 1, 1, -1)  # the new token's slot: its key is not in the ring yet
         dots = torch.matmul(q, kk.transpose(-1, -2)).float()  # (B, H, 1, ring); softmax in fp32
+        dots = torch.where(own, torch.matmul(q, k.unsqueeze(-1)).float(), dots)
         dots = dots.masked_fill(hidden.view(B, 1, 1, -1), MASK_VALUE[torch.float32])
         probs = torch.softmax(dots, dim=-1)
-        return torch.matmul(probs.to(vv.dtype), vv).reshape(B, H * D)
+        out = torch.matmul(probs.masked_fill(own, 0.0).to(vv.dtype), vv) \
+            + (probs * own).sum(-1, keepdim=True).to(v.dtype) * v.unsqueeze(2)  # (B, H, 1, D)
+        return out.reshape(B, H * D)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -965,30 +976,39 @@ class ReformerLM(nn.Module):
         windows from the next token on (not with full attention)."""
         due = pool.end_step(plan, slots)
         if due and not self.full_attention:
-            by_length: dict[int, list[int]] = {}
-            for s in due:
-                by_length.setdefault(pool.length[s], []).append(s)
-            for T, group in by_length.items():
-                for i, layer in enumerate(self.encoder.layers):
-                    if layer.attention.kind == "lsh":
-                        layer.attention.self_attention.hash_sequences(pool, pool.lsh_index[i], group, T)
-            pool.mark_hashed(due)
+            pool.hash_due(due, self.sort_keys)
+
+    def sort_keys(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Cached keys (Ll, S, H, T, D) of every LSH layer -> their positions sorted by (bucket, position) and
+        their buckets, (Ll, S, H, R, T) each (argmax ignores the key norm)."""
+        T = keys.shape[-2]
+        buckets = torch.stack([layer.hash(k) for layer, k in zip(self.lsh_layers(), keys.unbind(0), strict=True)])
+        return torch.argsort(buckets * T + torch.arange(T, device=keys.device), dim=-1), buckets
 
     def decode_core(self, ids: Tensor, pool: DecodePool, plan: StepPlan) -> Tensor:
-        """The device part of a decode step: ids (n,) -> logits (n, V), reading and updating the pool's tensors
-        in place. No host sync and no data-dependent shape: one trace (or captured graph) replays it for every
-        token of a batch while its sequences stay (`DecodePool.begin_step` / `finish_step` do the host
-        bookkeeping)."""
+        """The device part of a decode step: ids (n,) -> logits (n, V), the pool's tensors updated in place
+        (`decode_compute`, then `DecodePool.apply_step`). No host sync and no data-dependent shape: one trace
+        (or captured graph) replays it for every token of a batch while its sequences stay
+        (`DecodePool.begin_step` / `finish_step` do the host bookkeeping)."""
+        logits, batch, updates = self.decode_compute(ids, pool, plan)
+        pool.apply_step(batch, updates)
+        return logits
+
+    def decode_compute(self, ids: Tensor, pool: DecodePool, plan: StepPlan) -> tuple[Tensor, StepBatch, StepUpdates]:
+        """A decode step as a pure function of the pool's tensors: logits (n, V), the step's view of the pool,
+        and what the step writes into it (`StepUpdates`, for `DecodePool.apply_step`). Export traces this
+        (the pool's tensors as the graph's inputs, the updates as its outputs)."""
         batch = pool.step_view(plan)
+        updates = StepUpdates()
         x = self.embeddings(ids, batch.lengths)  # (B, E)
         a, h = x, x
         for i, layer in enumerate(self.encoder.layers):
             att = layer.attention
             j = pool.lsh_index[i] if att.kind == "lsh" else pool.local_index[i]
-            o = att.self_attention.decode(att.layer_norm(h), pool, j, batch)
+            o = att.self_attention.decode(att.layer_norm(h), pool, j, batch, updates)
             a = a + att.output.dense(o)
             h = h + layer.feed_forward(a)
-        return self._head(a, h)
+        return self._head(a, h), batch, updates
 
     def cache_bytes(self, num_tokens: int) -> int:
         """Cache bytes of one sequence holding `num_tokens` positions (in a decode pool of the default layout)."""

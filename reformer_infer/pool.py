@@ -31,9 +31,11 @@ sequence only once per page (P tokens) and once per merge (M tokens).
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +77,22 @@ class StepBatch:
         if self.first is not None:
             return t.narrow(0, self.first, self.slots.numel())
         return t.index_select(0, self.slots)
+
+
+@dataclass
+class StepUpdates:
+    """What one decode step writes into the pool, computed without writing it (`ReformerLM.decode_compute`)
+    and written by `DecodePool.apply_step`: a step is a pure function of the pool's tensors, so an exported
+    graph of it returns these few rows instead of the whole pool. Keyed by layer index within its kind."""
+
+    lsh: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=dict)  # keys, values (n, H, D),
+    # the delta after the insert: buckets and rows (n, H, R, M) int32
+    local: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # ring keys, values (n, H, D)
+
+
+def _tracing() -> bool:
+    """Whether the step is being traced for export (torch.export / ONNX, or TorchScript's tracer)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 class DecodePool:
@@ -179,8 +197,8 @@ class DecodePool:
         """`src.index_select(dim, index)` into a buffer reused across steps (the caller is done with the last
         result before asking again under the same name). Window gathers are MBs per step; a fresh buffer
         each time would be fresh pages to fault in (large allocations are mmapped, see memory.py). CPU only."""
-        if self.device.type != "cpu":  # a captured step keeps the addresses it read: no buffer swaps there
-            return torch.index_select(src, dim, index)
+        if self.device.type != "cpu" or _tracing():  # a captured step keeps the addresses it read: no buffer
+            return torch.index_select(src, dim, index)  # swaps there; a traced one has no buffers of its own
         shape = list(src.shape)
         shape[dim] = index.numel()
         numel = math.prod(shape)
@@ -268,7 +286,7 @@ class DecodePool:
     def table_rows(self, rows: Tensor) -> Tensor:
         """Rows of the (H * N * P, D) key / value tables (`lsh_tables`) of pool rows `rows` (n, H or 1, ...)
         in every head. Recompute after the pool grows (N changes; pool rows do not)."""
-        return head_rows(rows, self.H, self.N * self.P)
+        return head_rows(rows, self.H, self.keys.shape[2])  # N * P, read from the tensor (symbolic when traced)
 
     def lsh_tables(self, j: int) -> tuple[Tensor, Tensor]:
         """LSH layer j's keys and values as (H * N * P, D) tables: head h's pool row r is table row
@@ -409,31 +427,44 @@ class DecodePool:
             self.static_len[s] = self.length[s]
             self.hashed_d[s] = True
 
-    def write_lsh(self, j: int, batch: StepBatch, k: Tensor, v: Tensor) -> None:
-        """Store the new tokens' keys/values (n, H, D) of LSH layer j."""
-        self.keys[j].index_copy_(1, batch.new_rows, k.transpose(0, 1))
-        self.values[j].index_copy_(1, batch.new_rows, v.transpose(0, 1))
+    def apply_step(self, batch: StepBatch, updates: StepUpdates) -> None:
+        """Write a step's updates into the pool: the new tokens' LSH keys/values at their page rows, the LSH
+        deltas after the insert, the local rings' new entries at slot position % ring."""
+        for j, (k, v, dbk, dor) in updates.lsh.items():
+            self.keys[j].index_copy_(1, batch.new_rows, k.transpose(0, 1))
+            self.values[j].index_copy_(1, batch.new_rows, v.transpose(0, 1))
+            if batch.first is not None:
+                self.dbuckets[j].narrow(0, batch.first, dbk.shape[0]).copy_(dbk)
+                self.dorder[j].narrow(0, batch.first, dor.shape[0]).copy_(dor)
+            else:
+                self.dbuckets[j].index_copy_(0, batch.slots, dbk)
+                self.dorder[j].index_copy_(0, batch.slots, dor)
+        at = batch.lengths % self.ring
+        for j, (k, v) in updates.local.items():
+            self.local_keys[j][batch.slots, :, at] = k
+            self.local_values[j][batch.slots, :, at] = v
 
     def lsh_window(self, j: int, batch: StepBatch, buckets: Tensor, C: int, before: int, after: int
-                   ) -> tuple[Tensor, Tensor]:
-        """The attention windows of the step's sequences, per head and round; then inserts the new tokens of
-        the hashed ones into their delta order (the others' state is left as it is).
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The attention windows of the step's sequences, per head and round, and their deltas with the new
+        tokens of the hashed ones inserted (the others' left as they are); writes nothing.
 
         buckets (n, H, R). The new token (position T) lands at slot p of its round's T+1 sorted entries (p =
         cached tokens with bucket <= its own) and sees slots [(p // C - before) * C, + W) modulo T + 1, as
         transformers' cached decode does. Returns the window's rows in the layer's key and value tables
-        (`lsh_tables`), and where the window holds the new token itself (its self-attention is masked), both
-        (n, H, R, W). Rows of sequences not hashed yet are meaningless but in range (the caller masks them).
+        (`lsh_tables`) and where the window holds the new token itself, both (n, H, R, W), and the new delta
+        buckets and rows (n, H, R, M). The new token's key is not in the tables yet: its window entries name
+        a cached row instead (the caller masks them and adds the new token's own term). Rows of sequences
+        not hashed yet are meaningless but in range (the caller masks them).
         Nothing here is O(buckets) or O(length), and every shape is fixed by n: the delta is read whole
         (unused entries hold bucket K), the merged order is addressed through the delta's slots.
         """
-        N, K, M = self.N * self.P, self.K, self.M
+        N, K, M = self.order.shape[-1], self.K, self.M  # N * P rows (read from the tensor: symbolic when traced)
         sl, T1, last, hr, base, ar_m, ar, offs, pt, new = self._window_constants(batch, C * (1 + before + after))
         b = buckets.unsqueeze(-1).int()  # (n, H, R, 1)
         cum = self.cum_static[j].view(-1)
-        dbuckets, dorder = self.dbuckets[j], self.dorder[j]
-        dbk = batch.select(dbuckets).contiguous()  # (n, H, R, M) sorted; unused entries hold K
-        dor = batch.select(dorder)
+        dbk = batch.select(self.dbuckets[j]).contiguous()  # (n, H, R, M) sorted; unused entries hold K
+        dor = batch.select(self.dorder[j])
         # int32 slot arithmetic (half the bytes; int32 remainder is ~1.6x faster than int64 on CPU)
         q = torch.searchsorted(dbk, b, right=True, out_int32=True)  # delta entries with bucket <= b: where it goes
         p = cum.take(base + b) + q  # the new token's slot in the merged order
@@ -449,7 +480,8 @@ class DecodePool:
         in_delta = dms.gather(-1, ndc) == s
         si = (s - nd).clamp_(min=0)  # otherwise it is static entry s - nd
         srow = self.order[j].view(-1).take(hr * N + self._page_rows(pt, si))  # the order holds pool rows
-        rows = torch.where(is_new, new, torch.where(in_delta, dor.gather(-1, ndc), srow))
+        # (the pad slot has no cached position at all: whatever its order holds, kept in range)
+        rows = torch.where(in_delta, dor.gather(-1, ndc), srow).clamp_(min=0, max=N - 1)
         # a sequence not hashed yet has no order: its rows are whatever the tables hold, kept in range
         rows = self.table_rows(torch.where(batch.hashed.unsqueeze(-1), rows, new).long())
         # insert the new token at q (after the delta entries of its bucket and below: its position is largest)
@@ -457,13 +489,7 @@ class DecodePool:
         h = batch.hashed.unsqueeze(-1)
         new_dbk = torch.where(h & (ar == q), b, torch.where(h, dbk.gather(-1, src), dbk))
         new_dor = torch.where(h & (ar == q), new, torch.where(h, dor.gather(-1, src), dor))
-        if batch.first is not None:
-            dbuckets.narrow(0, batch.first, sl.numel()).copy_(new_dbk)
-            dorder.narrow(0, batch.first, sl.numel()).copy_(new_dor)
-        else:
-            dbuckets.index_copy_(0, sl, new_dbk)
-            dorder.index_copy_(0, sl, new_dor)
-        return rows, is_new
+        return rows, is_new, new_dbk, new_dor
 
     def _window_constants(self, batch: StepBatch, W: int) -> tuple[Tensor, ...]:
         """Index tensors of `lsh_window` that depend on the step's sequences only, built once per step (every
@@ -534,20 +560,44 @@ class DecodePool:
         self.static_len[slot] = self.length[slot]
 
     # ---- local layers --------------------------------------------------------------------------
-    def local_step(self, j: int, batch: StepBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write the new tokens' local keys/values (n, H, D) and return every ring (n, H, ring, D) with the
-        position each ring entry holds (n, ring; negative: never written)."""
+    def local_window(self, j: int, batch: StepBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Local layer j's rings (n, H, ring, D) of the step's sequences and the position each ring entry holds
+        once the new token is in (n, ring; negative: never written). The new token's own entry (position T,
+        slot T % ring) is not written yet: it holds an older position's key (the caller substitutes its own)."""
         ring = self.ring
-        at = batch.lengths % ring
-        lk, lv = self.local_keys[j], self.local_values[j]
-        lk[batch.slots, :, at] = k
-        lv[batch.slots, :, at] = v
         T = batch.lengths.view(-1, 1)
-        r = torch.arange(ring, device=k.device)
+        r = torch.arange(ring, device=T.device)
         pos = T - torch.remainder(T - r, ring)
+        lk, lv = self.local_keys[j], self.local_values[j]
         if batch.first is not None:  # a compact range of slots: views, no copies
             return lk.narrow(0, batch.first, T.shape[0]), lv.narrow(0, batch.first, T.shape[0]), pos
         return self._select_into("keys", lk, batch.slots), self._select_into("values", lv, batch.slots), pos
+
+    def with_tensors(self, **tensors: Tensor) -> DecodePool:
+        """This pool's layout and bookkeeping over other state tensors (same names and layout): export traces
+        a decode step with the state as the graph's inputs."""
+        view = copy.copy(self)
+        view._scratch = {}
+        for name, t in tensors.items():
+            if not isinstance(getattr(self, name, None), Tensor):
+                raise ValueError(f"{name!r} is not a state tensor of the pool")
+            setattr(view, name, t)
+        return view
+
+    def hash_due(self, due: list[int], sort: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
+        """Sequences `due` reached one LSH chunk (`end_step`): every cached position is hashed and sorted, and
+        they decode by LSH windows from the next token on, as transformers does. `sort` maps their keys
+        (Ll, S, H, T, D) to the positions sorted by (bucket, position) and the buckets, (Ll, S, H, R, T) each
+        (`ReformerLM.sort_keys`, or its exported graph)."""
+        by_length: dict[int, list[int]] = {}
+        for s in due:
+            by_length.setdefault(self.length[s], []).append(s)
+        for T, group in by_length.items():
+            keys = torch.stack([self.keys_of(j, group, T) for j in range(len(self.lsh_index))])
+            order, buckets = sort(keys)
+            for j in range(len(self.lsh_index)):
+                self.set_order(j, group, order[j], buckets[j])
+        self.mark_hashed(due)
 
     # ---- inspection (tests, verification) ------------------------------------------------------
     def sorted_positions(self, layer: int, slot: int) -> Tensor | None:
