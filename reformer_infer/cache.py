@@ -50,7 +50,8 @@ class SequenceCache:
         return not self.pool.holds(self.slot, self.epoch)
 
     def nbytes(self) -> int:
-        return self.pool.sequence_bytes(self.slot)
+        """Bytes the sequence holds in its pool (0 once released)."""
+        return 0 if self.released else self.pool.sequence_bytes(self.slot)
 
     def sorted_positions(self, layer: int) -> Tensor | None:
         """LSH layer `layer`'s (H, R, length) positions sorted by (bucket, position) per head and round (None

@@ -1,19 +1,23 @@
-"""Export the model as two pure tensor functions (a prefill graph and a decode-step graph) and check them.
+"""Export the model's own prefill and decode-step functions as graphs (torch.export, ONNX, TorchScript) and
+check them.
 
 `reformer-export --model PATH --format onnx|torchscript|pt2 --out DIR` writes
 
-  * ``prefill.{onnx,pt,pt2}``: ``input_ids`` int64 (B, Tp) and ``lengths`` int64 (B,) -> ``logits`` (B, Tp, V)
-    and the cache tensors of those B sequences (see `PREFILL_OUTPUTS`);
-  * ``decode.{onnx,pt,pt2}``: one token per sequence, its position, and the cache tensors -> ``logits``
-    (B, 1, V), the new token's keys/values (to be written at its position by the caller) and the updated
-    bucket bookkeeping (see `DECODE_INPUTS` / `DECODE_OUTPUTS`);
+  * ``decode.{onnx,pt,pt2}``: `ReformerLM.decode_compute` traced, the decode pool's state tensors as inputs
+    (see `STATE`) with the step's ids and slots; its outputs are the logits and the step's updates (the rows
+    `DecodePool.apply_step` writes), not the pool;
+  * ``sort.{onnx,pt,pt2}`` (models with LSH layers): `ReformerLM.sort_keys`, the dense-to-LSH transition of
+    a sequence that reaches one LSH chunk (`DecodePool.hash_due`);
+  * ``prefill.{onnx,pt,pt2}``: ``input_ids`` int64 (B, Tp) and ``lengths`` int64 (B,) -> ``logits``
+    (B, Tp, V) and the decode state of those B sequences (see `PREFILL_OUTPUTS`). The eager prefill is a
+    resumable generator whose loops depend on the length and that writes the pool as it goes; it is not
+    traced (docs/export.md says why): this graph computes every chunk of a layer at once with the model's
+    own projections, hashing (`LSHSelfAttention.hash`), feed-forward and head;
   * ``export.json`` (names, shapes with symbolic dims, limits, the model config) and ``config.json``.
 
-The graphs reuse the eager model's modules (embeddings, projections, layer norms, feed-forward, LM head,
-rotation buffers) and compute what `ReformerLM.prefill` / `ReformerLM.decode_step` compute, written without
-Python control flow on shapes or values so that one graph serves every length: all chunks of a layer at
-once (windows by `torch.roll` over the chunk axis, as transformers' `_look_adjacent`), sorts of unique keys
-only, branches as `torch.where`. docs/export.md lists the limits (padded prefill lengths, capacity, memory).
+`exported.ExportedModel` keeps a `DecodePool` and drives the graphs with the eager model's own decode driver
+(`model.PooledDecoder`). TorchScript files are traced (`torch.jit.trace`): the traced code is the model's
+Python, which TorchScript cannot compile; the checks run every graph at shapes other than the example's.
 
 After writing, the CLI reloads the files from disk and checks parity against the eager model
 (`verify_export`); it exits non-zero when parity fails.
@@ -32,33 +36,90 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cache import ReformerCache
 from .checkpoint import load_model
 from .config import ReformerConfig
-from .model import MASK_VALUE, SELF_MASK_VALUE, LocalSelfAttention, LSHSelfAttention, ReformerLM, len_norm
+from .model import (
+    MASK_VALUE,
+    SELF_MASK_VALUE,
+    LocalSelfAttention,
+    LSHSelfAttention,
+    ReformerLM,
+    exp_shifted,
+    len_norm,
+)
+from .pool import DecodePool, StepPlan
 from .tokenizer import copy_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
-# The graphs compute in fp32 with the reference implementation's fp32 mask values; TorchScript cannot read
-# float globals, so they are literals in the graph code, checked here against the eager model's.
-if (MASK_VALUE[torch.float32], SELF_MASK_VALUE[torch.float32]) != (-1e9, -1e5):  # pragma: no cover
-    raise ImportError("export.py's mask literals no longer match model.MASK_VALUE / SELF_MASK_VALUE")
 
 PREFILL_INPUTS = ("input_ids", "lengths")
-PREFILL_OUTPUTS = ("logits", "lsh_keys", "lsh_values", "lsh_order", "lsh_counts", "local_keys", "local_values")
-DECODE_INPUTS = ("input_ids", "positions", "hashed", "lsh_keys", "lsh_values", "lsh_order", "lsh_counts",
-                 "local_keys", "local_values")
-DECODE_OUTPUTS = ("logits", "hashed_out", "lsh_new_keys", "lsh_new_values", "lsh_order_out", "lsh_counts_out",
-                  "local_new_keys", "local_new_values")
+PREFILL_OUTPUTS = ("logits", "lsh_keys", "lsh_values", "lsh_order", "lsh_buckets", "local_keys", "local_values")
+# the decode pool's tensors a step reads (`DecodePool` attribute names)
+STATE = ("keys", "values", "order", "cum_static", "dbuckets", "dorder", "local_keys", "local_values",
+         "page_table", "len_d", "hashed_d")
+DECODE_INPUTS = ("input_ids", "slots", *STATE)
+DECODE_OUTPUTS = ("logits", "lsh_new_keys", "lsh_new_values", "lsh_dbuckets", "lsh_dorder", "local_new_keys",
+                  "local_new_values")
+SORT_INPUTS = ("keys",)
+SORT_OUTPUTS = ("order", "buckets")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Graph pieces (TorchScript-compatible: typed, no Python objects but modules, tensors and constants)
+# The decode step and the transition: the model's own functions over tensors in, tensors out
+# ---------------------------------------------------------------------------------------------------
+class DecodeGraph(nn.Module):
+    """`ReformerLM.decode_compute` with the pool's state as inputs: input_ids (n,) int64, slots (n,) int64
+    (pool slots), then the `STATE` tensors in their pool layout -> logits (n, V) and the updates stacked by
+    kind: lsh_new_keys / lsh_new_values (Ll, n, H, D), lsh_dbuckets / lsh_dorder (Ll, n, H, R, M) int32,
+    local_new_keys / local_new_values (Lc, n, H, D). Both attentions are computed for every row (the dense
+    one of sequences shorter than one LSH chunk too), each row taking its own, as the eager step does when
+    one of its rows is dense."""
+
+    def __init__(self, model: ReformerLM, pool: DecodePool) -> None:
+        super().__init__()
+        self.model = model
+        self.layout = pool  # shapes and bookkeeping only: every tensor the step reads is an input
+
+    def forward(self, input_ids: Tensor, slots: Tensor, keys: Tensor, values: Tensor, order: Tensor,
+                cum_static: Tensor, dbuckets: Tensor, dorder: Tensor, local_keys: Tensor, local_values: Tensor,
+                page_table: Tensor, len_d: Tensor, hashed_d: Tensor) -> tuple[Tensor, ...]:
+        state = (keys, values, order, cum_static, dbuckets, dorder, local_keys, local_values, page_table, len_d,
+                 hashed_d)  # in the order of STATE
+        pool = self.layout.with_tensors(**dict(zip(STATE, state, strict=True)))
+        logits, _, up = self.model.decode_compute(input_ids, pool, StepPlan(slots, None, pool.C))
+        n, H, D, R, M = input_ids.shape[0], pool.H, pool.D, pool.R, pool.M
+        lsh = [up.lsh[j] for j in range(len(pool.lsh_index))]
+        local = [up.local[j] for j in range(len(pool.local_index))]
+        return (logits, *(_stack([u[i] for u in lsh], [n, H, D], state[0]) for i in (0, 1)),
+                *(_stack([u[i] for u in lsh], [n, H, R, M], state[4]) for i in (2, 3)),
+                *(_stack([u[i] for u in local], [n, H, D], state[0]) for i in (0, 1)))
+
+
+class SortGraph(nn.Module):
+    """`ReformerLM.sort_keys`: keys (Ll, S, H, T, D) -> order, buckets (Ll, S, H, R, T) int64."""
+
+    def __init__(self, model: ReformerLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.sort_keys(keys)
+
+
+def _stack(xs: list[Tensor], shape: list[int], like: Tensor) -> Tensor:
+    if not xs:  # a model without layers of this kind: a zero-size stack
+        return like.new_zeros([0, *shape])
+    return torch.stack(xs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The prefill graph: every chunk of a layer at once (the eager prefill is not traceable: docs/export.md)
 # ---------------------------------------------------------------------------------------------------
 def _softmax_attend(q: Tensor, k: Tensor, v: Tensor, dots_mask: Tensor, self_slot: Tensor) -> tuple[Tensor, Tensor]:
     """q (..., Q, D), k/v (..., W, D); masks (..., Q, W) bool -> out (..., Q, D), lse (..., Q).
@@ -68,13 +129,10 @@ def _softmax_attend(q: Tensor, k: Tensor, v: Tensor, dots_mask: Tensor, self_slo
     coarse, so another order of operations would differ visibly there.
     """
     dots = torch.matmul(q, k.transpose(-1, -2))  # (..., Q, W)
-    dots = dots.masked_fill(dots_mask, -1e9)
-    dots = dots.masked_fill(self_slot, -1e5)
+    dots = dots.masked_fill(dots_mask, MASK_VALUE[torch.float32])
+    dots = dots.masked_fill(self_slot, SELF_MASK_VALUE[torch.float32])
     m = dots.amax(dim=-1, keepdim=True)
-    x = dots - m
-    # as the eager `exp_shifted`: masked scores give exactly 0 without torch's slow CPU underflow path
-    # (-87.0 is model.EXP_FLOOR, written out: TorchScript cannot read a module global)
-    e = torch.exp(x.clamp(min=-87.0)).masked_fill(x < -87.0, 0.0)
+    e = exp_shifted(dots - m)
     s = e.sum(dim=-1, keepdim=True)
     return torch.matmul(e, v) / s, (m + torch.log(s)).squeeze(-1)
 
@@ -93,380 +151,106 @@ def _windows(x: Tensor, dim: int, before: int, after: int) -> Tensor:
     return torch.cat(parts, dim=dim + 1)
 
 
-class _Hasher(nn.Module):
-    """Angular LSH of `LSHSelfAttention.hash` on the layer's own rotation buffer (shared, not copied)."""
+def _lsh_prefill(attn: LSHSelfAttention, K: int, x: Tensor, lengths: Tensor) -> tuple[Tensor, ...]:
+    """x (B, Tp, E) layer-normed, Tp a multiple of C above C -> out (B, Tp, H*D), keys, values (B, H, Tp, D),
+    order (B, H, R, Tp) int32 (positions in (bucket, position) order, pads last), buckets (B, H, R, Tp) int32.
 
-    def __init__(self, attn: LSHSelfAttention) -> None:
-        super().__init__()
-        self.rotations = attn.rotations
-        self.factors = list(attn.config.bucket_factors)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, H, T, D) -> (B, H, R, T) int64
-        rot = torch.einsum("bhtd,hdrk->bhrtk", x.float(), self.rotations.float())
-        buckets = torch.zeros(rot.shape[:-1], dtype=torch.long, device=x.device)
-        offset, radix = 0, 1
-        for factor in self.factors:
-            part = rot[..., offset : offset + factor // 2]
-            offset += factor // 2
-            buckets = buckets + radix * torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
-            radix *= factor
-        return buckets
-
-
-class _LSHGraph(nn.Module):
-    """One LSH attention layer as graph code: prefill over all chunks at once, and the cached decode step."""
-
-    def __init__(self, attn: LSHSelfAttention, num_buckets: int) -> None:
-        super().__init__()
-        self.is_lsh = True
-        self.query_key = attn.query_key
-        self.value = attn.value
-        self.hasher = _Hasher(attn)
-        self.H = attn.H
-        self.D = attn.D
-        self.C = attn.C
-        self.R = attn.num_hashes
-        self.K = num_buckets
-        self.before = attn.before
-        self.after = attn.after
-
-    def prefill(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x (B, Tp, E) layer-normed, Tp a multiple of C above C -> out (B, Tp, H*D), keys, values (B, H, Tp, D),
-        order (B, H, R, Tp) int32 (positions in (bucket, position) order, pads last), counts (B, H, R, K) int32.
-
-        Positions >= lengths[b] are pads: they sort after every real token of their round (as transformers'
-        extra pad bucket) and, lying after every real position, are hidden from real queries by the causal mask.
-        """
-        B, Tp = x.shape[0], x.shape[1]
-        H, D, C, R = self.H, self.D, self.C, self.R
-        qk = self.query_key(x).view(B, Tp, H, D).transpose(1, 2)  # (B, H, Tp, D)
-        v = self.value(x).view(B, Tp, H, D).transpose(1, 2)
-        k = len_norm(qk) / math.sqrt(D)
-        pos = torch.arange(Tp, device=x.device)
-        real = (pos.unsqueeze(0) < lengths.unsqueeze(1)).view(B, 1, 1, Tp)
-        buckets = self.hasher(qk)  # (B, H, R, Tp)
-        # unique sort keys (bucket, position): no stable sort needed, so every exporter agrees on the order
-        order = torch.argsort(torch.where(real, buckets, self.K) * Tp + pos, dim=-1)  # (B, H, R, Tp)
-        counts = torch.zeros(B, H, R, self.K, dtype=torch.int32, device=x.device).scatter_add(
-            -1, buckets, real.expand(B, H, R, Tp).to(torch.int32))
-        rows = order.reshape(B, H, R * Tp, 1)  # sorted slot -> position, rounds laid end to end
-        qs = torch.gather(qk, 2, rows.expand(B, H, R * Tp, D)).view(B, H, -1, C, D)  # (B, H, M, C, D)
-        ks = torch.gather(k, 2, rows.expand(B, H, R * Tp, D)).view(B, H, -1, C, D)
-        vs = torch.gather(v, 2, rows.expand(B, H, R * Tp, D)).view(B, H, -1, C, D)
-        ps = order.view(B, H, -1, C)  # (B, H, M, C) positions of the sorted slots
-        kw = _windows(ks, 2, self.before, self.after)  # (B, H, M, W, D)
-        vw = _windows(vs, 2, self.before, self.after)
-        pw = _windows(ps, 2, self.before, self.after)  # (B, H, M, W)
-        qp, kp = ps.unsqueeze(-1), pw.unsqueeze(-2)  # (B, H, M, C, 1), (B, H, M, 1, W)
-        o, lse = _softmax_attend(qs, kw, vw, kp > qp, kp == qp)  # (B, H, M, C, D), (B, H, M, C)
-        # back to positions, then combine rounds with weights exp(lse_r - logsumexp_r lse_r), accumulated in
-        # the eager model's order: a first token seeing only itself has lse near -1e5, where fp32 is coarse
-        idx = order.unsqueeze(-1).expand(B, H, R, Tp, D)
-        out_r = torch.zeros(B, H, R, Tp, D, dtype=o.dtype, device=x.device).scatter(3, idx, o.view(B, H, R, Tp, D))
-        lse_r = torch.zeros(B, H, R, Tp, dtype=o.dtype, device=x.device).scatter(3, order, lse.view(B, H, R, Tp))
-        out = out_r[:, :, 0]  # (B, H, Tp, D)
-        lse_acc = lse_r[:, :, 0]
-        for r in range(1, R):
-            new_lse = _logaddexp(lse_acc, lse_r[:, :, r])
-            out = (out * torch.exp(lse_acc - new_lse).unsqueeze(-1)
-                   + out_r[:, :, r] * torch.exp(lse_r[:, :, r] - new_lse).unsqueeze(-1))
-            lse_acc = new_lse
-        return out.transpose(1, 2).reshape(B, Tp, H * D), k, v, order.to(torch.int32), counts
-
-    def decode(
-        self, x: Tensor, t: Tensor, hashed: Tensor, become: Tensor,
-        all_keys: Tensor, all_values: Tensor, j: int, order: Tensor, counts: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x (B, E) layer-normed; t (B,) positions of the new tokens; hashed/become (B,) bool; all_keys /
-        all_values (L, B, H, S, D), of which this layer's are [j]; order (B, H, R, S) int32; counts (B, H, R, K).
-
-        The window rows are gathered from the flattened stacked tensors by row number, and the dense branch
-        slices only its C+1 slots: selecting [j] first would make ONNX Runtime copy the whole cache every step.
-
-        Returns out (B, H*D), the new key and value (B, H, D) for the caller to write at position t, and the
-        updated order and counts. Mirrors `LSHSelfAttention.decode` + `LSHLayerState.window/append`: hashed
-        sequences attend to their window in the (bucket, position) order; the others (shorter than one
-        chunk) attend densely; a sequence reaching one chunk has its first t+1 keys hashed and sorted.
-        """
-        B, S = x.shape[0], all_keys.shape[3]
-        H, D, C, R, K = self.H, self.D, self.C, self.R, self.K
-        W = C * (1 + self.before + self.after)
-        qk = self.query_key(x).view(B, H, 1, D)
-        v_new = self.value(x).view(B, H, D)
-        k_new = (len_norm(qk) / math.sqrt(D)).view(B, H, D)
-        bucket = self.hasher(qk)[..., 0]  # (B, H, R)
-        t4 = t.view(B, 1, 1, 1)
-
-        # -- windowed: slot p = tokens with bucket <= own; window = slots [(p//C - before)C, +W) mod t+1
-        p = counts.cumsum(-1).gather(-1, bucket.unsqueeze(-1)).to(torch.long)  # (B, H, R, 1)
-        start = (torch.div(p, C, rounding_mode="floor") - self.before) * C
-        s = torch.remainder(start + torch.arange(W, device=x.device), t4 + 1)  # (B, H, R, W)
-        last = torch.clamp(t4 - 1, min=0)
-        src = torch.minimum(torch.where(s > p, s - 1, s), last)
-        wpos = torch.where(s == p, t4, order.gather(-1, src).to(torch.long))  # (B, H, R, W)
-        b_idx = torch.arange(B, device=x.device).view(B, 1, 1, 1)
-        h_idx = torch.arange(H, device=x.device).view(1, H, 1, 1)
-        rows = (((j * B + b_idx) * H + h_idx) * S + wpos).reshape(-1)  # rows of all_keys viewed as (L*B*H*S, D)
-        is_new = (wpos == t4).unsqueeze(-1)  # the new token's own slot: its key is not cached yet
-        kk = torch.where(is_new, k_new.view(B, H, 1, 1, D),
-                         all_keys.reshape(-1, D).index_select(0, rows).view(B, H, R, W, D))
-        vv = torch.where(is_new, v_new.view(B, H, 1, 1, D),
-                         all_values.reshape(-1, D).index_select(0, rows).view(B, H, R, W, D))
-        no_mask = torch.zeros_like(is_new).view(B, H, R, 1, W)
-        o, lse = _softmax_attend(qk.unsqueeze(2), kk, vv, no_mask, is_new.view(B, H, R, 1, W))
-        windowed = (o[..., 0, :] * torch.softmax(lse[..., 0], dim=-1).unsqueeze(-1)).sum(dim=2)  # (B, H, D)
-
-        # -- dense (fewer than one chunk so far): the first C+1 slots, later ones masked
-        slots = torch.arange(C + 1, device=x.device)
-        own = (slots.unsqueeze(0) == t.unsqueeze(1)).view(B, 1, C + 1, 1)
-        kd = torch.where(own, k_new.unsqueeze(2), all_keys[j, :, :, : C + 1])  # (B, H, C+1, D)
-        vd = torch.where(own, v_new.unsqueeze(2), all_values[j, :, :, : C + 1])
-        later = (slots.unsqueeze(0) > t.unsqueeze(1)).view(B, 1, 1, C + 1)
-        od, _ = _softmax_attend(qk, kd, vd, later, own.view(B, 1, 1, C + 1))
-        out = torch.where(hashed.view(B, 1, 1), windowed, od[:, :, 0])
-
-        # -- bookkeeping: insert the new token at slot p (tail shifted by a gather), or hash the first
-        #    t+1 keys when the sequence reaches one chunk, or leave it (still dense)
-        idx = torch.arange(S, device=x.device)
-        shifted = order.gather(-1, torch.minimum(idx - (idx > p).to(torch.long), last))
-        inserted = torch.where(idx == p, t4.to(torch.int32), shifted)  # (B, H, R, S)
-        grown = counts + F.one_hot(bucket, K).to(torch.int32)
-        b_all = self.hasher(kd)  # (B, H, R, C+1)
-        valid = (slots.unsqueeze(0) <= t.unsqueeze(1)).view(B, 1, 1, C + 1)
-        first = torch.argsort(torch.where(valid, b_all, K) * (C + 1) + slots, dim=-1).to(torch.int32)
-        first = torch.zeros_like(order).scatter(-1, slots.expand(B, H, R, C + 1), first)  # (B, H, R, S)
-        fresh = torch.zeros(B, H, R, K, dtype=torch.int32, device=x.device).scatter_add(
-            -1, b_all, valid.expand(B, H, R, C + 1).to(torch.int32))
-        h4, b4 = hashed.view(B, 1, 1, 1), become.view(B, 1, 1, 1)
-        new_order = torch.where(h4, inserted, torch.where(b4, first, order))
-        new_counts = torch.where(h4, grown, torch.where(b4, fresh, counts))
-        return out.reshape(B, H * D), k_new, v_new, new_order, new_counts
+    Positions >= lengths[b] are pads: they sort after every real token of their round (as transformers'
+    extra pad bucket) and, lying after every real position, are hidden from real queries by the causal mask.
+    """
+    B, Tp = x.shape[0], x.shape[1]
+    H, D, C, R = attn.H, attn.D, attn.C, attn.num_hashes
+    qk, v = attn._project(x)  # (B, H, Tp, D)
+    k = len_norm(qk) / math.sqrt(D)
+    pos = torch.arange(Tp, device=x.device)
+    real = (pos.unsqueeze(0) < lengths.unsqueeze(1)).view(B, 1, 1, Tp)
+    buckets = attn.hash(qk)  # (B, H, R, Tp)
+    # unique sort keys (bucket, position): no stable sort needed, so every exporter agrees on the order
+    order = torch.argsort(torch.where(real, buckets, K) * Tp + pos, dim=-1)  # (B, H, R, Tp)
+    rows = order.reshape(B, H, R * Tp, 1)  # sorted slot -> position, rounds laid end to end
+    qs = torch.gather(qk, 2, rows.expand(B, H, R * Tp, D)).view(B, H, -1, C, D)  # (B, H, M, C, D)
+    ks = torch.gather(k, 2, rows.expand(B, H, R * Tp, D)).view(B, H, -1, C, D)
+    vs = torch.gather(v, 2, rows.expand(B, H, R * Tp, D)).view(B, H, -1, C, D)
+    ps = order.view(B, H, -1, C)  # (B, H, M, C) positions of the sorted slots
+    kw = _windows(ks, 2, attn.before, attn.after)  # (B, H, M, W, D)
+    vw = _windows(vs, 2, attn.before, attn.after)
+    pw = _windows(ps, 2, attn.before, attn.after)  # (B, H, M, W)
+    qp, kp = ps.unsqueeze(-1), pw.unsqueeze(-2)  # (B, H, M, C, 1), (B, H, M, 1, W)
+    o, lse = _softmax_attend(qs, kw, vw, kp > qp, kp == qp)  # (B, H, M, C, D), (B, H, M, C)
+    # back to positions, then combine rounds with weights exp(lse_r - logsumexp_r lse_r), accumulated in
+    # the eager model's order: a first token seeing only itself has lse near -1e5, where fp32 is coarse
+    idx = order.unsqueeze(-1).expand(B, H, R, Tp, D)
+    out_r = torch.zeros(B, H, R, Tp, D, dtype=o.dtype, device=x.device).scatter(3, idx, o.view(B, H, R, Tp, D))
+    lse_r = torch.zeros(B, H, R, Tp, dtype=o.dtype, device=x.device).scatter(3, order, lse.view(B, H, R, Tp))
+    out = out_r[:, :, 0]  # (B, H, Tp, D)
+    lse_acc = lse_r[:, :, 0]
+    for r in range(1, R):
+        new_lse = _logaddexp(lse_acc, lse_r[:, :, r])
+        out = (out * torch.exp(lse_acc - new_lse).unsqueeze(-1)
+               + out_r[:, :, r] * torch.exp(lse_r[:, :, r] - new_lse).unsqueeze(-1))
+        lse_acc = new_lse
+    return (out.transpose(1, 2).reshape(B, Tp, H * D), k, v, order.to(torch.int32), buckets.to(torch.int32))
 
 
-class _LocalGraph(nn.Module):
-    """One local attention layer as graph code; its decode state is the ring of the last (before+1)*C keys."""
-
-    def __init__(self, attn: LocalSelfAttention) -> None:
-        super().__init__()
-        self.is_lsh = False
-        self.query = attn.query
-        self.key = attn.key
-        self.value = attn.value
-        self.H = attn.H
-        self.D = attn.D
-        self.C = attn.C
-        self.before = attn.before
-        self.after = attn.after
-        self.ring = attn.ring_size
-
-    def prefill(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x (B, Tp, E), Tp a multiple of C -> out (B, Tp, H*D), ring keys/values (B, H, ring, D) of each
-        sequence's last `ring` real positions (slot = position % ring, as `LocalLayerState`), two empties."""
-        B, Tp = x.shape[0], x.shape[1]
-        H, D, C = self.H, self.D, self.C
-        q = self.query(x).view(B, Tp, H, D).transpose(1, 2)  # (B, H, Tp, D)
-        k = self.key(x).view(B, Tp, H, D).transpose(1, 2) / math.sqrt(D)
-        v = self.value(x).view(B, Tp, H, D).transpose(1, 2)
-        pos = torch.arange(Tp, device=x.device)
-        pc = pos.view(-1, C)  # (N, C)
-        kw = _windows(k.view(B, H, -1, C, D), 2, self.before, self.after)  # (B, H, N, W, D)
-        vw = _windows(v.view(B, H, -1, C, D), 2, self.before, self.after)
-        pw = _windows(pc, 0, self.before, self.after)  # (N, W); wrapped chunks are later: masked
-        causal = pw.unsqueeze(1) > pc.unsqueeze(2)  # (N, C, W)
-        o, _ = _softmax_attend(q.view(B, H, -1, C, D), kw, vw, causal, torch.zeros_like(causal))
-        out = o.reshape(B, H, Tp, D).transpose(1, 2).reshape(B, Tp, H * D)
-        # slot j holds the latest real position p < length with p = j (mod ring); none if p < 0
-        last = lengths.view(B, 1) - 1
-        pj = last - torch.remainder(last - torch.arange(self.ring, device=x.device), self.ring)  # (B, ring)
-        g = pj.clamp(min=0).view(B, 1, self.ring, 1).expand(B, H, self.ring, D)
-        empty = (pj < 0).view(B, 1, self.ring, 1)
-        ring_k = torch.where(empty, 0.0, torch.gather(k, 2, g))
-        ring_v = torch.where(empty, 0.0, torch.gather(v, 2, g))
-        none = torch.zeros(0, dtype=torch.int32, device=x.device)
-        return out, ring_k, ring_v, none, none
-
-    def decode(
-        self, x: Tensor, t: Tensor, hashed: Tensor, become: Tensor,
-        all_keys: Tensor, all_values: Tensor, j: int, order: Tensor, counts: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x (B, E), t (B,), all_keys/all_values the rings (M, B, H, ring, D), this layer's at [j] -> out (B, H*D),
-        new key/value (B, H, D) for the caller to write at slot t % ring; `hashed`, `become`, `order`, `counts`
-        are unused (same signature as the LSH layer's, for TorchScript)."""
-        B = x.shape[0]
-        keys, values = all_keys[j], all_values[j]  # (B, H, ring, D): a ring is small, a copy costs little
-        H, D, C, ring = self.H, self.D, self.C, self.ring
-        q = self.query(x).view(B, H, 1, D)
-        k_new = (self.key(x) / math.sqrt(D)).view(B, H, D)
-        v_new = self.value(x).view(B, H, D)
-        tt = t.view(B, 1)
-        pj = tt - torch.remainder(tt - torch.arange(ring, device=x.device), ring)  # (B, ring) after the append
-        own = (pj == tt).view(B, 1, ring, 1)
-        kk = torch.where(own, k_new.unsqueeze(2), keys)
-        vv = torch.where(own, v_new.unsqueeze(2), values)
-        start = torch.clamp(torch.div(tt, C, rounding_mode="floor") - self.before, min=0) * C
-        hidden = ((pj < start) | (pj < 0)).view(B, 1, 1, ring)
-        dots = torch.matmul(q, kk.transpose(-1, -2)).masked_fill(hidden, -1e9)  # (B, H, 1, ring)
-        out = torch.matmul(torch.softmax(dots, dim=-1), vv)
-        none = torch.zeros(0, dtype=torch.int32, device=x.device)
-        return out.reshape(B, H * D), k_new, v_new, none, none
-
-
-class _Layer(nn.Module):
-    """A reversible block's parts: LayerNorm -> attention -> output projection; feed-forward (eager module)."""
-
-    def __init__(self, model: ReformerLM, i: int) -> None:
-        super().__init__()
-        layer = model.encoder.layers[i]
-        attn = layer.attention.self_attention
-        self.attn = (_LSHGraph(attn, model.config.total_buckets) if isinstance(attn, LSHSelfAttention)
-                     else _LocalGraph(attn))
-        self.norm = layer.attention.layer_norm
-        self.proj = layer.attention.output.dense
-        self.feed_forward = layer.feed_forward  # whole sequence at once: chunking only saves memory
-
-
-class _Head(nn.Module):
-    def __init__(self, model: ReformerLM) -> None:
-        super().__init__()
-        self.norm = model.encoder.layer_norm
-        self.decoder = model.lm_head.decoder
-        self.bias = model.lm_head.bias
-
-    def forward(self, a: Tensor, h: Tensor) -> Tensor:
-        return self.decoder(self.norm(torch.cat([a, h], dim=-1))) + self.bias
-
-
-def _stack_or_empty(xs: list[Tensor], like: Tensor, shape: list[int]) -> Tensor:
-    if len(xs) == 0:
-        return torch.zeros([0] + shape, dtype=like.dtype, device=like.device)
-    return torch.stack(xs)
+def _local_prefill(attn: LocalSelfAttention, ring: int, x: Tensor, lengths: Tensor) -> tuple[Tensor, ...]:
+    """x (B, Tp, E), Tp a multiple of C -> out (B, Tp, H*D), ring keys/values (B, H, ring, D) of each
+    sequence's last `ring` real positions (slot = position % ring, as the pool's rings)."""
+    B, Tp = x.shape[0], x.shape[1]
+    H, D, C = attn.H, attn.D, attn.C
+    q = attn.query(x).view(B, Tp, H, D).transpose(1, 2)  # (B, H, Tp, D)
+    k = attn.key(x).view(B, Tp, H, D).transpose(1, 2) / math.sqrt(D)
+    v = attn.value(x).view(B, Tp, H, D).transpose(1, 2)
+    pc = torch.arange(Tp, device=x.device).view(-1, C)  # (N, C)
+    kw = _windows(k.view(B, H, -1, C, D), 2, attn.before, attn.after)  # (B, H, N, W, D)
+    vw = _windows(v.view(B, H, -1, C, D), 2, attn.before, attn.after)
+    pw = _windows(pc, 0, attn.before, attn.after)  # (N, W); wrapped chunks are later: masked
+    causal = pw.unsqueeze(1) > pc.unsqueeze(2)  # (N, C, W)
+    o, _ = _softmax_attend(q.view(B, H, -1, C, D), kw, vw, causal, torch.zeros_like(causal))
+    out = o.reshape(B, H, Tp, D).transpose(1, 2).reshape(B, Tp, H * D)
+    # slot j holds the latest real position p < length with p = j (mod ring); none if p < 0
+    last = lengths.view(B, 1) - 1
+    pj = last - torch.remainder(last - torch.arange(ring, device=x.device), ring)  # (B, ring)
+    g = pj.clamp(min=0).view(B, 1, ring, 1).expand(B, H, ring, D)
+    empty = (pj < 0).view(B, 1, ring, 1)
+    return out, torch.where(empty, 0.0, torch.gather(k, 2, g)), torch.where(empty, 0.0, torch.gather(v, 2, g))
 
 
 class PrefillGraph(nn.Module):
-    """input_ids (B, Tp), lengths (B,) -> logits (B, Tp, V), lsh_keys/lsh_values (L, B, H, Tp, D),
-    lsh_order (L, B, H, R, Tp) int32, lsh_counts (L, B, H, R, K) int32, local_keys/local_values
-    (M, B, H, ring, D). L / M: the model's LSH / local layers in order; zero-size when there are none.
+    """input_ids (B, Tp), lengths (B,) -> logits (B, Tp, V), lsh_keys/lsh_values (Ll, B, H, Tp, D),
+    lsh_order / lsh_buckets (Ll, B, H, R, Tp) int32, local_keys/local_values (Lc, B, H, ring, D); zero-size
+    stacks for a kind the model has no layers of.
 
     Tp must be a multiple of lcm(chunk lengths) and, with LSH layers, the length transformers pads
-    lengths[b] to (`model.padded_length`) and above the LSH chunk: the graph is the hashed regime only.
+    lengths[b] to (`config.padded_length`) and above the LSH chunk: the graph is the hashed regime only.
     """
 
     def __init__(self, model: ReformerLM) -> None:
         super().__init__()
-        cfg = model.config
-        self.embeddings = model.embeddings
-        self.layers = nn.ModuleList([_Layer(model, i) for i in range(cfg.num_hidden_layers)])
-        self.head = _Head(model)
-        self.H = cfg.num_attention_heads
-        self.D = cfg.attention_head_size
-        self.R = model.config.num_hashes
-        self.K = cfg.total_buckets
-        self.ring = cfg.local_ring_size
+        self.model = model
 
-    def forward(self, input_ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, lengths: Tensor) -> tuple[Tensor, ...]:
+        model, cfg = self.model, self.model.config
         B, Tp = input_ids.shape[0], input_ids.shape[1]
-        x = self.embeddings(input_ids, torch.arange(Tp, device=input_ids.device))  # (B, Tp, E)
+        H, D, R = cfg.num_attention_heads, cfg.attention_head_size, model.num_hashes
+        x = model.embeddings(input_ids, torch.arange(Tp, device=input_ids.device))  # (B, Tp, E)
         a, h = x, x
-        lk: list[Tensor] = []
-        lv: list[Tensor] = []
-        lo: list[Tensor] = []
-        lc: list[Tensor] = []
-        ck: list[Tensor] = []
-        cv: list[Tensor] = []
-        for layer in self.layers:
-            o, k, v, order, counts = layer.attn.prefill(layer.norm(h), lengths)
-            if layer.attn.is_lsh:
-                lk.append(k)
-                lv.append(v)
-                lo.append(order)
-                lc.append(counts)
+        lsh: list[tuple[Tensor, ...]] = []
+        local: list[tuple[Tensor, ...]] = []
+        for layer in model.encoder.layers:
+            att = layer.attention
+            if att.kind == "lsh":
+                o, *state = _lsh_prefill(att.self_attention, cfg.total_buckets, att.layer_norm(h), lengths)
+                lsh.append(tuple(state))
             else:
-                ck.append(k)
-                cv.append(v)
-            a = a + layer.proj(o)
-            h = h + layer.feed_forward(a)
-        H, D, R = self.H, self.D, self.R
-        return (
-            self.head(a, h),
-            _stack_or_empty(lk, x, [B, H, Tp, D]),
-            _stack_or_empty(lv, x, [B, H, Tp, D]),
-            _stack_or_empty(lo, lengths.to(torch.int32), [B, H, R, Tp]),
-            _stack_or_empty(lc, lengths.to(torch.int32), [B, H, R, self.K]),
-            _stack_or_empty(ck, x, [B, H, self.ring, D]),
-            _stack_or_empty(cv, x, [B, H, self.ring, D]),
-        )
-
-
-class DecodeGraph(nn.Module):
-    """One decode step for B sequences of possibly different lengths (see `DECODE_INPUTS` / `DECODE_OUTPUTS`).
-
-    Inputs: input_ids (B, 1) int64; positions (B,) int64 (tokens already cached = the new token's position);
-    hashed (B,) bool (the sequence decodes by LSH windows; false while shorter than one chunk); lsh_keys /
-    lsh_values (L, B, H, S, D) with capacity S > max(positions) and S > lsh chunk; lsh_order (L, B, H, R, S)
-    int32; lsh_counts (L, B, H, R, K) int32; local_keys / local_values (M, B, H, ring, D).
-    Outputs: logits (B, 1, V); hashed_out (B,); lsh_new_keys / lsh_new_values (L, B, H, D) to be written at
-    [:, b, :, positions[b]]; lsh_order_out / lsh_counts_out (replace the inputs); local_new_keys /
-    local_new_values (M, B, H, D) to be written at [:, b, :, positions[b] % ring].
-    Keys and values go out as deltas, not as whole tensors: copying the cache every step would make a
-    step's cost grow with the capacity.
-    """
-
-    def __init__(self, model: ReformerLM) -> None:
-        super().__init__()
-        cfg = model.config
-        self.embeddings = model.embeddings
-        self.layers = nn.ModuleList([_Layer(model, i) for i in range(cfg.num_hidden_layers)])
-        self.head = _Head(model)
-        self.C = cfg.lsh_attn_chunk_length
-        self.H = cfg.num_attention_heads
-        self.D = cfg.attention_head_size
-
-    def forward(
-        self, input_ids: Tensor, positions: Tensor, hashed: Tensor, lsh_keys: Tensor, lsh_values: Tensor,
-        lsh_order: Tensor, lsh_counts: Tensor, local_keys: Tensor, local_values: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        B = input_ids.shape[0]
-        x = self.embeddings(input_ids[:, 0], positions)  # (B, E)
-        # a sequence reaching one LSH chunk with this token gets its keys hashed (as `LSHLayerState.append`)
-        become = (~hashed) & (positions + 1 >= self.C)
-        a, h = x, x
-        nk: list[Tensor] = []
-        nv: list[Tensor] = []
-        no: list[Tensor] = []
-        nc: list[Tensor] = []
-        ck: list[Tensor] = []
-        cv: list[Tensor] = []
-        i_lsh, i_loc = 0, 0
-        for layer in self.layers:
-            if layer.attn.is_lsh:
-                o, k, v, order, counts = layer.attn.decode(
-                    layer.norm(h), positions, hashed, become,
-                    lsh_keys, lsh_values, i_lsh, lsh_order[i_lsh], lsh_counts[i_lsh])
-                nk.append(k)
-                nv.append(v)
-                no.append(order)
-                nc.append(counts)
-                i_lsh += 1
-            else:
-                o, k, v, order, counts = layer.attn.decode(
-                    layer.norm(h), positions, hashed, become,
-                    local_keys, local_values, i_loc, lsh_order, lsh_counts)
-                ck.append(k)
-                cv.append(v)
-                i_loc += 1
-            a = a + layer.proj(o)
-            h = h + layer.feed_forward(a)
-        H, D = self.H, self.D
-        return (
-            self.head(a, h).unsqueeze(1),
-            hashed | become,
-            _stack_or_empty(nk, x, [B, H, D]),
-            _stack_or_empty(nv, x, [B, H, D]),
-            lsh_order if len(no) == 0 else torch.stack(no),
-            lsh_counts if len(nc) == 0 else torch.stack(nc),
-            _stack_or_empty(ck, x, [B, H, D]),
-            _stack_or_empty(cv, x, [B, H, D]),
-        )
+                o, *state = _local_prefill(att.self_attention, cfg.local_ring_size, att.layer_norm(h), lengths)
+                local.append(tuple(state))
+            a = a + att.output.dense(o)
+            h = h + layer.feed_forward(a)  # whole sequence at once: chunking only saves memory
+        ints = lengths.to(torch.int32)
+        return (model._head(a, h),
+                *(_stack([s[i] for s in lsh], [B, H, Tp, D], x) for i in (0, 1)),
+                *(_stack([s[i] for s in lsh], [B, H, R, Tp], ints) for i in (2, 3)),
+                *(_stack([s[i] for s in local], [B, H, cfg.local_ring_size, D], x) for i in (0, 1)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -474,21 +258,33 @@ class DecodeGraph(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class ExportSpec:
-    """Example inputs and dynamic dimensions of the two graphs for one model."""
+    """Example inputs and dynamic dimensions of the graphs for one model (name -> args, dims)."""
 
-    prefill_args: tuple[Tensor, ...]
-    decode_args: tuple[Tensor, ...]
-    prefill_dims: dict[str, dict[int, object]]
-    decode_dims: dict[str, dict[int, object]]
+    args: dict[str, tuple[Tensor, ...]]
+    dims: dict[str, dict[str, dict[int, object]]]
+    pool: DecodePool  # the decode example's pool (its layout: page and delta sizes)
     limits: dict[str, int] = field(default_factory=dict)
 
 
+def _example_pool(model: ReformerLM) -> tuple[DecodePool, list[int]]:
+    """A pool of real decode state for the decode graph's example: one sequence decoding by LSH windows, one
+    still dense, in a pool of more slots than the step has rows (the graph is traced by running it)."""
+    cfg = model.config
+    pool = model.new_decode_pool(3, 4 * cfg.chunk_lcm + 4 * cfg.lsh_attn_chunk_length)
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for T in (2 * cfg.chunk_lcm + 3 if "lsh" in cfg.attn_layers else cfg.chunk_lcm + 3, 2):
+        ids = torch.randint(3, cfg.vocab_size, (1, min(T, cfg.max_context - 2)), generator=g)
+        seqs.append(model.prefill(ids, pool=pool)[1].sequences[0])
+    pool.allocate(1)  # a third slot, not in the step
+    return pool, [s.slot for s in seqs]
+
+
 def export_spec(model: ReformerLM) -> ExportSpec:
-    """Examples shaped unlike any length the checks use, so a graph specialised to them would fail the checks.
+    """Examples shaped unlike any the checks use, so a graph specialised to them would fail the checks.
 
     Prefill lengths are `lcm(chunk lengths) x nchunks`, above one LSH chunk (the hashed regime). The decode
-    capacity starts at LSH chunk + 2: the dense branch reads the first C+1 slots, and torch.export
-    specialises sizes 0 and 1 of the dimension that is left.
+    example is a step of two sequences (one hashed, one dense) of a pool with more slots and pages.
     """
     from torch.export import Dim
 
@@ -497,61 +293,80 @@ def export_spec(model: ReformerLM) -> ExportSpec:
     min_chunks = C // lcm + 1 if "lsh" in cfg.attn_layers else 1
     max_chunks = max(cfg.max_context // lcm, min_chunks + 1)
     n = min(min_chunks + 1, max_chunks)
-    B, H, D, R, K = 2, cfg.num_attention_heads, cfg.attention_head_size, model.config.num_hashes, cfg.total_buckets
-    L, M = cfg.attn_layers.count("lsh"), cfg.attn_layers.count("local")
-    ring = cfg.local_ring_size
-    min_cap = C + 2
-    S = min_cap + 5
     g = torch.Generator().manual_seed(0)
-    batch = Dim("batch", min=1)
+    batch, slots, rows = Dim("batch", min=1), Dim("slots", min=2), Dim("rows", min=2)
     nchunks = Dim("nchunks", min=min_chunks, max=max_chunks)
-    cap = Dim("capacity", min=min_cap)
-    prefill_args = (torch.randint(3, cfg.vocab_size, (B, lcm * n), generator=g),
-                    torch.tensor([lcm * n, lcm * n - 1]))
-    decode_args = (
-        torch.randint(3, cfg.vocab_size, (B, 1), generator=g), torch.tensor([C + 1, C + 3]),
-        torch.tensor([True, False]), torch.randn(L, B, H, S, D, generator=g), torch.randn(L, B, H, S, D, generator=g),
-        torch.randint(0, C + 1, (L, B, H, R, S), generator=g, dtype=torch.int32),
-        torch.randint(0, 3, (L, B, H, R, K), generator=g, dtype=torch.int32),
-        torch.randn(M, B, H, ring, D, generator=g), torch.randn(M, B, H, ring, D, generator=g),
-    )
-    return ExportSpec(
-        prefill_args=prefill_args,
-        decode_args=decode_args,
-        prefill_dims={"input_ids": {0: batch, 1: lcm * nchunks}, "lengths": {0: batch}},
-        decode_dims={
-            "input_ids": {0: batch}, "positions": {0: batch}, "hashed": {0: batch},
-            "lsh_keys": {1: batch, 3: cap}, "lsh_values": {1: batch, 3: cap}, "lsh_order": {1: batch, 4: cap},
-            "lsh_counts": {1: batch}, "local_keys": {1: batch}, "local_values": {1: batch},
-        },
-        limits={"prefill_multiple": lcm, "prefill_min_padded": lcm * min_chunks, "prefill_max_padded": lcm * max_chunks,
-                "min_capacity": min_cap},
-    )
+    pool, step_slots = _example_pool(model)
+    plan = pool.begin_step(step_slots)
+    state = tuple(getattr(pool, name) for name in STATE)
+    lsh, local = bool(pool.lsh_index), bool(pool.local_index)
+    per_slot = {"cum_static": 1, "dbuckets": 1, "dorder": 1, "page_table": 0, "len_d": 0, "hashed_d": 0}
+    decode_dims: dict[str, dict[int, object]] = {"input_ids": {0: batch}, "slots": {0: batch}}
+    for name in STATE:
+        if name in per_slot:
+            decode_dims[name] = {per_slot[name]: slots} if lsh or per_slot[name] == 0 else {}
+        elif name.startswith("local"):
+            decode_dims[name] = {1: slots} if local else {}
+        else:  # the LSH tables, (Ll, H, rows, D) and (Ll, H, R, rows)
+            decode_dims[name] = {3 if name == "order" else 2: rows} if lsh else {}
+    args = {
+        "prefill": (torch.randint(3, cfg.vocab_size, (2, lcm * n), generator=g), torch.tensor([lcm * n, lcm * n - 1])),
+        "decode": (torch.randint(3, cfg.vocab_size, (2,), generator=g), plan.slots.clone(), *state),
+    }
+    dims = {
+        "prefill": {"input_ids": {0: batch, 1: lcm * nchunks}, "lengths": {0: batch}},
+        "decode": decode_dims,
+    }
+    if lsh:
+        T = Dim("length", min=2)
+        args["sort"] = (torch.stack([pool.keys_of(j, step_slots, C) for j in range(len(pool.lsh_index))]),)
+        dims["sort"] = {"keys": {1: slots, 3: T}}
+    return ExportSpec(args=args, dims=dims, pool=pool, limits={
+        "prefill_multiple": lcm, "prefill_min_padded": lcm * min_chunks, "prefill_max_padded": lcm * max_chunks})
+
+
+def _onnx_searchsorted(sorted_sequence, values, out_int32: bool = False, right: bool = False, side=None,
+                       sorter=None):
+    """aten.searchsorted for the ONNX exporter, which has none: entries of each sorted row below (right:
+    not above) each value, by a broadcast compare and count (the decode step's rows are its delta, M long)."""
+    import onnx
+    from onnxscript import opset18 as op
+
+    s, v = op.Unsqueeze(sorted_sequence, [-2]), op.Unsqueeze(values, [-1])
+    hit = op.LessOrEqual(s, v) if right or side == "right" else op.Less(s, v)
+    count = op.ReduceSum(op.Cast(hit, to=onnx.TensorProto.INT64), [-1], keepdims=0)
+    return op.Cast(count, to=onnx.TensorProto.INT32) if out_int32 else count
 
 
 def _export_graph(graph: nn.Module, fmt: str, args: tuple[Tensor, ...], dims: dict, path: Path,
                   input_names: tuple[str, ...], output_names: tuple[str, ...]) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript entry points warn in torch 2.13
-        # the ONNX exporter notes that our two capacity axes share one name: that is intended
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # the ONNX exporter notes that axes of several inputs share one name: that is intended
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
         if fmt == "torchscript":
-            torch.jit.save(torch.jit.script(graph), str(path))
+            torch.jit.save(torch.jit.trace(graph, args, check_trace=False), str(path))
         elif fmt == "pt2":
             torch.export.save(torch.export.export(graph, args, dynamic_shapes=dims), str(path))
         else:
-            program = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=dims, input_names=list(input_names),
-                                        output_names=list(output_names), verbose=False)
+            program = torch.onnx.export(
+                graph, args, dynamo=True, dynamic_shapes=dims, input_names=list(input_names),
+                output_names=list(output_names), verbose=False,
+                custom_translation_table={torch.ops.aten.searchsorted.Tensor: _onnx_searchsorted})
             program.save(str(path))
 
 
 def export_model(model: ReformerLM, out_dir: str | Path, fmt: str) -> list[Path]:
-    """Write the prefill and decode graphs of `model` in format `fmt`, export.json, config.json and the files of
-    the model's tokenizer (tokenizer.json / spiece.model), when it was loaded with one."""
+    """Write the prefill, decode (and, with LSH layers, sort) graphs of `model` in format `fmt`, export.json,
+    config.json and the files of the model's tokenizer (tokenizer.json / spiece.model), when it was loaded
+    with one."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if model.dtype != torch.float32:
         raise ValueError(f"export needs a float32 model, got {model.dtype}")
+    if model.full_attention:
+        raise ValueError("export the model without the full-attention switch (an evaluation baseline)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -559,63 +374,70 @@ def export_model(model: ReformerLM, out_dir: str | Path, fmt: str) -> list[Path]
     if fmt == "torchscript":
         logger.warning("TorchScript is deprecated in torch %s (still works); torch.export (.pt2) is also offered",
                        torch.__version__)
+    graphs = {"prefill": (PrefillGraph(model), PREFILL_INPUTS, PREFILL_OUTPUTS),
+              "decode": (DecodeGraph(model, spec.pool), DECODE_INPUTS, DECODE_OUTPUTS)}
+    if "sort" in spec.args:
+        graphs["sort"] = (SortGraph(model), SORT_INPUTS, SORT_OUTPUTS)
     written = []
-    for name, graph_cls, args, dims, ins, outs in (
-        ("prefill", PrefillGraph, spec.prefill_args, spec.prefill_dims, PREFILL_INPUTS, PREFILL_OUTPUTS),
-        ("decode", DecodeGraph, spec.decode_args, spec.decode_dims, DECODE_INPUTS, DECODE_OUTPUTS),
-    ):
+    for name, (graph, ins, outs) in graphs.items():
         path = out / f"{name}{SUFFIX[fmt]}"
         t0 = time.perf_counter()
-        _export_graph(graph_cls(model).eval(), fmt, args, dims, path, ins, outs)
+        _export_graph(graph.eval(), fmt, spec.args[name], spec.dims[name], path, ins, outs)
         logger.info("wrote %s (%.1f s)", path, time.perf_counter() - t0)
         written.append(path)
-    _write_metadata(model, out, fmt, spec)
+    _write_metadata(model, out, fmt, spec, list(graphs))
     copy_tokenizer_files(getattr(model, "tokenizer", None), out)  # the exported graphs speak the same text
     return written
 
 
-def _write_metadata(model: ReformerLM, out: Path, fmt: str, spec: ExportSpec) -> None:
+def _write_metadata(model: ReformerLM, out: Path, fmt: str, spec: ExportSpec, names: list[str]) -> None:
     """export.json: names, shapes (symbolic dims by name), limits and the config; several formats can share
     a directory, each adds its file names."""
     cfg = model.config
     meta_path = out / "export.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     files = meta.get("files", {})
-    files[fmt] = {"prefill": f"prefill{SUFFIX[fmt]}", "decode": f"decode{SUFFIX[fmt]}"}
-    L, M = "num_lsh_layers", "num_local_layers"
+    files[fmt] = {name: f"{name}{SUFFIX[fmt]}" for name in names}
+    Ll, Lc = "num_lsh_layers", "num_local_layers"
+    state = {"keys": [Ll, "H", "rows", "D"], "values": [Ll, "H", "rows", "D"], "order": [Ll, "H", "R", "rows"],
+             "cum_static": [Ll, "slots", "H", "R", "K"], "dbuckets": [Ll, "slots", "H", "R", "M"],
+             "dorder": [Ll, "slots", "H", "R", "M"], "local_keys": [Lc, "slots", "H", "ring", "D"],
+             "local_values": [Lc, "slots", "H", "ring", "D"], "page_table": ["slots", "max_pages"],
+             "len_d": ["slots"], "hashed_d": ["slots"]}
     meta = {
-        "format_version": 1,
+        "format_version": 2,
         "files": files,
         "torch_version": torch.__version__,
         "dtype": "float32",
-        "num_hashes": model.config.num_hashes,
+        "num_hashes": model.num_hashes,
         "rotation_fingerprint": model.rotation_fingerprint(),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "limits": spec.limits,
-        "dims": {L: cfg.attn_layers.count("lsh"), M: cfg.attn_layers.count("local"),
-                 "H": cfg.num_attention_heads, "D": cfg.attention_head_size, "R": cfg.num_hashes,
-                 "K": cfg.total_buckets, "ring": cfg.local_ring_size,
-                 "V": cfg.vocab_size},
+        "dims": {Ll: cfg.attn_layers.count("lsh"), Lc: cfg.attn_layers.count("local"),
+                 "H": cfg.num_attention_heads, "D": cfg.attention_head_size, "R": model.num_hashes,
+                 "K": cfg.total_buckets, "ring": cfg.local_ring_size, "V": cfg.vocab_size},
+        "pool_layout": {"page_size": spec.pool.P, "delta_size": spec.pool.M},  # the decode graph's constants
         "prefill": {
             "inputs": {"input_ids": ["batch", "padded_len"], "lengths": ["batch"]},
-            "outputs": {"logits": ["batch", "padded_len", "V"], "lsh_keys": [L, "batch", "H", "padded_len", "D"],
-                        "lsh_values": [L, "batch", "H", "padded_len", "D"],
-                        "lsh_order": [L, "batch", "H", "R", "padded_len"], "lsh_counts": [L, "batch", "H", "R", "K"],
-                        "local_keys": [M, "batch", "H", "ring", "D"], "local_values": [M, "batch", "H", "ring", "D"]},
+            "outputs": {"logits": ["batch", "padded_len", "V"], "lsh_keys": [Ll, "batch", "H", "padded_len", "D"],
+                        "lsh_values": [Ll, "batch", "H", "padded_len", "D"],
+                        "lsh_order": [Ll, "batch", "H", "R", "padded_len"],
+                        "lsh_buckets": [Ll, "batch", "H", "R", "padded_len"],
+                        "local_keys": [Lc, "batch", "H", "ring", "D"], "local_values": [Lc, "batch", "H", "ring", "D"]},
         },
         "decode": {
-            "inputs": {"input_ids": ["batch", 1], "positions": ["batch"], "hashed": ["batch"],
-                       "lsh_keys": [L, "batch", "H", "capacity", "D"], "lsh_values": [L, "batch", "H", "capacity", "D"],
-                       "lsh_order": [L, "batch", "H", "R", "capacity"], "lsh_counts": [L, "batch", "H", "R", "K"],
-                       "local_keys": [M, "batch", "H", "ring", "D"], "local_values": [M, "batch", "H", "ring", "D"]},
-            "outputs": {"logits": ["batch", 1, "V"], "hashed_out": ["batch"],
-                        "lsh_new_keys": [L, "batch", "H", "D"], "lsh_new_values": [L, "batch", "H", "D"],
-                        "lsh_order_out": [L, "batch", "H", "R", "capacity"],
-                        "lsh_counts_out": [L, "batch", "H", "R", "K"],
-                        "local_new_keys": [M, "batch", "H", "D"], "local_new_values": [M, "batch", "H", "D"]},
+            "inputs": {"input_ids": ["batch"], "slots": ["batch"], **state},
+            "outputs": {"logits": ["batch", "V"], "lsh_new_keys": [Ll, "batch", "H", "D"],
+                        "lsh_new_values": [Ll, "batch", "H", "D"], "lsh_dbuckets": [Ll, "batch", "H", "R", "M"],
+                        "lsh_dorder": [Ll, "batch", "H", "R", "M"], "local_new_keys": [Lc, "batch", "H", "D"],
+                        "local_new_values": [Lc, "batch", "H", "D"]},
         },
         "config": cfg.to_dict(),
     }
+    if "sort" in names:
+        meta["sort"] = {"inputs": {"keys": [Ll, "slots", "H", "length", "D"]},
+                        "outputs": {"order": [Ll, "slots", "H", "R", "length"],
+                                    "buckets": [Ll, "slots", "H", "R", "length"]}}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     cfg.save(out / "config.json")
 
@@ -653,12 +475,26 @@ def _greedy(model: object, ids: Tensor, n: int) -> tuple[list[int], list[Tensor]
     return toks, steps
 
 
+def _state_differences(ref: ReformerCache, got: ReformerCache, lsh: list[int]) -> list[str]:
+    """Where two caches' integer LSH state (sorted positions, bucket counts, hashed or not) differs."""
+    bad = []
+    for b, (r, s) in enumerate(zip(ref.sequences, got.sequences, strict=True)):
+        for i in lsh:
+            ro, so = r.sorted_positions(i), s.sorted_positions(i)
+            if (ro is None) != (so is None):
+                bad.append(f"row {b} layer {i}: hashed {ro is not None} vs {so is not None}")
+            elif ro is not None and not (torch.equal(ro, so) and torch.equal(r.bucket_counts(i), s.bucket_counts(i))):
+                bad.append(f"row {b} layer {i}")
+    return bad
+
+
 def _onnx_checks(out_dir: Path) -> list[Check]:
     import onnx
 
     checks = []
     dynamic = {"prefill.onnx": {"input_ids": (0, 1), "lengths": (0,)},
-               "decode.onnx": {"input_ids": (0,), "positions": (0,), "lsh_keys": (1, 3), "lsh_order": (1, 4)}}
+               "decode.onnx": {"input_ids": (0,), "slots": (0,), "keys": (2,), "order": (3,), "len_d": (0,),
+                               "local_keys": (1,)}}
     for name, want in dynamic.items():
         path = out_dir / name
         onnx.checker.check_model(str(path), full_check=True)
@@ -683,7 +519,7 @@ def verify_export(
     """
     from .exported import ExportedModel
 
-    backend = {"onnx": "onnx", "torchscript": "torchscript", "pt2": "pt2"}[fmt]
+    backend = fmt
     out_dir = Path(out_dir)
     cfg = model.config
     lengths = lengths or default_lengths(cfg, new_tokens)
@@ -703,17 +539,7 @@ def verify_export(
             ref, ref_cache = model.prefill(ids)
             got, got_cache = em.prefill(ids)
             close(f"prefill logits T={T} B={B}", ref, got)
-            bad = []
-            for b in range(B):
-                eager_seq, seq = ref_cache.sequences[b], got_cache.sequences[b]
-                for j, i in enumerate(lsh):
-                    order, counts = eager_seq.sorted_positions(i), eager_seq.bucket_counts(i)
-                    if order is not None and not (
-                        torch.equal(order, seq.lsh_order[j, 0, :, :, :T])
-                        and torch.equal(counts, seq.lsh_counts[j, 0])):
-                        bad.append(f"row {b} layer {i}")
-                    if (order is not None) != seq.hashed:
-                        bad.append(f"row {b} hashed={seq.hashed}")
+            bad = _state_differences(ref_cache, got_cache, lsh)
             if lsh:
                 checks.append(Check(f"prefill bucket state T={T} B={B}", not bad, "equal" if not bad else str(bad)))
     for T in lengths[:2]:
@@ -723,22 +549,25 @@ def verify_export(
         checks.append(Check(f"greedy {new_tokens} tokens from T={T}", ref_toks == got_toks,
                             f"{got_toks}" if ref_toks == got_toks else f"eager {ref_toks} vs exported {got_toks}"))
         close(f"decode logits T={T} ({new_tokens} steps)", torch.stack(ref_steps), torch.stack(got_steps))
-    # one graph call for two sequences of different lengths (ragged positions, batch 2 != example)
-    stacked = ExportedModel(out_dir, backend, batch_mode="stack")
+    # one graph call for two sequences of different lengths in one pool (ragged positions, batch 2 != example)
+    ref_pool, got_pool = model.new_decode_pool(2), em.new_decode_pool(2)
     ref_caches, got_caches = [], []
     for T in (lengths[0], lengths[-1]):
         ids = torch.randint(3, cfg.vocab_size, (1, T), generator=g)
-        ref_caches.append(model.prefill(ids)[1])
-        got_caches.append(stacked.prefill(ids)[1])
-    from .cache import ReformerCache
-
-    rb, gb = ReformerCache.batch(ref_caches), stacked.batch_caches(got_caches)
+        ref_caches.append(model.prefill(ids, pool=ref_pool)[1])
+        got_caches.append(em.prefill(ids, pool=got_pool)[1])
+    rb, gb = ReformerCache.batch(ref_caches), ReformerCache.batch(got_caches)
     refs, gots = [], []
     for _ in range(max(2, new_tokens // 2)):
         tok = torch.randint(3, cfg.vocab_size, (2, 1), generator=g)
         refs.append(model.decode_step(tok, rb)[0])
-        gots.append(stacked.decode_step(tok, gb)[0])
+        gots.append(em.decode_step(tok, gb)[0])
     close(f"batched decode of lengths {lengths[0]} and {lengths[-1]}", torch.stack(refs), torch.stack(gots))
+    bad = _state_differences(rb, gb, lsh)
+    if lsh:
+        checks.append(Check("batched decode bucket state", not bad, "equal" if not bad else str(bad)))
+    rb.release()
+    gb.release()
     return checks
 
 

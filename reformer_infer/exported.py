@@ -1,17 +1,21 @@
 """Run exported graphs (TorchScript, ONNX Runtime or torch.export .pt2) behind the eager model's interface.
 
 `ExportedModel` offers what the engine and `generate` use from `ReformerLM`: `config`, `prefill`,
-`prefill_iter`, `decode_step`, `cache_bytes`, `batch_caches`, `parameters()`; its cache (`ExportedCache`) has
-`nbytes`, `lengths`, `split()` and `ExportedCache.batch`. The server selects it with `--backend torchscript|onnx`
-through `load_exported(model_dir, backend, device, dtype)`.
+`prefill_iter`, `decode_step`, `new_decode_pool`, `cache_bytes`, `parameters()`. Its sequences live in a
+`DecodePool` as the eager model's do (its caches are `ReformerCache`s), and the decode steps are driven by
+the eager model's own driver (`model.PooledDecoder`): only the step's device part and the dense-to-LSH sort
+run as graphs. The server selects it with `--backend torchscript|onnx|pt2` through
+`load_exported(model_dir, backend, device, dtype)`.
 
-How the two graphs are driven (docs/export.md):
+How the graphs are driven (docs/export.md):
+  * decode: the decode graph is `ReformerLM.decode_compute` over the pool's tensors; its updates are written
+    with `DecodePool.apply_step` (what the eager `decode_core` does after computing); a sequence reaching
+    one LSH chunk is sorted by the sort graph (`DecodePool.hash_due`);
   * prompts whose padded length is above one LSH chunk (or any prompt without LSH layers) go through the
-    prefill graph, padded with pad tokens to the length transformers pads to;
-  * shorter prompts (the dense regime, at most one LSH chunk) are fed token by token through the decode graph,
-    which computes the same rows there (dense attention), then left un-hashed as the eager prefill leaves them;
-  * each decode step returns the new token's keys/values, which are written in place at its position here,
-    and the updated bucket bookkeeping; cache capacity doubles when full (amortised, as the eager cache).
+    prefill graph, padded with pad tokens to the length transformers pads to, and its state is written into
+    the pool; shorter prompts (the dense regime, at most one LSH chunk) are fed token by token through the
+    decode graph, which computes the same rows there (dense attention), and left un-hashed as the eager
+    prefill leaves them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +31,17 @@ from torch import Tensor
 
 from .cache import ReformerCache
 from .config import ReformerConfig
-from .model import row_capacities
+from .model import PooledDecoder, row_capacities
+from .pool import DecodePool, StepPlan, StepUpdates, upload
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torchscript", "onnx", "pt2")
-FORMAT_OF_BACKEND = {"torchscript": "torchscript", "onnx": "onnx", "pt2": "pt2"}
-FILE_SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}
 METADATA = "export.json"
+# the decode graph's inputs after input_ids and slots: the pool's tensors (export.STATE; not imported, so
+# serving exported files needs neither the exporter nor onnxscript)
+STATE = ("keys", "values", "order", "cum_static", "dbuckets", "dorder", "local_keys", "local_values",
+         "page_table", "len_d", "hashed_d")
 
 
 class ExportedModelError(ValueError):
@@ -67,7 +73,7 @@ class _OrtGraph:
     """An ONNX graph in onnxruntime on CPU. Idle ORT threads would busy-wait and steal the cores that torch
     code in the same process (the engine, the server) needs: spinning is turned off."""
 
-    def __init__(self, path: Path, num_threads: int) -> None:
+    def __init__(self, path: Path, num_threads: int, input_names: Sequence[str]) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -76,16 +82,18 @@ class _OrtGraph:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._names = list(input_names)
+        self._inputs = {i.name for i in self._session.get_inputs()}  # an input the graph never reads is dropped
         self._outputs = [o.name for o in self._session.get_outputs()]
         self.parameters: list[Tensor] = []
 
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        # IO binding hands ORT the arrays' memory; `InferenceSession.run` copied the whole cache every step
+        # IO binding hands ORT the tensors' memory (the pool's tensors are not copied)
         binding = self._session.io_binding()
         arrays = [t.detach().contiguous().numpy() for t in inputs]  # kept alive until the run returns
-        for name, arr in zip(self._inputs, arrays, strict=True):
-            binding.bind_cpu_input(name, arr)
+        for name, arr in zip(self._names, arrays, strict=True):
+            if name in self._inputs:
+                binding.bind_cpu_input(name, arr)
         for name in self._outputs:
             binding.bind_output(name)
         self._session.run_with_iobinding(binding)
@@ -93,116 +101,52 @@ class _OrtGraph:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The cache of the exported graphs
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class ExportedSequence:
-    """One sequence's decode state, laid out as the decode graph takes it (batch dimension of 1)."""
-
-    length: int
-    hashed: bool  # decodes by LSH windows (false while shorter than one LSH chunk)
-    lsh_keys: Tensor  # (L, 1, H, S, D)
-    lsh_values: Tensor  # (L, 1, H, S, D)
-    lsh_order: Tensor  # (L, 1, H, R, S) int32
-    lsh_counts: Tensor  # (L, 1, H, R, K) int32
-    local_keys: Tensor  # (M, 1, H, ring, D)
-    local_values: Tensor  # (M, 1, H, ring, D)
-
-    @property
-    def capacity(self) -> int:
-        return self.lsh_keys.shape[3]
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.lsh_keys, self.lsh_values, self.lsh_order, self.lsh_counts,
-                                      self.local_keys, self.local_values))
-
-    def reserve(self, needed: int) -> None:
-        """Room for `needed` positions; capacity doubles so that growth is amortised, never per step."""
-        if needed > self.capacity:
-            self.grow_to(max(needed, 2 * self.capacity))
-
-    def grow_to(self, new: int) -> None:
-        if new <= self.capacity:
-            return
-        for name in ("lsh_keys", "lsh_values", "lsh_order"):
-            old = getattr(self, name)
-            shape = list(old.shape)
-            shape[-1 if name == "lsh_order" else 3] = new
-            grown = old.new_zeros(shape)
-            if name == "lsh_order":
-                grown[..., : old.shape[-1]] = old
-            else:
-                grown[:, :, :, : old.shape[3]] = old
-            setattr(self, name, grown)
-
-    def tensors(self) -> tuple[Tensor, ...]:
-        return (self.lsh_keys, self.lsh_values, self.lsh_order, self.lsh_counts, self.local_keys, self.local_values)
-
-    def release(self) -> None:
-        """Give the state's memory back now (idempotent); the sequence cannot decode afterwards."""
-        for name in ("lsh_keys", "lsh_values", "lsh_order", "lsh_counts", "local_keys", "local_values"):
-            setattr(self, name, getattr(self, name).new_empty(0))
-
-
-class ExportedCache(ReformerCache):
-    """A batch of per-sequence exported states (possibly of different lengths); grouping copies nothing.
-    The batching logic is the eager cache's: only the per-sequence state differs."""
-
-
-# ---------------------------------------------------------------------------------------------------
 # The model facade
 # ---------------------------------------------------------------------------------------------------
-class ExportedModel:
-    """Exported prefill + decode graphs with `ReformerLM`'s inference interface (fp32).
+class ExportedModel(PooledDecoder):
+    """Exported prefill, decode-step and sort graphs with `ReformerLM`'s inference interface (fp32)."""
 
-    `batch_mode`: "loop" runs the decode graph once per sequence (no copies: a step's cost does not grow
-    with the other sequences' capacity); "stack" copies the sequences' states into one batch, runs the graph
-    once and writes back (fewer calls for short contexts; the copies grow with the capacity).
-    """
-
-    def __init__(self, path: str | Path, backend: str, *, device: str = "cpu", num_threads: int | None = None,
-                 batch_mode: str = "loop") -> None:
+    def __init__(self, path: str | Path, backend: str, *, device: str = "cpu", num_threads: int | None = None) -> None:
         path = Path(path)
         if backend not in BACKENDS:
             raise ExportedModelError(f"unknown exported backend {backend!r}; one of {', '.join(BACKENDS)}")
-        if batch_mode not in ("loop", "stack"):
-            raise ExportedModelError(f"batch_mode must be 'loop' or 'stack', got {batch_mode!r}")
         meta_path = path / METADATA
         if not meta_path.exists():
             raise ExportedModelError(f"{meta_path}: missing (not a reformer-export directory)")
         self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
-        files = self.metadata.get("files", {}).get(FORMAT_OF_BACKEND[backend])
+        if self.metadata.get("format_version") != 2:
+            raise ExportedModelError(f"{path}: exported by another version of reformer-export (graphs of the "
+                                     f"format {self.metadata.get('format_version')}, this one reads 2): re-export")
+        files = self.metadata.get("files", {}).get(backend)
         if not files:
             have = ", ".join(sorted(self.metadata.get("files", {}))) or "none"
             raise ExportedModelError(f"{path}: no {backend} graphs here (formats exported: {have})")
         if backend == "onnx" and device != "cpu":
             raise ExportedModelError("the onnx backend runs on CPU only (onnxruntime CPU execution provider)")
         self.backend = backend
-        self.batch_mode = batch_mode
         self.config = ReformerConfig.from_dict(self.metadata["config"])
-        cfg = self.config
-        self.num_lsh = cfg.attn_layers.count("lsh")
-        self.num_local = cfg.attn_layers.count("local")
-        self.H, self.D = cfg.num_attention_heads, cfg.attention_head_size
-        self.R, self.K = int(self.metadata["num_hashes"]), cfg.total_buckets
-        self.ring = cfg.local_ring_size
-        self.min_capacity = int(self.metadata["limits"]["min_capacity"])
+        self.num_hashes = int(self.metadata["num_hashes"])
+        self.full_attention = False
+        self._layout = self.metadata["pool_layout"]
         self._device = torch.device(device)
+        self._step_graphs = {}
+        self.num_lsh = self.config.attn_layers.count("lsh")
         threads = num_threads or torch.get_num_threads()
-        if backend == "onnx":
-            self._prefill: Any = _OrtGraph(path / files["prefill"], threads)
-            self._decode: Any = _OrtGraph(path / files["decode"], threads)
-        else:
-            self._prefill = _TorchGraph(path / files["prefill"], backend, device)
-            self._decode = _TorchGraph(path / files["decode"], backend, device)
+        names = {"prefill": ("input_ids", "lengths"), "decode": ("input_ids", "slots", *STATE), "sort": ("keys",)}
+        self._graphs: dict[str, Any] = {}
+        for name, file in files.items():
+            if backend == "onnx":
+                self._graphs[name] = _OrtGraph(path / file, threads, names[name])
+            else:
+                self._graphs[name] = _TorchGraph(path / file, backend, device)
         logger.info("loaded exported %s graphs from %s (%d layers, rotations %s)", backend, path,
-                    cfg.num_hidden_layers, self.rotation_fingerprint())
+                    self.config.num_hidden_layers, self.rotation_fingerprint())
 
     # ---- what the engine and the server read -------------------------------------------------------
     def parameters(self) -> Iterator[Tensor]:
         """The graphs' weights where the runtime exposes them (TorchScript, .pt2); for ONNX Runtime, which
         keeps them inside its session, one empty tensor that tells callers the device (CPU)."""
-        params = self._prefill.parameters
+        params = self._graphs["prefill"].parameters
         yield from params if params else [torch.empty(0, device=self._device)]
 
     def rotation_fingerprint(self) -> str:
@@ -219,40 +163,29 @@ class ExportedModel:
     def eval(self) -> ExportedModel:
         return self
 
-    @staticmethod
-    def batch_caches(caches: Sequence[ExportedCache]) -> ExportedCache:
-        return ExportedCache.batch(caches)
+    def new_decode_pool(self, sequences: int = 1, tokens: int = 0, **layout: int) -> DecodePool:
+        """A decode pool of the layout the decode graph was exported for (its page and delta sizes)."""
+        if any(layout.get(k, v) != v for k, v in self._layout.items()):
+            raise ValueError(f"the exported decode graph works on pools of layout {self._layout}")
+        return super().new_decode_pool(sequences, tokens, **self._layout)
 
-    def cache_bytes(self, num_tokens: int) -> int:
-        """Projected cache bytes of one sequence of `num_tokens` positions (capacity = num_tokens)."""
-        n = max(num_tokens, self.min_capacity)
-        lsh = 2 * self.H * n * self.D * 4 + self.H * self.R * n * 4 + self.H * self.R * self.K * 4
-        return self.num_lsh * lsh + self.num_local * 2 * self.H * self.ring * self.D * 4
+    # ---- the step's device part and the transition: graphs ----------------------------------------
+    def decode_core(self, ids: Tensor, pool: DecodePool, plan: StepPlan) -> Tensor:
+        """`ReformerLM.decode_core` with its computation run by the decode graph."""
+        out = self._graphs["decode"](ids, plan.slots, *(getattr(pool, name) for name in STATE))
+        logits, nk, nv, dbk, dor, ck, cv = out
+        updates = StepUpdates(lsh={j: (nk[j], nv[j], dbk[j], dor[j]) for j in range(nk.shape[0])},
+                              local={j: (ck[j], cv[j]) for j in range(ck.shape[0])})
+        pool.apply_step(pool.step_view(plan), updates)
+        return logits
 
-    def cache_bytes_per_token(self) -> float:
-        return self.num_lsh * (2 * self.H * self.D * 4 + self.H * self.R * 4)
+    def sort_keys(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        return self._graphs["sort"](keys)
 
     # ---- prefill -------------------------------------------------------------------------------------
-    def _uses_prefill_graph(self, T: int) -> bool:
-        # The prefill graph is the hashed regime; at most one LSH chunk is dense attention (decode graph).
-        return self.num_lsh == 0 or self.config.padded_length(T) > self.config.lsh_attn_chunk_length
-
-    def _empty_sequence(self, capacity: int) -> ExportedSequence:
-        S = max(capacity, self.min_capacity)
-        H, D, R, dev = self.H, self.D, self.R, self._device
-        return ExportedSequence(
-            length=0, hashed=False,
-            lsh_keys=torch.zeros(self.num_lsh, 1, H, S, D, device=dev),
-            lsh_values=torch.zeros(self.num_lsh, 1, H, S, D, device=dev),
-            lsh_order=torch.zeros(self.num_lsh, 1, H, R, S, dtype=torch.int32, device=dev),
-            lsh_counts=torch.zeros(self.num_lsh, 1, H, R, self.K, dtype=torch.int32, device=dev),
-            local_keys=torch.zeros(self.num_local, 1, H, self.ring, D, device=dev),
-            local_values=torch.zeros(self.num_local, 1, H, self.ring, D, device=dev),
-        )
-
-    def prefill(self, input_ids: Tensor, capacity: int | Sequence[int] | None = None,
-                last_only: bool = False) -> tuple[Tensor, ExportedCache]:
-        gen = self.prefill_iter(input_ids, capacity=capacity, last_only=last_only)
+    def prefill(self, input_ids: Tensor, capacity: int | Sequence[int] | None = None, last_only: bool = False,
+                pool: DecodePool | None = None) -> tuple[Tensor, ReformerCache]:
+        gen = self.prefill_iter(input_ids, capacity=capacity, last_only=last_only, pool=pool)
         while True:
             try:
                 next(gen)
@@ -261,96 +194,72 @@ class ExportedModel:
 
     def prefill_iter(
         self, input_ids: Tensor, *, capacity: int | Sequence[int] | None = None, last_only: bool = True,
-        work_tokens: int | None = None,
-    ) -> Generator[tuple[int, int], None, tuple[Tensor, ExportedCache]]:
+        work_tokens: int | None = None, pool: DecodePool | None = None,
+    ) -> Generator[tuple[int, int], None, tuple[Tensor, ReformerCache]]:
         """Like `ReformerLM.prefill_iter`: yields (done, total); returns (logits, cache). A prefill-graph call
         is one unit (`work_tokens` cannot split a graph); a dense-regime prompt yields once per token."""
         B, T = input_ids.shape
-        self.config.check_prompt_length(T)
+        cfg = self.config
+        cfg.check_prompt_length(T)
         caps = row_capacities(capacity, B, T)
-        if not self._uses_prefill_graph(T):
-            seqs, rows = [], []
-            for b in range(B):
-                seq = self._empty_sequence(caps[b])
-                step_logits = []
-                for t in range(T):
-                    step_logits.append(self._decode_one(seq, input_ids[b : b + 1, t : t + 1]))
-                    yield (b * T + t + 1, B * T)
-                seq.hashed = False  # the eager prefill leaves a dense-regime prompt un-hashed
-                seqs.append(seq)
-                rows.append(torch.cat(step_logits, dim=1))  # (1, T, V)
-            logits = torch.cat(rows, dim=0)
-            return (logits[:, -1:] if last_only else logits), ExportedCache(seqs)
-        lcm = self.config.chunk_lcm
-        Tp = -(-T // lcm) * lcm
-        ids = input_ids.to(self._device)
-        if Tp > T:
-            ids = torch.cat([ids, ids.new_full((B, Tp - T), self.config.pad_token_id)], dim=1)
-        lengths = torch.full((B,), T, dtype=torch.long, device=self._device)
-        logits, lk, lv, lo, lc, ck, cv = self._prefill(ids, lengths)
+        if pool is None:
+            pool = self.new_decode_pool(B, sum(caps) + B)
         seqs = []
-        for b in range(B):
-            seq = self._empty_sequence(caps[b])
-            seq.lsh_keys[:, 0, :, :T] = lk[:, b, :, :T]
-            seq.lsh_values[:, 0, :, :T] = lv[:, b, :, :T]
-            seq.lsh_order[:, 0, :, :, :T] = lo[:, b, :, :, :T]
-            seq.lsh_counts[:, 0] = lc[:, b]
-            seq.local_keys[:, 0] = ck[:, b]
-            seq.local_values[:, 0] = cv[:, b]
-            seq.length, seq.hashed = T, self.num_lsh > 0
-            seqs.append(seq)
-        yield (B * T, B * T)
-        return (logits[:, T - 1 : T] if last_only else logits[:, :T]).clone(), ExportedCache(seqs)
+        done_ok = False
+        try:
+            for cap in caps:
+                seqs.append(pool.allocate(cap))
+            slots = [s.slot for s in seqs]
+            ids = input_ids.to(self._device)
+            mode = torch.inference_mode()  # entered around each unit, never across a yield (as the eager prefill)
+            if self.num_lsh and cfg.padded_length(T) <= cfg.lsh_attn_chunk_length:
+                # the dense regime: token by token through the decode step; never hashed here (the eager
+                # prefill leaves such a prompt un-hashed, even one of exactly one chunk)
+                pool.finish_prefill(seqs, 0, hashed=False)
+                steps = []
+                for t in range(T):
+                    with mode:
+                        plan = pool.begin_step(slots)
+                        steps.append(self.decode_core(ids[:, t], pool, plan))
+                        pool.end_step(plan, slots)
+                    yield ((t + 1) * B, T * B)
+                logits = torch.stack(steps, dim=1)  # (B, T, V)
+            else:
+                with mode:
+                    logits = self._prefill_graph(ids, pool, seqs)
+                yield (B * T, B * T)
+            done_ok = True
+        finally:
+            if not done_ok:
+                for seq in seqs:
+                    seq.release()
+        return (logits[:, T - 1 : T] if last_only else logits[:, :T]).clone(), ReformerCache(seqs)
 
-    # ---- decode --------------------------------------------------------------------------------------
-    def _write(self, seq: ExportedSequence, out: tuple[Tensor, ...], row: int) -> None:
-        """Apply one decode-graph result (row `row` of its batch) to `seq`: deltas written in place."""
-        _, hashed, nk, nv, order, counts, ck, cv = out
-        T = seq.length
-        seq.lsh_keys[:, 0, :, T] = nk[:, row]
-        seq.lsh_values[:, 0, :, T] = nv[:, row]
-        seq.lsh_order = order[:, row : row + 1]
-        seq.lsh_counts = counts[:, row : row + 1]
-        seq.local_keys[:, 0, :, T % self.ring] = ck[:, row]
-        seq.local_values[:, 0, :, T % self.ring] = cv[:, row]
-        seq.hashed = bool(hashed[row])
-        seq.length = T + 1
-
-    def _decode_one(self, seq: ExportedSequence, input_ids: Tensor) -> Tensor:
-        if seq.length + 1 > self.config.max_context:
-            raise ValueError(f"sequence would exceed the model's context of {self.config.max_context}")
-        seq.reserve(seq.length + 1)
-        out = self._decode(
-            input_ids.to(self._device), torch.tensor([seq.length], device=self._device),
-            torch.tensor([seq.hashed], device=self._device), *seq.tensors())
-        self._write(seq, out, 0)
-        return out[0]  # (1, 1, V)
-
-    def decode_step(self, input_ids: Tensor, cache: ExportedCache) -> tuple[Tensor, ExportedCache]:
-        """One token for every sequence: (B, 1) -> logits (B, 1, V); the sequences' states are updated."""
-        seqs = cache.sequences
-        if input_ids.shape[0] != len(seqs):
-            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but the cache holds {len(seqs)} sequences")
-        if self.batch_mode == "loop" or len(seqs) == 1:
-            return torch.cat([self._decode_one(s, input_ids[b : b + 1]) for b, s in enumerate(seqs)]), cache
-        return self._decode_stacked(input_ids, seqs), cache
-
-    def _decode_stacked(self, input_ids: Tensor, seqs: list[ExportedSequence]) -> Tensor:
-        for s in seqs:
-            if s.length + 1 > self.config.max_context:
-                raise ValueError(f"sequence would exceed the model's context of {self.config.max_context}")
-        for s in seqs:
-            s.reserve(s.length + 1)
-        S = max(s.capacity for s in seqs)  # one batch needs one capacity
-        for s in seqs:
-            s.grow_to(S)
-        stacked = [torch.cat(ts, dim=1) for ts in zip(*(s.tensors() for s in seqs), strict=True)]
-        out = self._decode(
-            input_ids.to(self._device), torch.tensor([s.length for s in seqs], device=self._device),
-            torch.tensor([s.hashed for s in seqs], device=self._device), *stacked)
-        for b, s in enumerate(seqs):
-            self._write(s, out, b)
-        return out[0]
+    def _prefill_graph(self, ids: Tensor, pool: DecodePool, seqs: list) -> Tensor:
+        """Run the prefill graph on ids (B, T), padded to the length transformers pads to, and write the
+        sequences' state into their slots of `pool`. Returns the logits (B, Tp, V)."""
+        cfg = self.config
+        B, T = ids.shape
+        Tp = -(-T // cfg.chunk_lcm) * cfg.chunk_lcm  # what transformers pads to above one chunk; below,
+        # pads after every real position change nothing (causal masks; LSH prompts there are dense)
+        if Tp > T:
+            ids = torch.cat([ids, ids.new_full((B, Tp - T), cfg.pad_token_id)], dim=1)
+        lengths = torch.full((B,), T, dtype=torch.long, device=self._device)
+        logits, lk, lv, lo, lb, ck, cv = self._graphs["prefill"](ids, lengths)
+        slots = [s.slot for s in seqs]
+        rows = pool.rows_of(slots, T).view(-1)  # (B * T,) pool rows of positions [0, T)
+        H, D = cfg.num_attention_heads, cfg.attention_head_size
+        for j in range(lk.shape[0]):
+            pool.keys[j].index_copy_(1, rows, lk[j, :, :, :T].transpose(0, 1).reshape(H, B * T, D))
+            pool.values[j].index_copy_(1, rows, lv[j, :, :, :T].transpose(0, 1).reshape(H, B * T, D))
+            # pads sort last in every round: the first T entries are the real positions
+            pool.set_order(j, slots, lo[j, ..., :T].long(), lb[j, ..., :T].long())
+        sl = upload(slots, self._device)
+        for j in range(ck.shape[0]):
+            pool.local_keys[j].index_copy_(0, sl, ck[j])
+            pool.local_values[j].index_copy_(0, sl, cv[j])
+        pool.finish_prefill(seqs, T, hashed=self.num_lsh > 0)
+        return logits
 
 
 def load_exported(path: str | Path, backend: str, device: str = "cpu", dtype: str = "float32") -> ExportedModel:

@@ -159,8 +159,8 @@ def _window_softmax(dots: Tensor, q_pos: Tensor | None, k_pos: Tensor | None, se
 
 
 def _bag_offsets(memo: dict, n: int, L: int, device: torch.device) -> Tensor:
-    """Offsets (n,) of n bags of L rows each (memoised in `memo`)."""
-    key = ("bag offsets", n, L)
+    """Offsets (n,) of n bags of L rows each (memoised in `memo`, a step's: n is the same for all its layers)."""
+    key = ("bag offsets", L)
     if key not in memo:
         memo[key] = torch.arange(0, n * L, L, device=device)
     return memo[key]
@@ -671,9 +671,97 @@ class ReformerLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Decoding over a pool: shared by the eager model and the exported graphs (`exported.ExportedModel`)
+# ---------------------------------------------------------------------------------------------------
+class PooledDecoder:
+    """Drives decode steps over `DecodePool`s: the host bookkeeping around a step's device part. A subclass
+    provides `config`, `num_hashes`, `device`, `dtype`, `full_attention`, a `_step_graphs` dict, and the step
+    itself: `decode_core(ids, pool, plan) -> logits` and `sort_keys(keys) -> (order, buckets)` (the
+    dense-to-LSH transition). `ReformerLM` runs its own code; `ExportedModel` runs the exported graphs of it."""
+
+    config: ReformerConfig
+    _step_graphs: dict[int, StepGraphs]
+
+    def new_decode_pool(self, sequences: int = 1, tokens: int = 0, **layout: int) -> DecodePool:
+        """A pool for the decode state of up to `sequences` sequences holding `tokens` positions in all
+        (it grows past either when needed). An engine keeps one so all its sequences decode together.
+        `layout`: page_size, delta_size (see `DecodePool`)."""
+        return DecodePool(self.config, num_hashes=self.num_hashes, device=self.device, dtype=self.dtype,
+                          sequences=sequences, tokens=tokens, **layout)
+
+    def use_step_graphs(self, pool: DecodePool, capture: Callable | None = None) -> StepGraphs:
+        """Decode the sequences of `pool` through captured steps from now on (`step_graphs`): on CUDA, one
+        CUDA graph per batch bucket; `capture` replaces the recorder (tests: `step_graphs.EagerReplay`)."""
+        pool.pad_slot()  # taken now: a pool sized to its sequences grows here, not inside a serving step
+        graphs = self._step_graphs[id(pool)] = StepGraphs(self, pool, capture)
+        return graphs
+
+    def drop_step_graphs(self, pool: DecodePool) -> None:
+        """Stop capturing steps for `pool` and let go of its recordings (and of the pool)."""
+        graphs = self._step_graphs.get(id(pool))
+        if graphs is not None and graphs.pool is pool:
+            del self._step_graphs[id(pool)]
+
+    @torch.inference_mode()
+    def decode_step(self, input_ids: Tensor, cache: ReformerCache) -> tuple[Tensor, ReformerCache]:
+        """One token for every sequence in the batch: (B, 1) -> logits (B, 1, V). Sequences may have
+        different lengths; each sequence's state is updated in place (the cache is returned for convenience).
+        Sequences of one pool decode in one pass; of different pools, in one pass per pool."""
+        seqs = cache.sequences
+        B = input_ids.shape[0]
+        if B != len(seqs):
+            raise ValueError(f"input_ids has {B} rows but the cache holds {len(seqs)} sequences")
+        for s in seqs:
+            if s.released:
+                raise ValueError("the cache of a released sequence cannot decode")
+            if s.length + 1 > self.config.max_context:
+                raise ValueError(f"sequence would exceed the model's context of {self.config.max_context}")
+        groups: dict[int, list[int]] = {}
+        for b, s in enumerate(seqs):
+            groups.setdefault(id(s.pool), []).append(b)
+        logits: Tensor | None = None
+        for rows in groups.values():
+            rows.sort(key=lambda b: seqs[b].slot)  # a compact range of slots, in order, is read through views
+            whole = rows == list(range(B))
+            part = self._decode_pooled(input_ids[:, 0] if whole else input_ids[rows, 0], seqs[rows[0]].pool,
+                                       [seqs[b].slot for b in rows])
+            if whole:
+                logits = part
+            else:
+                if logits is None:
+                    logits = part.new_empty(B, part.shape[-1])
+                logits[rows] = part
+        return logits.unsqueeze(1), cache
+
+    def _decode_pooled(self, ids: Tensor, pool: DecodePool, slots: list[int]) -> Tensor:
+        graphs = self._step_graphs.get(id(pool))
+        if graphs is not None and graphs.pool is pool and not self.full_attention:
+            logits, plan = graphs.run(ids, slots)
+        else:
+            plan = pool.begin_step(slots, full_attention=self.full_attention)
+            logits = self.decode_core(ids, pool, plan)
+        self.finish_step(pool, plan, slots)
+        return logits
+
+    def finish_step(self, pool: DecodePool, plan: StepPlan, slots: list[int]) -> None:
+        """Between steps: advance the sequences; those reaching one chunk are hashed and decode by LSH
+        windows from the next token on (not with full attention)."""
+        due = pool.end_step(plan, slots)
+        if due and not self.full_attention:
+            pool.hash_due(due, self.sort_keys)
+
+    def cache_bytes(self, num_tokens: int) -> int:
+        """Cache bytes of one sequence holding `num_tokens` positions (in a decode pool of the default layout)."""
+        return cache_bytes(self.config, self.num_hashes, self.dtype, num_tokens)
+
+    def cache_bytes_per_token(self) -> float:
+        return (self.cache_bytes(8192) - self.cache_bytes(4096)) / 4096
+
+
+# ---------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------
-class ReformerLM(nn.Module):
+class ReformerLM(nn.Module, PooledDecoder):
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__()
         config.validate()
@@ -909,75 +997,7 @@ class ReformerLM(nn.Module):
         y = self.encoder.layer_norm(torch.cat([a, h], dim=-1))  # (B, T, 2E)
         return self.lm_head.decoder(y) + self.lm_head.bias
 
-    # ---- decode ------------------------------------------------------------------------------
-    def new_decode_pool(self, sequences: int = 1, tokens: int = 0, **layout: int) -> DecodePool:
-        """A pool for the decode state of up to `sequences` sequences holding `tokens` positions in all
-        (it grows past either when needed). An engine keeps one so all its sequences decode together.
-        `layout`: page_size, delta_size (see `DecodePool`)."""
-        return DecodePool(self.config, num_hashes=self.num_hashes, device=self.device, dtype=self.dtype,
-                          sequences=sequences, tokens=tokens, **layout)
-
-    def use_step_graphs(self, pool: DecodePool, capture: Callable | None = None) -> StepGraphs:
-        """Decode the sequences of `pool` through captured steps from now on (`step_graphs`): on CUDA, one
-        CUDA graph per batch bucket; `capture` replaces the recorder (tests: `step_graphs.EagerReplay`)."""
-        pool.pad_slot()  # taken now: a pool sized to its sequences grows here, not inside a serving step
-        graphs = self._step_graphs[id(pool)] = StepGraphs(self, pool, capture)
-        return graphs
-
-    def drop_step_graphs(self, pool: DecodePool) -> None:
-        """Stop capturing steps for `pool` and let go of its recordings (and of the pool)."""
-        graphs = self._step_graphs.get(id(pool))
-        if graphs is not None and graphs.pool is pool:
-            del self._step_graphs[id(pool)]
-
-    @torch.inference_mode()
-    def decode_step(self, input_ids: Tensor, cache: ReformerCache) -> tuple[Tensor, ReformerCache]:
-        """One token for every sequence in the batch: (B, 1) -> logits (B, 1, V). Sequences may have
-        different lengths; each sequence's state is updated in place (the cache is returned for convenience).
-        Sequences of one pool decode in one pass; of different pools, in one pass per pool."""
-        seqs = cache.sequences
-        B = input_ids.shape[0]
-        if B != len(seqs):
-            raise ValueError(f"input_ids has {B} rows but the cache holds {len(seqs)} sequences")
-        for s in seqs:
-            if s.released:
-                raise ValueError("the cache of a released sequence cannot decode")
-            if s.length + 1 > self.config.max_context:
-                raise ValueError(f"sequence would exceed the model's context of {self.config.max_context}")
-        groups: dict[int, list[int]] = {}
-        for b, s in enumerate(seqs):
-            groups.setdefault(id(s.pool), []).append(b)
-        logits: Tensor | None = None
-        for rows in groups.values():
-            rows.sort(key=lambda b: seqs[b].slot)  # a compact range of slots, in order, is read through views
-            whole = rows == list(range(B))
-            part = self._decode_pooled(input_ids[:, 0] if whole else input_ids[rows, 0], seqs[rows[0]].pool,
-                                       [seqs[b].slot for b in rows])
-            if whole:
-                logits = part
-            else:
-                if logits is None:
-                    logits = part.new_empty(B, part.shape[-1])
-                logits[rows] = part
-        return logits.unsqueeze(1), cache
-
-    def _decode_pooled(self, ids: Tensor, pool: DecodePool, slots: list[int]) -> Tensor:
-        graphs = self._step_graphs.get(id(pool))
-        if graphs is not None and graphs.pool is pool and not self.full_attention:
-            logits, plan = graphs.run(ids, slots)
-        else:
-            plan = pool.begin_step(slots, full_attention=self.full_attention)
-            logits = self.decode_core(ids, pool, plan)
-        self.finish_step(pool, plan, slots)
-        return logits
-
-    def finish_step(self, pool: DecodePool, plan: StepPlan, slots: list[int]) -> None:
-        """Between steps: advance the sequences; those reaching one chunk are hashed and decode by LSH
-        windows from the next token on (not with full attention)."""
-        due = pool.end_step(plan, slots)
-        if due and not self.full_attention:
-            pool.hash_due(due, self.sort_keys)
-
+    # ---- decode (driven by `PooledDecoder`) -----------------------------------------------------
     def sort_keys(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         """Cached keys (Ll, S, H, T, D) of every LSH layer -> their positions sorted by (bucket, position) and
         their buckets, (Ll, S, H, R, T) each (argmax ignores the key norm)."""
@@ -1009,10 +1029,3 @@ class ReformerLM(nn.Module):
             a = a + att.output.dense(o)
             h = h + layer.feed_forward(a)
         return self._head(a, h), batch, updates
-
-    def cache_bytes(self, num_tokens: int) -> int:
-        """Cache bytes of one sequence holding `num_tokens` positions (in a decode pool of the default layout)."""
-        return cache_bytes(self.config, self.num_hashes, self.dtype, num_tokens)
-
-    def cache_bytes_per_token(self) -> float:
-        return (self.cache_bytes(8192) - self.cache_bytes(4096)) / 4096

@@ -104,19 +104,18 @@ def test_decode_graph_crosses_dense_to_hashed_like_eager(exported, prompt_len: i
     ref_logits, ref = model.prefill(ids)
     got_logits, got = em.prefill(ids)
     torch.testing.assert_close(got_logits, ref_logits, atol=1e-4, rtol=1e-4)
-    assert got.sequences[0].hashed is False
+    assert got.sequences[0].sorted_positions(1) is None  # left dense, as the eager prefill leaves it
     g = torch.Generator().manual_seed(1)
     for _ in range(12):
         tok = torch.randint(3, 258, (1, 1), generator=g)
         a, _ = model.decode_step(tok, ref)
         b, _ = em.decode_step(tok, got)
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-        eager_order, seq = ref.sequences[0].sorted_positions(1), got.sequences[0]
-        assert seq.hashed == (eager_order is not None)
-        if seq.hashed:
-            T = seq.length
-            assert torch.equal(seq.lsh_order[0, 0, :, :, :T], eager_order)
-            assert torch.equal(seq.lsh_counts[0, 0], ref.sequences[0].bucket_counts(1))
+        eager_order, order = ref.sequences[0].sorted_positions(1), got.sequences[0].sorted_positions(1)
+        assert (order is None) == (eager_order is None)
+        if order is not None:
+            assert torch.equal(order, eager_order)
+            assert torch.equal(got.sequences[0].bucket_counts(1), ref.sequences[0].bucket_counts(1))
     assert got.lengths == ref.lengths
 
 
@@ -159,16 +158,18 @@ def test_generate_runs_on_an_exported_model_and_gives_its_state_back(exported) -
     assert cache.nbytes == 0
 
 
-def test_stacked_batch_decode_equals_eager_batch(exported) -> None:
+def test_batched_decode_of_one_pool_equals_eager_batch(exported) -> None:
+    """Sequences of different lengths in one pool decode in one decode-graph call per step."""
     model, out = exported("lsh_first", "torchscript")
-    em = ExportedModel(out, "torchscript", batch_mode="stack")
+    em = ExportedModel(out, "torchscript")
     lengths = [2, 5, 13, 30]  # dense, hashed below one LSH chunk's lcm, padded, exact
+    ref_pool, got_pool = model.new_decode_pool(4), em.new_decode_pool(4)
     ref_caches, got_caches = [], []
     for i, n in enumerate(lengths):
         ids = torch.randint(3, 258, (1, n), generator=torch.Generator().manual_seed(i))
-        ref_caches.append(model.prefill(ids)[1])
-        got_caches.append(em.prefill(ids)[1])
-    ref, got = ReformerCache.batch(ref_caches), em.batch_caches(got_caches)
+        ref_caches.append(model.prefill(ids, pool=ref_pool)[1])
+        got_caches.append(em.prefill(ids, pool=got_pool)[1])
+    ref, got = ReformerCache.batch(ref_caches), ReformerCache.batch(got_caches)
     for step in range(8):
         toks = torch.tensor([[(11 * step + i) % 250 + 3] for i in range(len(lengths))])
         torch.testing.assert_close(em.decode_step(toks, got)[0], model.decode_step(toks, ref)[0], atol=1e-4, rtol=1e-4)
