@@ -42,12 +42,10 @@ from .cache import ReformerCache
 from .checkpoint import load_model
 from .config import ReformerConfig
 from .model import (
-    MASK_VALUE,
-    SELF_MASK_VALUE,
     LocalSelfAttention,
     LSHSelfAttention,
     ReformerLM,
-    exp_shifted,
+    _attend_window,
     len_norm,
 )
 from .pool import DecodePool, StepPlan
@@ -121,22 +119,6 @@ def _stack(xs: list[Tensor], shape: list[int], like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 # The prefill graph: every chunk of a layer at once (the eager prefill is not traceable: docs/export.md)
 # ---------------------------------------------------------------------------------------------------
-def _softmax_attend(q: Tensor, k: Tensor, v: Tensor, dots_mask: Tensor, self_slot: Tensor) -> tuple[Tensor, Tensor]:
-    """q (..., Q, D), k/v (..., W, D); masks (..., Q, W) bool -> out (..., Q, D), lse (..., Q).
-
-    Same arithmetic as the eager `_attend_window` (masked keys -1e9, the query's own key -1e5, one exp pass
-    normalised after the product): a first token that sees only itself has scores near -1e5, where fp32 is
-    coarse, so another order of operations would differ visibly there.
-    """
-    dots = torch.matmul(q, k.transpose(-1, -2))  # (..., Q, W)
-    dots = dots.masked_fill(dots_mask, MASK_VALUE[torch.float32])
-    dots = dots.masked_fill(self_slot, SELF_MASK_VALUE[torch.float32])
-    m = dots.amax(dim=-1, keepdim=True)
-    e = exp_shifted(dots - m)
-    s = e.sum(dim=-1, keepdim=True)
-    return torch.matmul(e, v) / s, (m + torch.log(s)).squeeze(-1)
-
-
 def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
     """torch.logaddexp as its CPU kernel computes it (finite inputs). The ONNX exporter lowers logaddexp to
     log(exp(a) + exp(b)), which underflows to -inf at the -1e5 of a token that sees only itself."""
@@ -175,8 +157,7 @@ def _lsh_prefill(attn: LSHSelfAttention, K: int, x: Tensor, lengths: Tensor) -> 
     kw = _windows(ks, 2, attn.before, attn.after)  # (B, H, M, W, D)
     vw = _windows(vs, 2, attn.before, attn.after)
     pw = _windows(ps, 2, attn.before, attn.after)  # (B, H, M, W)
-    qp, kp = ps.unsqueeze(-1), pw.unsqueeze(-2)  # (B, H, M, C, 1), (B, H, M, 1, W)
-    o, lse = _softmax_attend(qs, kw, vw, kp > qp, kp == qp)  # (B, H, M, C, D), (B, H, M, C)
+    o, lse = _attend_window(qs, kw, vw, ps, pw, self_mask=True)  # (B, H, M, C, D), (B, H, M, C)
     # back to positions, then combine rounds with weights exp(lse_r - logsumexp_r lse_r), accumulated in
     # the eager model's order: a first token seeing only itself has lse near -1e5, where fp32 is coarse
     idx = order.unsqueeze(-1).expand(B, H, R, Tp, D)
@@ -204,8 +185,7 @@ def _local_prefill(attn: LocalSelfAttention, ring: int, x: Tensor, lengths: Tens
     kw = _windows(k.view(B, H, -1, C, D), 2, attn.before, attn.after)  # (B, H, N, W, D)
     vw = _windows(v.view(B, H, -1, C, D), 2, attn.before, attn.after)
     pw = _windows(pc, 0, attn.before, attn.after)  # (N, W); wrapped chunks are later: masked
-    causal = pw.unsqueeze(1) > pc.unsqueeze(2)  # (N, C, W)
-    o, _ = _softmax_attend(q.view(B, H, -1, C, D), kw, vw, causal, torch.zeros_like(causal))
+    o, _ = _attend_window(q.view(B, H, -1, C, D), kw, vw, pc, pw, self_mask=False)
     out = o.reshape(B, H, Tp, D).transpose(1, 2).reshape(B, Tp, H * D)
     # slot j holds the latest real position p < length with p = j (mod ring); none if p < 0
     last = lengths.view(B, 1) - 1
@@ -290,7 +270,9 @@ def export_spec(model: ReformerLM) -> ExportSpec:
 
     cfg = model.config
     lcm, C = cfg.chunk_lcm, cfg.lsh_attn_chunk_length
-    min_chunks = C // lcm + 1 if "lsh" in cfg.attn_layers else 1
+    # with LSH layers, the hashed regime (above one LSH chunk); without, two chunks at least (torch.export
+    # specialises a size of one: the one-chunk prompts of a local-only model go through the decode step)
+    min_chunks = C // lcm + 1 if "lsh" in cfg.attn_layers else 2
     max_chunks = max(cfg.max_context // lcm, min_chunks + 1)
     n = min(min_chunks + 1, max_chunks)
     g = torch.Generator().manual_seed(0)
@@ -299,16 +281,14 @@ def export_spec(model: ReformerLM) -> ExportSpec:
     pool, step_slots = _example_pool(model)
     plan = pool.begin_step(step_slots)
     state = tuple(getattr(pool, name) for name in STATE)
-    lsh, local = bool(pool.lsh_index), bool(pool.local_index)
-    per_slot = {"cum_static": 1, "dbuckets": 1, "dorder": 1, "page_table": 0, "len_d": 0, "hashed_d": 0}
+    lsh = bool(pool.lsh_index)
+    # symbolic even where a model has no layers of the kind (zero-size stacks): a runtime checks every dim
+    per_slot = {"cum_static": 1, "dbuckets": 1, "dorder": 1, "local_keys": 1, "local_values": 1, "page_table": 0,
+                "len_d": 0, "hashed_d": 0}
+    per_row = {"keys": 2, "values": 2, "order": 3}
     decode_dims: dict[str, dict[int, object]] = {"input_ids": {0: batch}, "slots": {0: batch}}
     for name in STATE:
-        if name in per_slot:
-            decode_dims[name] = {per_slot[name]: slots} if lsh or per_slot[name] == 0 else {}
-        elif name.startswith("local"):
-            decode_dims[name] = {1: slots} if local else {}
-        else:  # the LSH tables, (Ll, H, rows, D) and (Ll, H, R, rows)
-            decode_dims[name] = {3 if name == "order" else 2: rows} if lsh else {}
+        decode_dims[name] = {per_slot[name]: slots} if name in per_slot else {per_row[name]: rows}
     args = {
         "prefill": (torch.randint(3, cfg.vocab_size, (2, lcm * n), generator=g), torch.tensor([lcm * n, lcm * n - 1])),
         "decode": (torch.randint(3, cfg.vocab_size, (2,), generator=g), plan.slots.clone(), *state),

@@ -84,11 +84,12 @@ def test_reloaded_graphs_match_eager_prefill_decode_and_greedy(exported, name: s
         assert "onnx.checker" in names
 
 
-def test_onnx_inputs_keep_symbolic_batch_length_and_capacity(exported) -> None:
+def test_onnx_inputs_keep_symbolic_batch_length_pool_rows_and_slots(exported) -> None:
     import onnx
 
     _, out = exported("mixed", "onnx")
-    for fname, want in (("prefill.onnx", {"input_ids": [0, 1]}), ("decode.onnx", {"lsh_keys": [1, 3]})):
+    for fname, want in (("prefill.onnx", {"input_ids": [0, 1]}),
+                        ("decode.onnx", {"input_ids": [0], "keys": [2], "local_keys": [1], "len_d": [0]})):
         proto = onnx.load(str(out / fname))
         onnx.checker.check_model(proto, full_check=True)
         dims = {i.name: i.type.tensor_type.shape.dim for i in proto.graph.input}
