@@ -131,7 +131,7 @@ class ExportedModel(PooledDecoder):
         self._device = torch.device(device)
         self._step_graphs = {}
         self.num_lsh = self.config.attn_layers.count("lsh")
-        self._min_padded = int(self.metadata["limits"]["prefill_min_padded"])  # below: no prefill graph
+        self._min_padded = int(self.metadata["limits"]["prefill_min_padded"])  # local-only: no prefill graph below
         threads = num_threads or torch.get_num_threads()
         names = {"prefill": ("input_ids", "lengths"), "decode": ("input_ids", "slots", *STATE), "sort": ("keys",)}
         self._graphs: dict[str, Any] = {}
@@ -213,7 +213,8 @@ class ExportedModel(PooledDecoder):
             slots = [s.slot for s in seqs]
             ids = input_ids.to(self._device)
             mode = torch.inference_mode()  # entered around each unit, never across a yield (as the eager prefill)
-            if -(-T // cfg.chunk_lcm) * cfg.chunk_lcm < self._min_padded:
+            if (cfg.padded_length(T) <= cfg.lsh_attn_chunk_length if self.num_lsh
+                    else -(-T // cfg.chunk_lcm) * cfg.chunk_lcm < self._min_padded):
                 # the dense regime of an LSH model (at most one LSH chunk), or one chunk of a local-only
                 # model: token by token through the decode step, which computes the same rows there; never
                 # hashed here (the eager prefill leaves such a prompt un-hashed, even one of exactly one chunk)
