@@ -48,7 +48,7 @@ from .model import (
     _attend_window,
     len_norm,
 )
-from .pool import DecodePool, StepPlan
+from .pool import STEP_STATE, DecodePool, StepPlan
 from .tokenizer import copy_tokenizer_files
 
 logger = logging.getLogger(__name__)
@@ -58,9 +58,7 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
 
 PREFILL_INPUTS = ("input_ids", "lengths")
 PREFILL_OUTPUTS = ("logits", "lsh_keys", "lsh_values", "lsh_order", "lsh_buckets", "local_keys", "local_values")
-# the decode pool's tensors a step reads (`DecodePool` attribute names)
-STATE = ("keys", "values", "order", "cum_static", "dbuckets", "dorder", "local_keys", "local_values",
-         "page_table", "len_d", "hashed_d")
+STATE = STEP_STATE  # the decode pool's tensors a step reads
 DECODE_INPUTS = ("input_ids", "slots", *STATE)
 DECODE_OUTPUTS = ("logits", "lsh_new_keys", "lsh_new_values", "lsh_dbuckets", "lsh_dorder", "local_new_keys",
                   "local_new_values")

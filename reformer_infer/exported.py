@@ -32,16 +32,13 @@ from torch import Tensor
 from .cache import ReformerCache
 from .config import ReformerConfig
 from .model import PooledDecoder, row_capacities
+from .pool import STEP_STATE as STATE
 from .pool import DecodePool, StepPlan, StepUpdates, upload
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torchscript", "onnx", "pt2")
 METADATA = "export.json"
-# the decode graph's inputs after input_ids and slots: the pool's tensors (export.STATE; not imported, so
-# serving exported files needs neither the exporter nor onnxscript)
-STATE = ("keys", "values", "order", "cum_static", "dbuckets", "dorder", "local_keys", "local_values",
-         "page_table", "len_d", "hashed_d")
 
 
 class ExportedModelError(ValueError):

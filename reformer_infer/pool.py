@@ -46,6 +46,9 @@ from .config import ReformerConfig
 
 PAGE_SIZE = 64
 DELTA_SIZE = 128
+# The pool's tensors a decode step reads (attribute names): the inputs of an exported decode step
+STEP_STATE = ("keys", "values", "order", "cum_static", "dbuckets", "dorder", "local_keys", "local_values",
+              "page_table", "len_d", "hashed_d")
 
 
 @dataclass
