@@ -787,7 +787,8 @@ class Engine:
         for req in reqs:
             if req.row is None:
                 req.row = self._sampler.take_row()
-                self._sampler.join(req.row, req.params, req.prompt_ids)
+            # (again after a failed batched prefill: the retry starts the row afresh)
+            self._sampler.join(req.row, req.params, req.prompt_ids)
         return self._sampler.sample_now(logits, [r.row for r in reqs])
 
     def _prefill_finished(self, req: _Request, cache: Any, token: int, logprob: TokenLogprob | None,
