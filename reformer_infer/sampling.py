@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from reformer_infer.pool import upload
 from reformer_infer.requests import SamplingParams, TokenLogprob
 
 # Top log-probabilities computed in a step that asks for any (the most a request may ask for, see
@@ -222,11 +223,11 @@ class SlotSampler:
         if out is not None:
             if key != self._step_key or self._step_rows is not out:
                 full = rows + [self.pad_row()] * (out.numel() - len(rows))
-                out.copy_(_upload(full, self.device))
+                out.copy_(upload(full, self.device))
                 self._step_key, self._step_rows = key, out
             return out
         if key != self._step_key or self._step_rows is None or self._step_rows.numel() != len(rows):
-            self._step_key, self._step_rows = key, _upload(rows, self.device)
+            self._step_key, self._step_rows = key, upload(rows, self.device)
         return self._step_rows
 
     def mode(self, rows: Sequence[int]) -> StepMode:
@@ -279,15 +280,8 @@ class SlotSampler:
     def sample_now(self, logits: Tensor, rows: list[int]) -> SampleOutput:
         """Sample `rows` from `logits` (n, V) outside a decode step (a prefill's first token, `generate`):
         the same device function, then the download."""
-        packed = self.sample(logits, _upload(rows, self.device), self.mode(rows))
+        packed = self.sample(logits, upload(rows, self.device), self.mode(rows))
         return unpack(download(packed), self.wants(rows))
-
-
-def _upload(values: list[int], device: torch.device) -> Tensor:
-    host = torch.tensor(values, dtype=torch.long)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def download(packed: Tensor) -> Tensor:
