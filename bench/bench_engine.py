@@ -91,6 +91,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+TEMPERATURE = 1.0  # of part 1's streams (--temperature)
+
+
 def random_prompt(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, 258) for _ in range(n)]
@@ -120,7 +123,8 @@ async def throughput(model: ReformerLM, streams: int, prompt_len: int, new_token
         ),
     )
     engine.start()
-    params = [SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True) for i in range(streams)]
+    params = [SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True, temperature=TEMPERATURE)
+              for i in range(streams)]
     t0 = time.perf_counter()
     handles = [engine.add_request(random_prompt(prompt_len, i), p) for i, p in enumerate(params)]
 
@@ -252,7 +256,10 @@ def main() -> None:
     ap.add_argument("--running-tokens", type=int, default=8000, help="max_new_tokens of those streams")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--temperature", type=float, default=1.0, help="of part 1's streams (0: greedy)")
     args = ap.parse_args()
+    global TEMPERATURE
+    TEMPERATURE = args.temperature
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)

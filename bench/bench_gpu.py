@@ -3,8 +3,10 @@
 Prints ONE markdown table (and writes it to --out), every figure measured in this run:
   * 64K prefill seconds and peak GPU memory (`torch.cuda.max_memory_allocated`), ours and transformers';
   * decode ms per step (one token for every sequence of the batch) at 1K, 16K and 64K for batch 1, 16 and 64:
-    our public `decode_step`, eager and through the library's captured steps (`model.use_step_graphs(pool)`:
-    one CUDA graph per batch bucket, as the engine runs with --cuda-graphs), median and mean of N steps
+    our public `decode_step` eager, and the engine's step through the library's captured steps
+    (`step_graphs.decode_and_sample` on `model.use_step_graphs(pool)`: decode and greedy sampling on the
+    device, one CUDA graph per batch bucket, and the one download of the ids, as the engine runs with
+    --cuda-graphs; a CPU dry run replays it with `step_graphs.EagerReplay`), median and mean of N steps
     after warm-up, each step timed between two `torch.cuda.synchronize()` (the host work of a step counts);
     transformers' Reformer decode on the same GPU, same dtype, same contexts where its cache fits;
   * cache bytes per 64K stream (`model.cache_bytes`) and how many 64K streams fit in 80 GB (and in this
@@ -236,18 +238,17 @@ def ours_cell(model, B: int, T: int, extra: int, args) -> tuple[list[float] | No
             peak_reset(dev)
             eager = timed_steps(lambda: model.decode_step(tok, caches), args.steps, args.warmup, dev)
             peak = peak_bytes(dev)
-            if cuda and not args.no_graphs and getattr(args, "graph_failed", None):
+            if not args.no_graphs and getattr(args, "graph_failed", None):
                 note.append(f"graph: not tried (failed in an earlier cell: {args.graph_failed})")
-            elif cuda and not args.no_graphs:
+            elif not args.no_graphs:
                 try:
-                    model.use_step_graphs(pool)
-                    graph = timed_steps(lambda: model.decode_step(tok, caches), args.steps, args.warmup, dev)
+                    graph = engine_steps(model, pool, caches, args)
                 except Exception as e:  # reported in the table: a failure is a finding
                     args.graph_failed = failure(e)
                     note.append(f"graph: {args.graph_failed}")
                 finally:
-                    # the model keeps a pool's captured steps (and so the pool) for good: no public way to
-                    # drop them yet, and a 64 x 64K pool is ~54 GB
+                    # the model keeps a pool's captured steps (and so the pool) until dropped: a 64 x 64K pool
+                    # is ~54 GB
                     model.drop_step_graphs(pool)
             if cuda:
                 note.append(f"peak {fmt_bytes(peak)}")
@@ -257,6 +258,29 @@ def ours_cell(model, B: int, T: int, extra: int, args) -> tuple[list[float] | No
         if caches is not None:
             caches.release()
     return eager, graph, note
+
+
+def engine_steps(model, pool, caches, args) -> list[float]:
+    """Timed steps as the engine runs them with --cuda-graphs: decode and greedy sampling on the device,
+    replayed as one captured step per bucket (`step_graphs.decode_and_sample`), and the one download of the
+    sampled ids. On a CPU dry run the recorder is `step_graphs.EagerReplay` (the logic, not a timing)."""
+    from reformer_infer.requests import SamplingParams
+    from reformer_infer.sampling import SlotSampler, download, unpack
+    from reformer_infer.step_graphs import EagerReplay, decode_and_sample
+
+    dev = model.device
+    graphs = model.use_step_graphs(pool, capture=None if dev.type == "cuda" else EagerReplay)
+    slots = [s.slot for s in caches.sequences]
+    sampler = SlotSampler(len(slots) + 1, model.config.vocab_size, dev)
+    rows = [sampler.take_row() for _ in slots]
+    for r in rows:
+        sampler.join(r, SamplingParams(temperature=0.0), [])
+        sampler.set_next(r, 65)
+
+    def step() -> None:
+        unpack(download(decode_and_sample(model, pool, slots, sampler, rows, graphs)), [0] * len(rows))
+
+    return timed_steps(step, args.steps, args.warmup, dev)
 
 
 def run(args, budget: Budget) -> tuple[str, list[str]]:
@@ -319,7 +343,9 @@ def run(args, budget: Budget) -> tuple[str, list[str]]:
                 continue
             eager, graph, note = ours_cell(model, B, Td, extra, args)
             free_device(dev)
-            g_cell = fmt_ms(graph) if graph else ("n/a (CPU)" if not cuda or args.no_graphs else "failed")
+            g_cell = fmt_ms(graph) if graph else ("off" if args.no_graphs else "failed")
+            if graph and not cuda:
+                g_cell += " (EagerReplay, CPU)"
             decode_rows[key] = [fmt_ms(eager) if eager else "failed", g_cell, "; ".join(note)]
             print(f"  ours B={B} T={Td}: eager {fmt_ms(eager)} graph {g_cell} {'; '.join(note)}", file=sys.stderr,
                   flush=True)

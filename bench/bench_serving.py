@@ -79,6 +79,9 @@ def random_prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, 258) for _ in range(n)]
 
 
+TEMPERATURE = 1.0  # of every stream (--temperature)
+
+
 def _requests(n: int, prompt_len: int) -> list[list[int]]:
     return [random_prompt(prompt_len, i) for i in range(n)]
 
@@ -86,7 +89,8 @@ def _requests(n: int, prompt_len: int) -> list[list[int]]:
 async def direct_round(engine: Engine, n: int, prompt_len: int, new_tokens: int) -> float:
     """N requests submitted at once to the in-process engine; aggregate generated tokens/s."""
     t0 = time.perf_counter()
-    handles = [engine.add_request(p, SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True))
+    handles = [engine.add_request(p, SamplingParams(max_new_tokens=new_tokens, seed=i, ignore_eos=True,
+                                                         temperature=TEMPERATURE))
                for i, p in enumerate(_requests(n, prompt_len))]
 
     async def consume(stream: RequestStream) -> int:
@@ -101,7 +105,8 @@ async def grpc_round(client: AsyncClient, n: int, prompt_len: int, new_tokens: i
 
     async def one(i: int, prompt: list[int]) -> int:
         count = 0
-        async for ev in client.generate_stream(prompt, max_new_tokens=new_tokens, seed=i, ignore_eos=True):
+        async for ev in client.generate_stream(prompt, max_new_tokens=new_tokens, seed=i, ignore_eos=True,
+                                                  temperature=TEMPERATURE):
             if isinstance(ev, TextChunk):
                 count += len(ev.token_ids)
             elif isinstance(ev, Finished):
@@ -118,7 +123,7 @@ async def http_round(client: httpx.AsyncClient, model: str, n: int, prompt_len: 
 
     async def one(i: int, prompt: list[int]) -> int:
         body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "seed": i, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+                "temperature": TEMPERATURE, "stream": True, "stream_options": {"include_usage": True}}
         tokens = 0
         async with client.stream("POST", "/v1/completions", json=body) as response:
             response.raise_for_status()
@@ -186,9 +191,12 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy streams")
     p.add_argument("--repeat", type=int, default=3, help="rounds per stream count; the best is reported "
                    "(the least disturbed by other processes)")
     args = p.parse_args()
+    global TEMPERATURE
+    TEMPERATURE = args.temperature
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The server sets a 0.5 ms GIL switch interval (engine thread + event loop, see reformer_server.__main__);
     # the in-process engine gets the same, or engine-direct would be measured with a handicap.

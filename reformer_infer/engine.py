@@ -7,8 +7,9 @@ One engine step (vLLM v1 shape) is `schedule -> execute -> update`:
     prompt is spread over many steps while running streams keep getting a token every step. Prompts take
     the budget oldest first and, every other step, least work left first (a short prompt does not wait
     for a long prefill to end); waiting prompts of one length are prefilled together in one batched pass;
-  * update: sample per row (`sampling.sample_batch`), detokenise UTF-8-safely, match stop strings and
-    finish requests, releasing their slot and bytes at once.
+  * update: the step sampled every row on the device (`sampling.SlotSampler`, inside the decode step) and
+    fed the ids back as the next input; the host downloads them once, detokenises UTF-8-safely, matches stop
+    strings and finishes requests, releasing their slot and bytes at once.
 
 Threading: the step runs in the engine thread without holding the lock; the lock (a Condition) guards
 the scheduler and every request's bookkeeping, so `add_request`, `abort` and `stats` from other threads
@@ -43,9 +44,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from reformer_infer.cache import ReformerCache
-from reformer_infer.pool import upload
 from reformer_infer.requests import (
     EngineStats,
     EngineStoppedError,
@@ -62,8 +63,9 @@ from reformer_infer.requests import (
     TokenLogprob,
     validate_prompt,
 )
-from reformer_infer.sampling import RequestSampler, sample_batch
+from reformer_infer.sampling import SampleOutput, SlotSampler, download, unpack
 from reformer_infer.scheduler import RequestStatus, ScheduledRequest, Scheduler, SchedulerConfig
+from reformer_infer.step_graphs import decode_and_sample
 from reformer_infer.tokenizer import Detokenizer, IncrementalDetokenizer, StopStringMatcher, model_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -286,7 +288,6 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     stream: RequestStream
-    sampler: RequestSampler
     arrival: float
     deadline: float | None
     detok: Detokenizer = field(default_factory=IncrementalDetokenizer)
@@ -298,7 +299,7 @@ class _Request:
     prefill_done_work: int = 0  # prefill_iter work units done so far
     prefill_total_work: int = 0  # prefill_iter work units in all (known after the first unit)
     cache: Any | None = None
-    last_token: int = 0
+    row: int | None = None  # the request's row of the engine's SlotSampler (from its first token on)
     num_generated: int = 0
     peak_cache_bytes: int = 0
     finished: bool = False
@@ -333,13 +334,16 @@ class Engine:
         # Sized to the admission budget up front so it never grows (and copies) mid-serving; on a CPU its
         # pages take memory only once written.
         self._pool = None
+        self._graphs = None
         if hasattr(model, "new_decode_pool"):
             per_token = max(float(model.cache_bytes_per_token()), 1.0)
             tokens = min(int(self.config.cache_memory_bytes / per_token), self.config.max_batch * self.max_context)
             graphs = self.config.cuda_graphs and self._device.type == "cuda"
             self._pool = model.new_decode_pool(self.config.max_batch + graphs, tokens)  # + the pad slot
             if graphs:
-                model.use_step_graphs(self._pool)
+                self._graphs = model.use_step_graphs(self._pool)
+        # Every generating request's sampling state, on the device (+ the pad row of padded batches).
+        self._sampler = SlotSampler(self.config.max_batch + 1, self._vocab_size, self._device)
         self._pool_kw: dict[str, Any] = {} if self._pool is None else {"pool": self._pool}  # for prefills
         self._scheduler = Scheduler(
             SchedulerConfig(
@@ -362,7 +366,8 @@ class Engine:
         self._accepting = True
         self._alive = True
         self._fatal_error: str | None = None
-        self._to_release: list[tuple[Any, Any]] = []  # (cache, prefill generator) of finished requests
+        # (cache, prefill generator, request) of finished requests: given back on the engine thread
+        self._to_release: list[tuple[Any, Any, _Request]] = []
         self.fault_hook: FaultHook | None = None
         # statistics
         self._steps = 0
@@ -439,7 +444,6 @@ class Engine:
             prompt_ids=prompt,
             params=params,
             stream=RequestStream(rid, loop, self.config.stream_buffer_events),
-            sampler=RequestSampler(params, prompt, vocab_size=self._vocab_size, device=self._device),
             arrival=now,
             deadline=None if params.max_time_s is None else now + params.max_time_s,
             detok=self.tokenizer.detokenizer(prompt),
@@ -584,11 +588,14 @@ class Engine:
         prefills (their slots go back) and release caches."""
         with self._cond:
             done, self._to_release = self._to_release, []
-        for cache, gen in done:
+        for cache, gen, req in done:
             if gen is not None:
                 gen.close()
             if cache is not None:
                 cache.release()
+            if req.row is not None:  # rows are taken and given back on this thread only
+                self._sampler.free_row(req.row)
+                req.row = None
 
     def step(self) -> None:
         """One engine iteration: schedule -> execute (batched decode + one prefill chunk) -> update."""
@@ -711,7 +718,7 @@ class Engine:
                         req.stream.put(PrefillProgress(req.request_id, tokens_done, n))
                 return delta, req.prefill_done_work - start_work
             logits, cache = result
-            out = sample_batch(logits[:, -1, :], [req.sampler])
+            out = self._sample_first(logits[:, -1, :], [req])
         except Exception as exc:  # one request's failure (OOM included) must not take the engine down
             oom = _is_oom(exc)
             if oom and self._device.type == "cuda":
@@ -765,7 +772,7 @@ class Engine:
             # in one go: the group is sized to the budget it may take (`prefill` equals `prefill_iter` exactly)
             logits, cache = self.model.prefill(ids, capacity=[n + r.params.max_new_tokens for r in group],
                                                last_only=True, **self._pool_kw)
-            out = sample_batch(logits[:, -1, :], [r.sampler for r in group])
+            out = self._sample_first(logits[:, -1, :], group)
         except Exception as exc:
             logger.info("batched prefill of %d prompts failed (%r); prefilling them one by one", len(group), exc)
             return None
@@ -773,6 +780,16 @@ class Engine:
         with _wakeups_held():
             return sum(self._prefill_finished(req, type(cache)([cache.sequences[b]]), out.tokens[b],
                                               out.logprobs[b], now) for b, req in enumerate(group))
+
+    def _sample_first(self, logits: Tensor, reqs: list[_Request]) -> SampleOutput:
+        """(Engine thread.) Give each request its sampler row (its parameters go up once) and sample its first
+        token from its prefill's last logits (n, V); the row then feeds every decode step."""
+        for req in reqs:
+            if req.row is None:
+                req.row = self._sampler.take_row()
+            # (again after a failed batched prefill: the retry starts the row afresh)
+            self._sampler.join(req.row, req.params, req.prompt_ids)
+        return self._sampler.sample_now(logits, [r.row for r in reqs])
 
     def _prefill_finished(self, req: _Request, cache: Any, token: int, logprob: TokenLogprob | None,
                           now: float) -> int:
@@ -800,17 +817,28 @@ class Engine:
         """One batched decode step over every decoding sequence; returns the number of tokens sampled."""
         with self._cond:
             batch = [r for r in batch if not r.finished and r.cache is not None]
+            if self._pool is not None:  # in slot order: a compact range of slots is read through views
+                batch.sort(key=lambda r: r.cache.sequences[0].slot)
             caches = [r.cache for r in batch]
-            ids = [[r.last_token] for r in batch]
+            rows = [r.row for r in batch]
         if not batch:
             return 0
-        input_ids = upload(ids, self._device)  # (B, 1): one asynchronous copy from pinned memory on CUDA
+        sampler = self._sampler
         try:
             if self.fault_hook is not None:
                 for req in batch:
                     self.fault_hook("decode", req.request_id)
-            logits, _ = self.model.decode_step(input_ids, self._batch_caches(caches))  # (B, 1, V)
-            out = sample_batch(logits[:, -1, :], [r.sampler for r in batch])
+            if self._pool is not None:
+                # decode and sampling in one device step (one replay with CUDA graphs): the input ids are
+                # the rows' last sampled ids, already on the device
+                slots = [c.sequences[0].slot for c in caches]
+                packed = decode_and_sample(self.model, self._pool, slots, sampler, rows, self._graphs)
+            else:  # an exported backend: its own decode step, then the same sampling
+                rows_t = sampler.rows_tensor(rows)
+                logits, _ = self.model.decode_step(sampler.next_input(rows_t).view(-1, 1),
+                                                   self._batch_caches(caches))  # (B, 1, V)
+                packed = sampler.sample(logits[:, -1, :], rows_t, sampler.mode(rows))
+            out = unpack(download(packed), sampler.wants(rows))  # the step's one download
         except Exception as exc:
             oom = _is_oom(exc)
             if oom and self._device.type == "cuda":
@@ -856,8 +884,6 @@ class Engine:
         if token == self._eos_id and not params.ignore_eos:
             self._finish(req, FinishReason.EOS)
             return
-        req.sampler.observe(token)
-        req.last_token = token
         req.num_generated += 1
         text, stopped = req.stop.push(req.detok.push([token]))
         req.stream.put(TokenEvent(req.request_id, (token,), text, (logprob,) if logprob is not None else ()))
@@ -880,7 +906,7 @@ class Engine:
         req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(req.cache))
         # The sequence's state goes back to the pool on the engine thread, between steps: an abort comes
         # from another thread and may land while a step runs on this very sequence.
-        self._to_release.append((req.cache, req.prefill_gen))
+        self._to_release.append((req.cache, req.prefill_gen, req))
         req.cache = None
         req.prefill_gen = None
         tail = ""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from reformer_infer.requests import InvalidRequestError, SamplingParams, validate_prompt
-from reformer_infer.sampling import RequestSampler, sample_batch
+from reformer_infer.sampling import SlotSampler
 
 
 def generate(
@@ -54,7 +54,9 @@ def generate(
             f"{context} tokens",
         )
     device = getattr(model, "device", None) or next(model.parameters()).device
-    sampler = RequestSampler(params, prompt_ids, vocab_size=vocab_size, device=device)
+    sampler = SlotSampler(1, vocab_size, device)
+    row = sampler.take_row()
+    sampler.join(row, params, prompt_ids)
     stop = set(stop_ids)
 
     # inference_mode is entered per call, not around the loop: a generator suspended at `yield` would
@@ -63,14 +65,14 @@ def generate(
         logits, cache = model.prefill(torch.tensor([list(prompt_ids)], dtype=torch.long, device=device))
     try:
         for step in range(max_new_tokens):
-            token = sample_batch(logits[:, -1, :], [sampler]).tokens[0]
+            with torch.inference_mode():
+                token = sampler.sample_now(logits[:, -1, :], [row]).tokens[0]  # also the next input id
             if token in stop:
                 return
-            sampler.observe(token)
             yield token
             if step + 1 == max_new_tokens:
                 return
             with torch.inference_mode():
-                logits, cache = model.decode_step(torch.tensor([[token]], dtype=torch.long, device=device), cache)
+                logits, cache = model.decode_step(sampler.next_ids[row : row + 1].view(1, 1), cache)
     finally:
         cache.release()  # the decode state goes back

@@ -93,7 +93,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0  # 1.0 = disabled
     repetition_penalty: float = 1.0  # 1.0 = disabled (CTRL-style: logits of seen tokens divided/multiplied)
-    seed: int | None = None  # per-request torch.Generator seed; None = nondeterministic
+    seed: int | None = None  # the seed of the request's draws (sampling.uniforms); None = one from the OS
     stop: tuple[str, ...] = ()  # stop strings (matched on the decoded text, never emitted)
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int = 0  # top-N log-probabilities per generated token (0 = none)

@@ -1,88 +1,84 @@
-"""Batched next-token sampling where every row carries its own parameters and its own RNG.
+"""Next-token sampling on the device, inside the decode step.
 
-One call samples a whole decode batch: repetition penalty, temperature, top-k and top-p are applied as
-batched tensor ops with per-row values, and only the final random draw is done row by row, each with the
-request's own `torch.Generator`. That draw is an exponential race (argmax of log p - log E, E ~ Exp(1)),
-which samples exactly from p and consumes the same amount of randomness whatever else is in the batch,
-so a seeded request yields the same tokens alone or batched with others. E is -log U for uniform U (torch's
-`exponential_` is ~6x slower per element on CPU), and each request draws its rows a block of tokens at a
-time (one (k, V) draw; on CPU it yields exactly the values of k draws of (V,)), so a step does not pay a
-generator call per request.
+Every request holds a *row* of a `SlotSampler` while it generates: its parameters (temperature, top-k,
+top-p, repetition penalty, seed), the ids it has seen (for the penalty), a draw counter and its next input
+id live in preallocated device tensors, written once when the request joins (one upload). A step samples
+every row of its batch with tensor math on those per-row values (no Python branching on them: greedy rows,
+temperature 0, are picked by `torch.where`), writes each sampled id back into its row (the next step's
+input: nothing is uploaded per step) and returns the ids (and logprobs) packed in one tensor, which the host
+downloads once (`download`: pinned memory, asynchronous, on CUDA).
+
+Order (as Hugging Face applies it): repetition penalty -> temperature -> top-k -> top-p -> draw.
+Logprobs are those of the model's raw distribution (before penalty, temperature and filtering).
+
+The draw is an exponential race, argmax(log p - log E), E ~ Exp(1) iid per vocabulary entry: it samples
+exactly from p. E = -log U with U from a counter-based hash (`uniforms`): U for vocabulary entry v of a
+request's i-th generated token is a fixed function of (seed, i, v), so a seeded request yields the same
+tokens alone or batched with others, and no per-request generator state exists (a captured step replays
+it). The hash is integer tensor math (xor-shift-multiply rounds on 32-bit values held in int64, each product
+below 2^63), so the stream of a seed is the same on every device for the same logits; logits differ between
+a CPU and a GPU (and between dtypes), so their sampled streams differ (docs/semantics.md).
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
+from reformer_infer.pool import upload
 from reformer_infer.requests import SamplingParams, TokenLogprob
 
-# Rows of a request's block of race draws: up to 16 tokens' worth, at most ~64 KB (large vocabularies
-# draw one row at a time).
-RACE_BLOCK_ELEMENTS = 16384
-RACE_BLOCK_ROWS = 16
+# Top log-probabilities computed in a step that asks for any (the most a request may ask for, see
+# `SamplingParams.validate`); the host keeps each row's own N of them.
+TOP_LOGPROBS = 20
+
+_M32 = 0xFFFFFFFF
+# Odd multipliers below 2^31 (a product with a 32-bit value stays below 2^63: no int64 overflow anywhere).
+# The first is lowbias32's (Wellons, "Hash Prospector"); the others are odd fractional digits of sqrt(2)
+# and sqrt(3), rounded.
+_MUL = (0x7FEB352D, 0x6A09E667, 0x3C6EF373)
+_GOLDEN = 0x1E3779B9  # added per round, so a zero key does not hash to zero
 
 
-class RequestSampler:
-    """Per-request sampling state: parameters, seeded generator, ids seen so far (for the penalty)."""
-
-    def __init__(
-        self,
-        params: SamplingParams,
-        prompt_ids: Sequence[int],
-        *,
-        vocab_size: int,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.params = params
-        self.device = torch.device(device)
-        # An unseeded request still gets its own generator (seeded from the OS), never the global RNG.
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-        self.seen: torch.Tensor | None = None
-        self._vocab = vocab_size
-        self._log_race: torch.Tensor | None = None  # (k, V) log E of the current block
-        self._race_row = 0
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)  # (V,)
-            if len(prompt_ids):
-                self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
-
-    @property
-    def greedy(self) -> bool:
-        return self.params.temperature == 0.0
-
-    def log_race(self) -> torch.Tensor:
-        """log E (V,) for the next sampled token, E = -log U ~ Exp(1) with U uniform from the request's
-        generator (drawn a block of rows at a time; rows are used in order, so the draws do not depend on
-        when or with whom)."""
-        if self._log_race is None or self._race_row == self._log_race.shape[0]:
-            rows = max(1, min(RACE_BLOCK_ROWS, RACE_BLOCK_ELEMENTS // max(self._vocab, 1)))
-            u = torch.empty(rows, self._vocab, device=self.device).uniform_(generator=self.generator)
-            # U = 0 (probability 2^-24) would make E infinite: the smallest normal float stands in for it
-            self._log_race = u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_().log_()
-            self._race_row = 0
-        row = self._log_race[self._race_row]
-        self._race_row += 1
-        return row
-
-    def observe(self, token_id: int) -> None:
-        """Record a generated token (the penalty applies to prompt and generated ids)."""
-        if self.seen is not None:
-            self.seen[token_id] = True
+def _mix32(x: Tensor, mul: int = _MUL[0], mul2: int = _MUL[1]) -> Tensor:
+    """A bijective 32-bit mix (xor-shift-multiply, as lowbias32) of int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * mul) & _M32
+    x = x ^ (x >> 15)
+    x = (x * mul2) & _M32
+    return x ^ (x >> 16)
 
 
-@dataclass
-class SampleOutput:
-    tokens: list[int]  # one per row
-    logprobs: list[TokenLogprob | None]  # per row, None where the request asked for none
+def row_keys(seed_lo: Tensor, seed_hi: Tensor, counter: Tensor) -> tuple[Tensor, Tensor]:
+    """Two 32-bit keys of a row's draw: (seed, counter) -> (k1, k2); int64 tensors of any shape."""
+    c = _mix32((counter & _M32) + _GOLDEN, _MUL[2], _MUL[0])
+    k1 = _mix32(seed_lo ^ c)
+    k2 = _mix32(((seed_hi ^ k1) + _GOLDEN) & _M32, _MUL[1], _MUL[2])
+    return k1, k2
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+def uniforms(seed_lo: Tensor, seed_hi: Tensor, counter: Tensor, vocab: Tensor) -> Tensor:
+    """U(0, 1) float32 (n, V) for rows of keys (n, 1) and vocabulary indices `vocab` (1, V) int64.
+
+    U = (2m + 1) / 2^24 for m the top 23 bits of hash(seed, counter, v): strictly inside (0, 1), exactly
+    representable, so -log U is finite and positive."""
+    k1, k2 = row_keys(seed_lo, seed_hi, counter)
+    x = _mix32((vocab + k1) & _M32)  # (n, V)
+    x = _mix32(x ^ k2, _MUL[2], _MUL[1])
+    return ((x >> 9) * 2 + 1).float() * (1.0 / (1 << 24))
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """A 63-bit seed as the (low, high) 32-bit halves the hash takes."""
+    return seed & _M32, (seed >> 32) & _M32
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
     """CTRL-style penalty (Keskar et al. 2019, as in HF): seen logits > 0 are divided, < 0 multiplied.
 
     logits (B, V) float, seen (B, V) bool, penalty (B, 1).
@@ -91,7 +87,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus (HF order).
 
     logits (B, V); top_k (B,) long with 0 = off; top_p (B,) float with 1.0 = off.
@@ -110,67 +106,208 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
-def sample_batch(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> SampleOutput:
-    """Sample one token per row of `logits` (B, V) with each row's own parameters and generator."""
-    batch = logits.shape[0]
-    assert batch == len(samplers), (batch, len(samplers))
-    device = logits.device
-    logits = logits.float()
-    raw_logits = logits
+@dataclass(frozen=True)
+class StepMode:
+    """What a step's sampling computes (known on the host from its rows' parameters; one captured step per
+    mode): `full` when some row samples or has a repetition penalty (else an argmax is the whole of it),
+    `top_n` top logprobs when some row asks for any (else none)."""
 
-    penalties = [s.params.repetition_penalty for s in samplers]
-    if any(p != 1.0 for p in penalties):
-        vocab = logits.shape[-1]
-        no_seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        seen = torch.stack([s.seen if s.seen is not None else no_seen for s in samplers])  # (B, V)
-        penalty = torch.tensor(penalties, dtype=logits.dtype, device=device).unsqueeze(1)  # (B, 1)
-        logits = apply_repetition_penalty(logits, seen, penalty)
-
-    sampled_rows = [i for i, s in enumerate(samplers) if not s.greedy]
-    if not sampled_rows:
-        tokens = logits.argmax(dim=-1)  # (B,)
-    else:
-        every = len(sampled_rows) == batch  # the common case: no row copies, no greedy pass
-        rows = None if every else torch.tensor(sampled_rows, dtype=torch.long, device=device)
-        sub = logits if rows is None else logits.index_select(0, rows)  # (b, V)
-        temps = [samplers[i].params.temperature for i in sampled_rows]
-        if any(t != 1.0 for t in temps):
-            sub = sub / torch.tensor(temps, dtype=sub.dtype, device=device).unsqueeze(1)
-        top_k = [samplers[i].params.top_k for i in sampled_rows]
-        top_p = [samplers[i].params.top_p for i in sampled_rows]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            sub = filter_top_k_top_p(
-                sub,
-                torch.tensor(top_k, dtype=torch.long, device=device),
-                torch.tensor(top_p, dtype=sub.dtype, device=device),
-            )
-        log_race = torch.stack([samplers[i].log_race() for i in sampled_rows]).to(sub.dtype)  # (b, V)
-        # Exponential race: argmax(log p - log E) is a sample from p, and log p differs from the scaled
-        # logits by one constant per row (its log-normaliser), which the argmax does not see; -inf entries
-        # (filtered) never win.
-        choice = (sub - log_race).argmax(dim=-1)  # (b,)
-        tokens = choice if rows is None else logits.argmax(dim=-1).index_copy(0, rows, choice)
-
-    token_list = tokens.tolist()  # the one host sync of the step
-    want = [s.params.logprobs for s in samplers]
-    out_logprobs: list[TokenLogprob | None] = [None] * batch
-    if any(n > 0 for n in want):
-        out_logprobs = _logprobs(raw_logits, token_list, want)
-    return SampleOutput(tokens=token_list, logprobs=out_logprobs)
+    full: bool
+    top_n: int
 
 
-def _logprobs(raw_logits: torch.Tensor, tokens: list[int], want: list[int]) -> list[TokenLogprob | None]:
-    """Log-probabilities under the model's raw distribution (before penalty, temperature and filtering)."""
-    lp = raw_logits.log_softmax(dim=-1)  # (B, V)
-    top_n = max(want)
-    top_vals, top_idx = lp.topk(top_n, dim=-1)  # (B, N)
-    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
-    top_vals_l, top_idx_l = top_vals.tolist(), top_idx.tolist()
-    out: list[TokenLogprob | None] = []
-    for i, n in enumerate(want):
-        if n <= 0:
-            out.append(None)
-            continue
-        top = tuple(zip(top_idx_l[i][:n], top_vals_l[i][:n], strict=True))
-        out.append(TokenLogprob(token_id=tokens[i], logprob=chosen[i], top=top))
-    return out
+@dataclass
+class SampleOutput:
+    tokens: list[int]  # one per row
+    logprobs: list[TokenLogprob | None]  # per row, None where the request asked for none
+
+
+class SlotSampler:
+    """Per-row sampling state on the device for up to `rows` requests (see the module docstring).
+
+    Rows are taken when a request samples its first token and given back when it finishes; a row given back
+    is rewritten only by the next `join` (host side, between steps). `pad_row` is a row no request owns, for
+    the extra rows of a padded batch (greedy, no penalty). The tensors grow (doubling) only when every row
+    is taken; `generation` then changes (a captured step must be recorded again).
+    """
+
+    def __init__(self, rows: int, vocab_size: int, device: torch.device | str = "cpu") -> None:
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device)
+        self.generation = 0
+        self.S = 0
+        self._free: list[int] = []
+        self._pad: int | None = None
+        self._lock = threading.Lock()
+        # host mirrors of what a step's mode depends on
+        self._full: list[bool] = []
+        self._top_n: list[int] = []
+        self._step_key: tuple[int, ...] = ()
+        self._step_rows: Tensor | None = None
+        self.vocab = torch.arange(self.vocab_size, device=self.device).unsqueeze(0)  # (1, V)
+        self._alloc(max(1, rows))
+
+    @torch.inference_mode(False)  # normal tensors: updated in place in and out of inference mode
+    def _alloc(self, S: int) -> None:
+        dev, V = self.device, self.vocab_size
+        new = {
+            # temperature, top_p, repetition penalty
+            "fparams": torch.tensor([[0.0, 1.0, 1.0]], device=dev).repeat(S, 1),  # (S, 3) float32
+            # top_k, seed low 32 bits, seed high 32 bits, tokens drawn so far (the hash's counter)
+            "iparams": torch.zeros(S, 4, dtype=torch.long, device=dev),  # (S, 4)
+            "seen": torch.zeros(S, V, dtype=torch.bool, device=dev),  # (S, V) ids of prompt and output
+            "next_ids": torch.zeros(S, dtype=torch.long, device=dev),  # (S,) the next step's input
+        }
+        for name, t in new.items():
+            if self.S:
+                t[: self.S] = getattr(self, name)
+            setattr(self, name, t)
+        self._full += [False] * (S - self.S)
+        self._top_n += [0] * (S - self.S)
+        self._free = sorted(self._free + list(range(self.S, S)), reverse=True)
+        self.S = S
+        self.generation += 1
+
+    def buffers(self) -> tuple[Tensor, ...]:
+        """The tensors a step reads and writes (a captured step keeps their addresses)."""
+        return self.fparams, self.iparams, self.seen, self.next_ids, self.vocab
+
+    # ---- rows (host side, between steps) --------------------------------------------------------
+    def take_row(self) -> int:
+        with self._lock:
+            if not self._free:
+                self._alloc(2 * self.S)
+            return self._free.pop()  # the lowest free row
+
+    def free_row(self, row: int) -> None:
+        with self._lock:
+            if row == self._pad or row in self._free:
+                raise ValueError(f"row {row} is not taken")
+            self._free.append(row)
+            self._free.sort(reverse=True)
+
+    def pad_row(self) -> int:
+        if self._pad is None:
+            self._pad = self.take_row()  # zero-initialised: greedy, no penalty, no logprobs
+        return self._pad
+
+    def join(self, row: int, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        """Write a request's parameters into `row` (one upload): seed (unseeded: one from the OS), counter
+        0, and the prompt's ids as seen when it has a repetition penalty."""
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        lo, hi = split_seed(seed)
+        penalised = params.repetition_penalty != 1.0
+        floats = torch.tensor([params.temperature, params.top_p, params.repetition_penalty], dtype=torch.float32)
+        # one host tensor: the float parameters' bits, the integer ones, then the prompt ids (if penalised)
+        head = [params.top_k, lo, hi, 0] + floats.view(torch.int32).tolist()
+        host = torch.tensor(head + (list(prompt_ids) if penalised else []), dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        self.iparams[row] = dev[:4]
+        self.fparams[row] = dev[4:7].to(torch.int32).view(torch.float32)
+        self.seen[row] = False
+        if penalised:
+            self.seen[row].index_fill_(0, dev[7:], True)
+        self._full[row] = params.temperature != 0.0 or penalised
+        self._top_n[row] = params.logprobs
+
+    def set_next(self, row: int, token: int) -> None:
+        """Set a row's next input id (a caller that feeds tokens itself; the engine never needs it)."""
+        self.next_ids[row] = token
+
+    def rows_tensor(self, rows: list[int], out: Tensor | None = None) -> Tensor:
+        """The rows of a step as a device tensor: uploaded only when they change (or copied into `out`, a
+        captured step's static buffer whose extra rows take the pad row)."""
+        key = tuple(rows)
+        if out is not None:
+            if key != self._step_key or self._step_rows is not out:
+                full = rows + [self.pad_row()] * (out.numel() - len(rows))
+                out.copy_(upload(full, self.device))
+                self._step_key, self._step_rows = key, out
+            return out
+        if key != self._step_key or self._step_rows is None or self._step_rows.numel() != len(rows):
+            self._step_key, self._step_rows = key, upload(rows, self.device)
+        return self._step_rows
+
+    def mode(self, rows: Sequence[int]) -> StepMode:
+        full = any(self._full[r] for r in rows)
+        top_n = min(TOP_LOGPROBS, self.vocab_size) if any(self._top_n[r] for r in rows) else 0
+        return StepMode(full, top_n)
+
+    def wants(self, rows: Sequence[int]) -> list[int]:
+        return [self._top_n[r] for r in rows]
+
+    # ---- the device part (inside a step) ---------------------------------------------------------
+    def next_input(self, rows: Tensor) -> Tensor:
+        """(n,) the rows' next input ids (what their last step sampled)."""
+        return self.next_ids.index_select(0, rows)
+
+    def sample(self, logits: Tensor, rows: Tensor, mode: StepMode) -> Tensor:
+        """Sample one token per row of `logits` (n, V) with the parameters of `rows` (n,); write the ids
+        back (next input, seen, counter) and return them packed (`unpack`): (n, 1) int64, or with logprobs
+        (n, 2 + 2N): id, top-N ids, then float32 bits of the id's logprob and of the top-N logprobs."""
+        raw = logits.float()
+        if mode.full:
+            fp = self.fparams.index_select(0, rows)  # (n, 3)
+            ip = self.iparams.index_select(0, rows)  # (n, 4)
+            temperature, top_p, penalty = fp[:, 0:1], fp[:, 1], fp[:, 2:3]
+            x = apply_repetition_penalty(raw, self.seen.index_select(0, rows), penalty)
+            greedy = x.argmax(dim=-1)  # (n,)
+            # greedy rows divide by 1 (their draw is discarded below): no Python branch on a row's values
+            hot = temperature > 0  # (n, 1)
+            x = x / torch.where(hot, temperature, torch.ones_like(temperature))
+            x = filter_top_k_top_p(x, ip[:, 0], top_p)
+            u = uniforms(ip[:, 1:2], ip[:, 2:3], ip[:, 3:4], self.vocab)  # (n, V)
+            # Exponential race: argmax(log p - log E), E = -log U, is a sample from p; log p differs from the
+            # filtered logits by one constant per row (its normaliser), which the argmax does not see; -inf
+            # entries (filtered out) never win.
+            drawn = (x - u.log().neg().log()).argmax(dim=-1)  # (n,)
+            ids = torch.where(hot.squeeze(1), drawn, greedy)
+            self.seen.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.bool))
+            self.iparams[:, 3].index_add_(0, rows, torch.ones_like(rows))
+        else:
+            ids = raw.argmax(dim=-1)  # (n,)
+        self.next_ids.index_copy_(0, rows, ids)
+        if not mode.top_n:
+            return ids.unsqueeze(1)
+        lp = raw.log_softmax(dim=-1)  # (n, V)
+        top_vals, top_idx = lp.topk(mode.top_n, dim=-1)  # (n, N)
+        chosen = lp.gather(1, ids.unsqueeze(1))  # (n, 1)
+        bits = torch.cat([chosen, top_vals], dim=1).view(torch.int32).long()  # (n, 1 + N)
+        return torch.cat([ids.unsqueeze(1), top_idx, bits], dim=1)  # (n, 2 + 2N)
+
+    def sample_now(self, logits: Tensor, rows: list[int]) -> SampleOutput:
+        """Sample `rows` from `logits` (n, V) outside a decode step (a prefill's first token, `generate`):
+        the same device function, then the download."""
+        packed = self.sample(logits, upload(rows, self.device), self.mode(rows))
+        return unpack(download(packed), self.wants(rows))
+
+
+def download(packed: Tensor) -> Tensor:
+    """The step's packed output on the host: on CUDA one asynchronous copy into pinned memory and a wait
+    for it (the step's one sync); on a CPU the tensor itself."""
+    if packed.device.type != "cuda":
+        return packed
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host
+
+
+def unpack(host: Tensor, wants: Sequence[int]) -> SampleOutput:
+    """Tokens and logprobs from a step's downloaded output (`SlotSampler.sample`); `wants` is each row's
+    number of top logprobs (0: none)."""
+    rows = host.tolist()  # a host tensor: no device sync
+    tokens = [r[0] for r in rows]
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    if host.shape[1] > 1:
+        n = (host.shape[1] - 2) // 2
+        floats = host[:, 1 + n:].to(torch.int32).view(torch.float32).tolist()  # (B, 1 + N)
+        for b, (row, want) in enumerate(zip(rows, wants, strict=True)):
+            if want > 0:
+                top = tuple(zip(row[1 : 1 + want], floats[b][1 : 1 + want], strict=True))
+                out[b] = TokenLogprob(token_id=tokens[b], logprob=floats[b][0], top=top)
+    return SampleOutput(tokens=tokens, logprobs=out)

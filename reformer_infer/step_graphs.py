@@ -8,6 +8,11 @@ A batch of n sequences runs in the bucket of the next power of two; its extra ro
 bucket, with and without the dense attention of sequences shorter than one LSH chunk. When the pool
 reallocates its tensors (it grew), every captured step is dropped and captured again.
 
+A sampled step (`run_sampled`, the engine's) records sampling too: its input ids are the rows' next ids in the
+`SlotSampler` (what the last step sampled), and it writes the sampled ids back there (`sampling.py`), so the
+whole step, decode and sampling, is one replay per bucket, variant and sampling mode; the host downloads its
+packed output once.
+
 On CUDA the recording is a `torch.cuda.CUDAGraph` (warmed up on a side stream first). Elsewhere
 `EagerReplay` stands in: it runs the step eagerly on the same static buffers and checks that nothing a
 graph would have captured by address has moved (the CPU tests exercise the buffer discipline with it).
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .pool import DecodePool, StepPlan
+from .sampling import SlotSampler
 
 Replay = Callable[[], None]
 
@@ -30,6 +36,8 @@ class StepModel(Protocol):
     """What is captured: the device part of a model's decode step (`ReformerLM.decode_core`)."""
 
     def decode_core(self, ids: Tensor, pool: DecodePool, plan: StepPlan) -> Tensor: ...
+
+    def finish_step(self, pool: DecodePool, plan: StepPlan, slots: list[int]) -> None: ...
 
 
 def bucket_of(n: int) -> int:
@@ -91,10 +99,12 @@ class StepGraphs:
                  capture: Callable[[DecodePool, tuple[Tensor, ...]], Callable] | None = None) -> None:
         self.model, self.pool = model, pool
         self._capture = capture
-        self._graphs: dict[tuple[int, int], tuple[Replay, Tensor]] = {}
+        self._graphs: dict[tuple, tuple[Replay, Tensor]] = {}
         self._ids: dict[int, Tensor] = {}
         self._slots: dict[int, Tensor] = {}
-        self._generation = -1
+        self._rows: dict[int, Tensor] = {}
+        self._pool_generation = -1
+        self._sampler_generation: tuple[int, int] | None = None
         self.captures = 0
 
     def _buffers(self, bucket: int) -> tuple[Tensor, Tensor]:
@@ -114,34 +124,88 @@ class StepGraphs:
         bucket = bucket_of(n)
         static_ids, static_slots = self._buffers(bucket)
         plan = pool.begin_step(slots, out=static_slots)  # may add pages: then the pool moved
-        if pool.generation != self._generation:
-            self._graphs.clear()
-            self._generation = pool.generation
-        key = (bucket, plan.dense_span)
+        self._check_generation()
+        key = ("logits", bucket, plan.dense_span)
         if key not in self._graphs:
-            self._graphs[key] = self._record(bucket, plan, static_ids, static_slots)
+            def step() -> Tensor:
+                return self.model.decode_core(static_ids, pool, StepPlan(static_slots, None, plan.dense_span))
+
+            self._graphs[key] = self._record(step, (static_ids, static_slots), [static_slots], [pool.pad_slot()])
         replay, out = self._graphs[key]
         static_ids[:n].copy_(ids)
         replay()
         return out[:n].clone(), plan
 
-    def _record(self, bucket: int, plan: StepPlan, static_ids: Tensor, static_slots: Tensor
-                ) -> tuple[Replay, Tensor]:
-        """Record the bucket's step. Warm-up and recording run with every row on the pad slot (the run
-        writes the pool in place: the real sequences must not take a step), then the real slots go back."""
+    @torch.inference_mode()
+    def run_sampled(self, sampler: SlotSampler, rows: list[int], slots: list[int]) -> tuple[Tensor, StepPlan]:
+        """One decode step of the sequences `slots`, sampled with the sampler's `rows` (their next ids are
+        the input): the packed output (n, W) (`SlotSampler.sample`; a view of the recording's output, valid
+        until the next replay) and the step's plan."""
         pool = self.pool
-        real = static_slots.clone()
-        static_slots.fill_(pool.pad_slot())
-        recorded = StepPlan(static_slots, None, plan.dense_span)
+        n = len(slots)
+        bucket = bucket_of(n)
+        _, static_slots = self._buffers(bucket)
+        if bucket not in self._rows:
+            self._rows[bucket] = torch.full((bucket,), sampler.pad_row(), dtype=torch.long, device=pool.device)
+        static_rows = sampler.rows_tensor(rows, out=self._rows[bucket])
+        plan = pool.begin_step(slots, out=static_slots)
+        self._check_generation(sampler)
+        mode = sampler.mode(rows)
+        key = ("sampled", bucket, plan.dense_span, mode)
+        if key not in self._graphs:
+            def step() -> Tensor:
+                logits = self.model.decode_core(sampler.next_input(static_rows), pool,
+                                                StepPlan(static_slots, None, plan.dense_span))
+                return sampler.sample(logits, static_rows, mode)
 
-        def step() -> Tensor:
-            return self.model.decode_core(static_ids, pool, recorded)
+            self._graphs[key] = self._record(step, (static_rows, static_slots, *sampler.buffers()),
+                                             [static_slots, static_rows], [pool.pad_slot(), sampler.pad_row()])
+        replay, out = self._graphs[key]
+        replay()
+        return out[:n], plan
 
-        capture = self._capture(pool, (static_ids, static_slots)) if self._capture is not None else cuda_capture
+    def _check_generation(self, sampler: SlotSampler | None = None) -> None:
+        """Drop every recording when the pool (or the sampler) reallocated its tensors."""
+        if self.pool.generation != self._pool_generation:
+            self._graphs.clear()
+            self._pool_generation = self.pool.generation
+        if sampler is not None and (id(sampler), sampler.generation) != self._sampler_generation:
+            self._graphs.clear()
+            self._sampler_generation = (id(sampler), sampler.generation)
+
+    def _record(self, step: Callable[[], Tensor], buffers: tuple[Tensor, ...], statics: list[Tensor],
+                pads: list[int]) -> tuple[Replay, Tensor]:
+        """Record a bucket's step. Warm-up and recording run with every row on the pad slot and pad row (the
+        run writes the pool and the sampler in place: the real sequences must not take a step), then the
+        real slots and rows go back."""
+        real = [t.clone() for t in statics]
+        for t, pad in zip(statics, pads, strict=True):
+            t.fill_(pad)
+        capture = self._capture(self.pool, buffers) if self._capture is not None else cuda_capture
         try:
             with torch.inference_mode():
                 result = capture(step)
         finally:
-            static_slots.copy_(real)
+            for t, r in zip(statics, real, strict=True):
+                t.copy_(r)
         self.captures += 1
         return result
+
+
+def decode_and_sample(model: StepModel, pool: DecodePool, slots: list[int], sampler: SlotSampler,
+                      rows: list[int], graphs: StepGraphs | None = None) -> Tensor:
+    """The engine's decode step: the sequences `slots` of `pool` decode their rows' next ids and sample
+    the next ones on the device (through `graphs`' recordings when given, else eagerly: the same device
+    function), then the host bookkeeping between steps (`finish_step`). Returns the packed output (n, W)
+    (`sampling.download` / `unpack` read it)."""
+    full_attention = getattr(model, "full_attention", False)
+    if graphs is not None and graphs.pool is pool and not full_attention:
+        out, plan = graphs.run_sampled(sampler, rows, slots)
+    else:
+        plan = pool.begin_step(slots, full_attention=full_attention)
+        rows_t = sampler.rows_tensor(rows)
+        with torch.inference_mode():
+            out = sampler.sample(model.decode_core(sampler.next_input(rows_t), pool, plan), rows_t,
+                                 sampler.mode(rows))
+    model.finish_step(pool, plan, slots)
+    return out

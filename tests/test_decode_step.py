@@ -7,6 +7,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from reformer_infer import ReformerCache, ReformerConfig, ReformerLM
+from reformer_infer.requests import SamplingParams
+from reformer_infer.sampling import SlotSampler, download, unpack
+from reformer_infer.step_graphs import decode_and_sample
 
 ENWIK8_LAYERS = ["local", "local", "lsh", "local", "local", "local", "lsh", "local", "local", "local", "lsh", "local"]
 # ops that wait for the device or copy host values in (a device step must have none)
@@ -29,65 +32,87 @@ def prompts(n: int, first: int, stride: int) -> list[torch.Tensor]:
     return [torch.randint(3, 258, (1, first + stride * i), generator=g) for i in range(n)]
 
 
-def test_batched_steps_have_no_host_sync_and_two_shape_signatures_at_most():
-    """16 sequences of different lengths (some shorter than one LSH chunk: they cross into LSH windows
-    on the way), 140 tokens: at least 90% of the steps hold no host sync, and those share at most two shape
-    signatures (with and without a sequence still decoding densely)."""
+def sampled_rows(n: int) -> tuple[SlotSampler, list[int]]:
+    """A sampler with n rows of mixed parameters: greedy, sampled with top-k / top-p, penalised, logprobs."""
+    sampler = SlotSampler(n + 1, 258)
+    kinds = [dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=1), dict(temperature=1.1, top_p=0.9, seed=2),
+             dict(temperature=0.0, repetition_penalty=1.3, logprobs=2)]
+    rows = []
+    for i in range(n):
+        rows.append(sampler.take_row())
+        sampler.join(rows[-1], SamplingParams(**kinds[i % 4]), [65, 66])
+    return sampler, rows
+
+
+def test_batched_steps_with_sampling_have_no_host_sync_and_two_shape_signatures_at_most():
+    """The engine's step (`decode_and_sample`: decode, then sampling on the device with mixed greedy, sampled,
+    penalised and logprob rows, the sampled ids fed back as the next input) of 16 sequences of different
+    lengths (some shorter than one LSH chunk: they cross into LSH windows on the way), 140 tokens: at least
+    90% of the steps hold no host sync, and those share at most two shape signatures (with and without a
+    sequence still decoding densely). The one download per step comes after the step."""
     model = enwik8_layout_model()
     pool = model.new_decode_pool(16, 16 * 400)
-    batch = ReformerCache([model.prefill(ids, capacity=ids.shape[1] + 150, pool=pool)[1].sequences[0]
-                           for ids in prompts(16, 3, 17)])
-    tok = torch.full((16, 1), 65)
-    synced, signatures = 0, {}
+    caches = [model.prefill(ids, capacity=ids.shape[1] + 150, pool=pool)[1].sequences[0]
+              for ids in prompts(16, 3, 17)]
+    slots = [c.slot for c in caches]
+    sampler, rows = sampled_rows(16)
+    synced, signatures, tokens = 0, {}, []
     with torch.inference_mode():
         for _ in range(140):
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                logits, _ = model.decode_step(tok, batch)
+                packed = decode_and_sample(model, pool, slots, sampler, rows)
             ops = [e for e in prof.events() if e.name.startswith("aten::")]
             if any(e.name in SYNC_OPS for e in ops):
                 synced += 1
             else:
                 sig = tuple((e.name, str(e.input_shapes)) for e in ops)
                 signatures[sig] = signatures.get(sig, 0) + 1
-            tok = logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(unpack(download(packed), sampler.wants(rows)).tokens)
     assert synced <= 14, synced
     assert len(signatures) <= 2, [len(s) for s in signatures]
-    assert min(pool.is_hashed[s.slot] for s in batch.sequences)  # every sequence crossed into LSH windows
+    assert any("aten::sort" in {n for n, _ in sig} for sig in signatures)  # the sampling is in the step
+    assert min(pool.is_hashed[s] for s in slots)  # every sequence crossed into LSH windows
+    assert sampler.next_ids[rows].tolist() == tokens[-1]
+    assert len({tuple(t[1::4]) for t in tokens}) > 1  # sampled rows vary
 
 
-def test_the_step_core_compiles_as_one_graph_and_replays_across_merges():
-    """`decode_core` traces whole (fullgraph) and, once warm, is not traced again over 200 tokens that cross
-    several delta merges (delta of 16 entries)."""
+def test_the_sampled_step_compiles_as_one_graph_and_replays_across_merges():
+    """`decode_core` and the sampling after it (the step `StepGraphs` records) trace whole (fullgraph) and,
+    once warm, are not traced again over 200 tokens that cross several delta merges (delta of 16 entries);
+    the tokens equal those of the eager step (`decode_and_sample`) on a second pool with the same seeds."""
     model = enwik8_layout_model(["local", "lsh", "local", "lsh"])
-    pool = model.new_decode_pool(4, 4 * 400, delta_size=16)
-    caches = [model.prefill(ids, capacity=ids.shape[1] + 210, pool=pool)[1] for ids in prompts(4, 20, 23)]
-    refs = [model.prefill(ids)[1] for ids in prompts(4, 20, 23)]
+    pools = [model.new_decode_pool(4, 4 * 400, delta_size=16) for _ in range(2)]
+    caches = [[model.prefill(ids, capacity=ids.shape[1] + 210, pool=pool)[1] for ids in prompts(4, 20, 23)]
+              for pool in pools]
     traces = []
 
     def backend(gm, example_inputs):
         traces.append(gm)
         return gm.forward
 
-    core = torch.compile(model.decode_core, fullgraph=True, backend=backend)
-    slots = [c.sequences[0].slot for c in caches]
-    tok = torch.full((4,), 65)
+    def step(pool, plan, sampler, rows_t, mode):
+        return sampler.sample(model.decode_core(sampler.next_input(rows_t), pool, plan), rows_t, mode)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    (sampler, rows), (ref_sampler, ref_rows) = sampled_rows(4), sampled_rows(4)
+    pool, ref_pool = pools
+    slots, ref_slots = ([c.sequences[0].slot for c in cs] for cs in caches)
+    rows_t = sampler.rows_tensor(rows)
+    mode = sampler.mode(rows)
     merges = 0
     with torch.inference_mode():
-        for step in range(200):
-            if step == 2:
+        for i in range(200):
+            if i == 2:
                 warm = len(traces)  # the first call creates the step's scratch buffers: traced twice
             static_before = [pool.static_len[s] for s in slots]
             plan = pool.begin_step(slots)
-            logits = core(tok, pool, plan)
+            got = compiled(pool, plan, sampler, rows_t, mode)
             assert not pool.end_step(plan, slots)  # all hashed already: nothing to do between steps
             merges += sum(pool.static_len[s] != b for s, b in zip(slots, static_before, strict=True))
-            if step % 50 == 0:  # the compiled step computes what the eager one does
-                ref = torch.cat([model.decode_step(tok[i].view(1, 1), refs[i])[0][:, 0] for i in range(4)])
-                assert (ref - logits).abs().max().item() <= 1e-5
-            else:
-                for i in range(4):
-                    model.decode_step(tok[i].view(1, 1), refs[i])
-            tok = logits.argmax(-1)
+            want = decode_and_sample(model, ref_pool, ref_slots, ref_sampler, ref_rows)
+            assert torch.equal(got[:, :1], want[:, :1]), i  # the tokens
+            lp, ref_lp = (unpack(t, [2] * 4).logprobs[3] for t in (got, want))  # row 3 asks for logprobs
+            assert lp.top[0][0] == ref_lp.top[0][0] and abs(lp.logprob - ref_lp.logprob) <= 1e-5, i
     assert merges >= 4 * 12
     assert len(traces) == warm <= 2
 
@@ -169,3 +194,38 @@ def test_a_captured_step_refuses_moved_buffers():
     pool._alloc_pages(2 * pool.N)  # the pool moves: a graph recorded before must not replay
     with pytest.raises(RuntimeError, match="moved buffers"):
         replay()
+
+
+def test_captured_sampled_steps_replay_like_eager_steps():
+    """The engine's step through `StepGraphs.run_sampled` (decode and sampling recorded together, with the
+    eager stand-in that refuses moved buffers) samples the tokens of the eager step from the same seeds:
+    batches padded to buckets (the pad slot and the sampler's pad row), rows joining and leaving, steps whose
+    rows are all greedy (argmax only) and steps with sampled rows (a recording per mode), the dense-to-LSH
+    transition, a sampler that grows (every recording is dropped and made again)."""
+    from reformer_infer.step_graphs import EagerReplay
+
+    model = enwik8_layout_model(["local", "lsh", "local", "lsh"])
+    ids = prompts(6, 5, 9)  # 5..50 tokens: some dense, some hashed (chunk 16)
+    runs = []
+    for captured in (True, False):
+        pool = model.new_decode_pool(8, 8 * 300, delta_size=8)
+        graphs = model.use_step_graphs(pool, capture=EagerReplay) if captured else None
+        sampler = SlotSampler(4, 258)
+        slots = [model.prefill(x, capacity=x.shape[1] + 60, pool=pool)[1].sequences[0].slot for x in ids]
+        rows = []
+        for i in range(6):
+            rows.append(sampler.take_row())
+            params = SamplingParams(temperature=0.0) if i < 3 else SamplingParams(temperature=0.9, top_k=30, seed=i)
+            sampler.join(rows[-1], params, [])
+        out = []
+        with torch.inference_mode():
+            for step in range(30):
+                live = [0, 1, 2] if step < 8 else [0, 2, 3, 5] if step < 20 else [0, 1, 2, 3, 4, 5]
+                packed = decode_and_sample(model, pool, [slots[i] for i in live], sampler, [rows[i] for i in live],
+                                           graphs)
+                out.append(packed[:, 0].tolist())
+        runs.append((out, graphs, sampler))
+    (got, graphs, sampler), (want, _, _) = runs
+    assert got == want
+    assert graphs.captures >= 4  # bucket 4 greedy (all greedy rows), 4 and 8 sampled, dense and not
+    assert sampler.generation == 2 and sampler.pad_row() not in range(6)  # grew for the 5th row

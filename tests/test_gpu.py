@@ -29,7 +29,7 @@ import torch
 
 from reformer_infer import ReformerCache, default_model_path, load_model
 from reformer_infer.requests import SamplingParams
-from reformer_infer.sampling import RequestSampler, sample_batch
+from reformer_infer.sampling import SlotSampler, download, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / "bench"))
@@ -318,30 +318,37 @@ def test_batched_decode_equals_each_sequence_alone(n, enwik8_bf16):
 # ---------------------------------------------------------------------------------------------------
 def test_seeded_sampling_is_reproducible_on_the_device():
     """4 requests (bundled model, bf16; temperature 0.9, top-k 40, top-p 0.95; rows 1 and 2 share a prompt
-    but not a seed) sample 48 tokens twice from scratch: the same seeds give the same tokens. The draws
-    matter: the two rows with one prompt diverge, and the sampled tokens are not the greedy ones."""
+    but not a seed) sample 48 tokens on the device, as the engine does (`step_graphs.decode_and_sample`: the
+    sampled ids feed the next step without leaving the device), twice from scratch through captured steps
+    and once eagerly: the same seeds give the same tokens. The draws matter: the two rows with one prompt
+    diverge, and the sampled tokens are not the greedy ones."""
+    from reformer_infer.step_graphs import EagerReplay, decode_and_sample
+
     model = load_model(default_model_path(), device=DEVICE, dtype=torch.bfloat16).eval()
     prompts = [text_ids(0, 40), text_ids(500, 100), text_ids(500, 100), text_ids(2000, 300)]
     seeds = [11, 12, 13, 14]
 
-    def run(temperature: float) -> list[list[int]]:
-        pool = model.new_decode_pool(4, sum(p.shape[1] + 60 for p in prompts))
+    def run(temperature: float, captured: bool) -> list[list[int]]:
+        pool = model.new_decode_pool(5, sum(p.shape[1] + 60 for p in prompts))
+        graphs = model.use_step_graphs(pool, capture=None if CUDA else EagerReplay) if captured else None
+        sampler = SlotSampler(5, model.config.vocab_size, DEVICE)
+        rows = [sampler.take_row() for _ in prompts]
         with torch.inference_mode():
             pre = [model.prefill(p, capacity=p.shape[1] + 60, pool=pool, last_only=True) for p in prompts]
-            caches = ReformerCache.batch([c for _, c in pre])
-            samplers = [RequestSampler(SamplingParams(temperature=temperature, top_k=40, top_p=0.95, seed=s),
-                                       p[0].tolist(), vocab_size=model.config.vocab_size, device=DEVICE)
-                        for p, s in zip(prompts, seeds, strict=True)]
-            tok = sample_batch(torch.cat([lg[:, -1] for lg, _ in pre]), samplers).tokens
-            out = [tok]
+            for r, p, s in zip(rows, prompts, seeds, strict=True):
+                sampler.join(r, SamplingParams(temperature=temperature, top_k=40, top_p=0.95, seed=s), p[0].tolist())
+            out = [sampler.sample_now(torch.cat([lg[:, -1] for lg, _ in pre]), rows).tokens]
+            slots = [c.sequences[0].slot for _, c in pre]
             for _ in range(47):
-                logits = model.decode_step(torch.tensor(tok, device=DEVICE).view(-1, 1), caches)[0][:, 0]
-                tok = sample_batch(logits, samplers).tokens
-                out.append(tok)
-            caches.release()
+                packed = decode_and_sample(model, pool, slots, sampler, rows, graphs)
+                out.append(unpack(download(packed), [0] * len(rows)).tokens)
+            for _, c in pre:
+                c.release()
+        model.drop_step_graphs(pool)
         return [list(r) for r in zip(*out, strict=True)]
 
-    a, b = run(0.9), run(0.9)
+    a, b = run(0.9, True), run(0.9, True)
     assert a == b
+    assert run(0.9, False) == a  # the captured step samples what the eager one does
     assert a[1] != a[2]  # one prompt, two seeds
-    assert a != run(0.0)  # greedy differs: the sampler sampled
+    assert a != run(0.0, True)  # greedy differs: the sampler sampled
