@@ -82,6 +82,10 @@ _STATUS = {
 # prefill work (bounds how long new arrivals and aborts wait for the step to end, and its activations).
 GROUP_PREFILL_STEPS = 32
 
+# Prompt tokens after contexts run in one layer-by-layer pass per step (`_execute_feed`), up to this many
+# (a prompt longer than this still runs whole: it is below the delta size, 128).
+FEED_TOKENS_PER_STEP = 512
+
 # A fault hook gets (phase, request_id) at "step" (request_id None), before each "prefill" chunk, for each
 # request of a batched "decode" step before it runs, and before a sampled token is applied ("update");
 # whatever it raises is handled exactly like a failure of that phase. Tests use it to inject faults.
@@ -643,32 +647,42 @@ class Engine:
         if not req.finished:
             self._decoding.append(req)
 
-    def _execute_feed(self, req: _Request) -> None:
-        """Run a fork's prompt tokens in one layer-by-layer pass (`model.decode_tokens`: the numbers of one
-        decode step per token, the feed-forward read once for all of them) and sample its first token."""
-        tail = list(req.feed or ())
+    def _execute_feed(self, batch: list[_Request]) -> None:
+        """Run forks' prompt tokens in one layer-by-layer pass (`model.decode_tokens`: the numbers of one decode
+        step per token, the largest weights read once for all of them) and sample their first tokens. A
+        failure fails these requests only (their state may be half-written)."""
+        with self._cond:
+            batch = [r for r in batch if not r.finished and r.cache is not None]
+            tails = [list(r.feed or ()) for r in batch]
+            seqs = [r.cache.sequences[0] for r in batch]
+        if not batch:
+            return
         try:
             if self.fault_hook is not None:
-                self.fault_hook("prefill", req.request_id)
-            logits = self.model.decode_tokens(tail, req.cache.sequences[0])
-            out = sample_batch(logits.view(1, -1), [req.sampler])
-        except Exception as exc:  # this request's failure only
+                for req in batch:
+                    self.fault_hook("prefill", req.request_id)
+            logits = self.model.decode_tokens(tails, seqs)  # (B, V)
+            out = sample_batch(logits, [r.sampler for r in batch])
+        except Exception as exc:  # these requests' failure only
             oom = _is_oom(exc)
-            logger.warning("prompt of request %s after its context failed: %r", req.request_id, exc,
+            logger.warning("prompt after a context failed for %s: %r", [r.request_id for r in batch], exc,
                            exc_info=not oom)
-            with self._cond:
-                self._feeding = [r for r in self._feeding if r is not req]
-                self._finish(req, FinishReason.ERROR, kind="oom" if oom else "internal",
-                             error=("out of memory: " if oom else "prompt after the context failed: ") + str(exc))
+            with self._cond, _wakeups_held():
+                for req in batch:
+                    self._finish(req, FinishReason.ERROR, kind="oom" if oom else "internal",
+                                 error=("out of memory: " if oom else "prompt after the context failed: ") + str(exc))
+                self._feeding = [r for r in self._feeding if not r.finished]
             return
+        now = time.monotonic()
         with self._cond, _wakeups_held():
-            self._feeding = [r for r in self._feeding if r is not req]
-            if req.finished:
-                return
-            req.feed = None
-            self._update(req, out.tokens[0], out.logprobs[0], time.monotonic())
-            if not req.finished:
-                self._decoding.append(req)
+            self._feeding = [r for r in self._feeding if all(r is not q for q in batch)]
+            for req, token, lp in zip(batch, out.tokens, out.logprobs, strict=True):
+                if req.finished:
+                    continue
+                req.feed = None
+                self._update(req, token, lp, now)
+                if not req.finished:
+                    self._decoding.append(req)
 
     def _find_leader(self, req: _Request) -> _Request | None:
         """(Lock held.) A request with the same prompt whose prefill is under way or waiting (prefix caching)."""
@@ -842,9 +856,14 @@ class Engine:
             decode_batch = [r for r in self._decoding if not r.finished]
             prefill_queue = [r for r in self._prefilling if not r.finished]
             self._feeding = [r for r in self._feeding if not r.finished]
-            feed = self._feeding[0] if self._feeding else None
+            feed, total = [], 0
+            for r in self._feeding:  # prompts after a context: as many as FEED_TOKENS_PER_STEP in one pass
+                if feed and total + len(r.feed or ()) > FEED_TOKENS_PER_STEP:
+                    break
+                feed.append(r)
+                total += len(r.feed or ())
         decoded = self._execute_decode(decode_batch) if decode_batch else 0
-        if feed is not None:  # one prompt after a context per step, in one pass
+        if feed:
             self._execute_feed(feed)
         # Prefill budget of this step. Every other step the prompts with the least work left go first, so a
         # short prompt does not wait behind a long prefill for its whole length; on the other steps the

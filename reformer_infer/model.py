@@ -991,29 +991,45 @@ class ReformerLM(nn.Module):
         return self._head(a, h)
 
     @torch.inference_mode()
-    def decode_tokens(self, input_ids: Sequence[int], seq: SequenceCache) -> Tensor:
-        """n tokens of one sequence in one pass, with the state and results of n `decode_step`s: returns the
-        logits (V,) after the last. Each layer runs its attention token by token, each exactly as its decode
-        step would (the token's window, then its insertion), and its output projection and feed-forward for
-        all n rows at once (one read of those weights instead of n: a prompt after a context). Only where
-        `pool.can_decode_tokens` says so; otherwise decode the tokens step by step."""
-        pool, slot, n = seq.pool, seq.slot, len(input_ids)
-        if seq.released or not pool.can_decode_tokens(slot, n) or seq.length + n > self.config.max_context:
-            raise ValueError("decode_tokens needs a hashed sequence whose delta takes the tokens")
-        L0 = seq.length
-        batches = pool.token_batches(slot, n)
-        ids = torch.tensor(list(input_ids), dtype=torch.long, device=self.device)  # (n,)
-        x = self.embeddings(ids, torch.arange(L0, L0 + n, device=self.device))  # (n, E)
+    def decode_tokens(self, input_ids: Sequence[Sequence[int]], seqs: Sequence[SequenceCache]) -> Tensor:
+        """Several tokens for each of several sequences (of one pool) in one pass, with the state and results
+        of one `decode_step` per token: returns the logits (B, V) after each sequence's last token.
+
+        Each layer runs its attention one token index at a time, batched over the sequences that have that
+        many tokens, each row exactly as in a decode step (the token's window in the order as it stands, then
+        its insertion); the output projection and feed-forward, per position, run for every token at once
+        (their weights read once instead of once per step: prompts after a context). Only where
+        `pool.can_decode_tokens` allows it for every sequence; otherwise decode the tokens step by step."""
+        B = len(seqs)
+        pool = seqs[0].pool
+        counts = [len(t) for t in input_ids]
+        for s, c in zip(seqs, counts, strict=True):
+            if s.released or s.pool is not pool or not c or not pool.can_decode_tokens(s.slot, c) \
+                    or s.length + c > self.config.max_context:
+                raise ValueError("decode_tokens needs hashed sequences of one pool whose deltas take the tokens")
+        slots = [s.slot for s in seqs]
+        offsets = [sum(counts[:b]) for b in range(B)]  # row of sequence b's first token in the flat layout
+        batches = pool.token_batches(slots, counts)
+        index = [torch.tensor([offsets[b] + t for b in range(B) if counts[b] > t], device=self.device)
+                 for t in range(len(batches))]
+        ids = torch.tensor([t for row in input_ids for t in row], dtype=torch.long, device=self.device)  # (N,)
+        pos = torch.tensor([s.length + t for s, c in zip(seqs, counts, strict=True) for t in range(c)],
+                           device=self.device)
+        x = self.embeddings(ids, pos)  # (N, E)
         a, h = x, x
         for i, layer in enumerate(self.encoder.layers):
             att = layer.attention
             j = pool.lsh_index[i] if att.kind == "lsh" else pool.local_index[i]
             hn = att.layer_norm(h)
-            o = torch.cat([att.self_attention.decode(hn[t : t + 1], pool, j, batches[t]) for t in range(n)])
+            o = hn.new_empty(hn.shape[0], att.output.dense.in_features)  # (N, H*D)
+            for rows, batch in zip(index, batches, strict=True):
+                o[rows] = att.self_attention.decode(hn[rows], pool, j, batch)
             a = a + att.output.dense(o)
             h = h + layer.feed_forward(a)
-        pool.advance(slot, n)
-        return self._head(a[-1:], h[-1:])[0]
+        for s, c in zip(slots, counts, strict=True):
+            pool.advance(s, c)
+        last = torch.tensor([offsets[b] + counts[b] - 1 for b in range(B)], device=self.device)
+        return self._head(a[last], h[last])  # (B, V)
 
     def cache_bytes(self, num_tokens: int) -> int:
         """Cache bytes of one sequence holding `num_tokens` positions (in a decode pool of the default layout)."""

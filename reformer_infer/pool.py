@@ -525,17 +525,20 @@ class DecodePool:
         once, between two tokens)."""
         return self.is_hashed[slot] and self.length[slot] + n - self.static_len[slot] < self.M
 
-    def token_batches(self, slot: int, n: int) -> list[StepBatch]:
-        """One-row step views of sequence `slot`'s next n positions (see `can_decode_tokens`), for a pass that
-        runs them layer by layer, each token of a layer exactly as a decode step would (`advance` after)."""
-        self._ensure_pages(slot, self.length[slot] + n)
-        sl = upload([slot], self.device)
-        hashed = self.hashed_d.index_select(0, sl).view(-1, 1, 1)
-        table = self.page_table.index_select(0, sl)
+    def token_batches(self, slots: list[int], counts: list[int]) -> list[StepBatch]:
+        """Step views for a pass that runs the next counts[i] positions of sequences slots[i] layer by layer
+        (see `can_decode_tokens`): view t holds, in order, the sequences with more than t tokens, at their
+        position length + t, so each token of a layer runs exactly as in a decode step (`advance` after)."""
+        for s, c in zip(slots, counts, strict=True):
+            self._ensure_pages(s, self.length[s] + c)
         out = []
-        for t in range(n):
-            T = torch.full((1,), self.length[slot] + t, dtype=torch.long, device=self.device)
-            out.append(StepBatch(sl, T, hashed, self._page_rows(table, T.view(-1, 1)).view(-1), None, 0))
+        for t in range(max(counts)):
+            rows = [s for s, c in zip(slots, counts, strict=True) if c > t]
+            sl = upload(rows, self.device)
+            T = upload([self.length[s] + t for s in rows], self.device)
+            table = self.page_table.index_select(0, sl)
+            out.append(StepBatch(sl, T, self.hashed_d.index_select(0, sl).view(-1, 1, 1),
+                                 self._page_rows(table, T.view(-1, 1)).view(-1), None, 0))
         return out
 
     def advance(self, slot: int, n: int) -> None:

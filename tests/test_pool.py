@@ -251,18 +251,23 @@ def test_forks_decode_like_their_own_prefill_and_share_full_pages(ctx_len, layou
     assert pool.pages_in_use == 0 and pool.slots_in_use == 0
 
 
-@pytest.mark.parametrize("n", [1, 5, 40])
-def test_decode_tokens_equals_decode_steps_one_by_one(n):
-    """A layer-by-layer pass over n tokens of one sequence leaves the state and logits of n decode steps."""
+def test_decode_tokens_equals_decode_steps_one_by_one():
+    """A layer-by-layer pass over several tokens of several sequences leaves the state and logits of one
+    decode step per token (sequences of different lengths, 1 to 40 tokens each)."""
     model = tiny_model()
-    ids = ids_of(37, seed=n)
-    toks = ids_of(n, seed=100 + n)[0].tolist()
-    _, ref = model.prefill(ids)
-    _, got = model.prefill(ids)
-    assert ref.sequences[0].pool.can_decode_tokens(ref.sequences[0].slot, n)
-    for t in toks:
-        want, _ = model.decode_step(torch.tensor([[t]]), ref)
-    last = model.decode_tokens(toks, got.sequences[0])
-    assert (last - want[0, 0]).abs().max().item() <= 1e-5
-    assert got.lengths == ref.lengths
-    assert_decode_alike(model, ref, got, steps=30, seed=n)  # crosses a merge of each delta
+    counts = [5, 1, 40]
+    prompts = [ids_of(37 + 3 * b, seed=b) for b in range(3)]
+    toks = [ids_of(n, seed=100 + n)[0].tolist() for n in counts]
+    pool = model.new_decode_pool()
+    refs = [model.prefill(p)[1] for p in prompts]
+    got = [model.prefill(p, pool=pool)[1] for p in prompts]
+    want = []
+    for ref, tk in zip(refs, toks, strict=True):
+        for t in tk:
+            out, _ = model.decode_step(torch.tensor([[t]]), ref)
+        want.append(out[0, 0])
+    last = model.decode_tokens(toks, [g.sequences[0] for g in got])
+    for b in range(3):
+        assert (last[b] - want[b]).abs().max().item() <= 1e-5
+        assert got[b].lengths == refs[b].lengths
+        assert_decode_alike(model, refs[b], got[b], steps=30, seed=b)  # crosses a merge of each delta
