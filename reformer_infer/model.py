@@ -467,8 +467,15 @@ class LSHSelfAttention(nn.Module):
         yield from _emit_slices(acc[:, :T].view(B, T, H * D), emit, step)
 
     # ---- cached decode -----------------------------------------------------------------------
-    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch) -> Tensor:
+    def decode_projections(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Shared query-keys and values (B, H, D) of decode rows x (B, E) layer-normed."""
+        B = x.shape[0]
+        return self.query_key(x).view(B, self.H, self.D), self.value(x).view(B, self.H, self.D)
+
+    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch,
+               proj: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """One new token per sequence: x (B, E) layer-normed -> (B, H*D). The pool is updated in place.
+        `proj`: x's `decode_projections` when already computed (a pass over several tokens does them at once).
 
         Hashed sequences attend to their window in the (bucket, position)-sorted order of every round, the
         rounds combined by their logsumexp weights; sequences shorter than one chunk (and every sequence
@@ -477,8 +484,7 @@ class LSHSelfAttention(nn.Module):
         the step's ops and shapes depend on the batch size (and whether any row is dense) alone."""
         B = x.shape[0]
         H, D, C, R = self.H, self.D, self.C, self.num_hashes
-        qk = self.query_key(x).view(B, H, D)
-        v = self.value(x).view(B, H, D)
+        qk, v = proj if proj is not None else self.decode_projections(x)
         pool.write_lsh(j, batch, len_norm(qk) / math.sqrt(D), v)  # before the gathers: the window fetches it
         buckets = self.hash(qk.unsqueeze(2))[..., 0]  # (B, H, R)
         rows, is_new = pool.lsh_window(j, batch, buckets, C, self.before, self.after)  # + insert
@@ -602,13 +608,19 @@ class LocalSelfAttention(nn.Module):
             emit(s0, s1, o)
             yield s1 - s0
 
-    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch) -> Tensor:
-        """x (B, E) -> (B, H*D); the new token at position T sees [((T//C) - before) * C, T]."""
+    def decode_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, H, 1, D), scaled keys and values (B, H, D) of decode rows x (B, E)."""
+        B, H, D = x.shape[0], self.H, self.D
+        return (self.query(x).view(B, H, 1, D), (self.key(x) / math.sqrt(D)).view(B, H, D),
+                self.value(x).view(B, H, D))
+
+    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch,
+               proj: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, E) -> (B, H*D); the new token at position T sees [((T//C) - before) * C, T]. `proj`: x's
+        `decode_projections` when already computed."""
         B = x.shape[0]
         H, D, C = self.H, self.D, self.C
-        q = self.query(x).view(B, H, 1, D)
-        k = (self.key(x) / math.sqrt(D)).view(B, H, D)
-        v = self.value(x).view(B, H, D)
+        q, k, v = proj if proj is not None else self.decode_projections(x)
         kk, vv, pp = pool.local_step(j, batch, k, v)  # rings (B, H, ring, D), their positions (B, ring)
         T = batch.lengths.view(B, 1)
         start = ((T // C) - self.before).clamp(min=0) * C
@@ -997,8 +1009,8 @@ class ReformerLM(nn.Module):
 
         Each layer runs its attention one token index at a time, batched over the sequences that have that
         many tokens, each row exactly as in a decode step (the token's window in the order as it stands, then
-        its insertion); the output projection and feed-forward, per position, run for every token at once
-        (their weights read once instead of once per step: prompts after a context). Only where
+        its insertion); the input and output projections and the feed-forward, per position, run for every
+        token at once (their weights read once instead of once per step: prompts after a context). Only where
         `pool.can_decode_tokens` allows it for every sequence; otherwise decode the tokens step by step."""
         B = len(seqs)
         pool = seqs[0].pool
@@ -1021,9 +1033,10 @@ class ReformerLM(nn.Module):
             att = layer.attention
             j = pool.lsh_index[i] if att.kind == "lsh" else pool.local_index[i]
             hn = att.layer_norm(h)
+            proj = att.self_attention.decode_projections(hn)  # every token's at once
             o = hn.new_empty(hn.shape[0], att.output.dense.in_features)  # (N, H*D)
             for rows, batch in zip(index, batches, strict=True):
-                o[rows] = att.self_attention.decode(hn[rows], pool, j, batch)
+                o[rows] = att.self_attention.decode(hn[rows], pool, j, batch, tuple(p[rows] for p in proj))
             a = a + att.output.dense(o)
             h = h + layer.feed_forward(a)
         for s, c in zip(slots, counts, strict=True):
