@@ -631,6 +631,31 @@ class LocalSelfAttention(nn.Module):
         return torch.matmul(probs.to(vv.dtype), vv).reshape(B, H * D)
 
 
+    def decode_run(self, pool: DecodePool, j: int, seq: SequenceCache,
+                   proj: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """n consecutive new tokens of one sequence at once (`ReformerLM.decode_tokens`): proj holds their
+        `decode_projections` (n rows). Token P sees the keys its decode step would (the ring's positions and
+        the run's own up to P, from ((P//C) - before) * C on): the ring as it stands and the run's keys are
+        scored together, causally masked; then the ring keeps the run's last positions. -> (n, H*D)."""
+        q, k, v = proj  # (n, H, 1, D), (n, H, D), (n, H, D)
+        n, H, D, C = k.shape[0], self.H, self.D, self.C
+        L0, ring = seq.length, pool.ring
+        last = torch.tensor(L0 - 1, device=k.device)
+        ring_pos = last - torch.remainder(last - torch.arange(ring, device=k.device), ring)  # (ring,) <0: unused
+        new_pos = torch.arange(L0, L0 + n, device=k.device)
+        kpos = torch.cat([ring_pos, new_pos])  # (ring + n,)
+        keys = torch.cat([pool.local_keys[j, seq.slot], k.transpose(0, 1)], dim=1)  # (H, ring + n, D)
+        values = torch.cat([pool.local_values[j, seq.slot], v.transpose(0, 1)], dim=1)
+        P = new_pos.view(n, 1)
+        start = ((P // C) - self.before).clamp(min=0) * C
+        hidden = (kpos < start) | (kpos > P) | (kpos < 0)  # (n, ring + n)
+        dots = torch.matmul(q.view(n, H, D).transpose(0, 1), keys.transpose(-1, -2)).float()  # (H, n, ring + n)
+        probs = torch.softmax(dots.masked_fill(hidden, MASK_VALUE[torch.float32]), dim=-1)
+        out = torch.matmul(probs.to(values.dtype), values)  # (H, n, D)
+        pool.write_ring(j, seq, k.transpose(0, 1), v.transpose(0, 1), L0 + n, start=L0)
+        return out.transpose(0, 1).reshape(n, H * D)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------------
@@ -1007,10 +1032,11 @@ class ReformerLM(nn.Module):
         """Several tokens for each of several sequences (of one pool) in one pass, with the state and results
         of one `decode_step` per token: returns the logits (B, V) after each sequence's last token.
 
-        Each layer runs its attention one token index at a time, batched over the sequences that have that
+        An LSH layer runs its attention one token index at a time, batched over the sequences that have that
         many tokens, each row exactly as in a decode step (the token's window in the order as it stands, then
-        its insertion); the input and output projections and the feed-forward, per position, run for every
-        token at once (their weights read once instead of once per step: prompts after a context). Only where
+        its insertion); a local layer attends each sequence's run at once, masked to what each token's decode
+        step sees (`LocalSelfAttention.decode_run`); the projections and the feed-forward, per position, run
+        for every token at once (their weights read once instead of once per step: prompts after a context). Only where
         `pool.can_decode_tokens` allows it for every sequence; otherwise decode the tokens step by step."""
         B = len(seqs)
         pool = seqs[0].pool
@@ -1035,8 +1061,13 @@ class ReformerLM(nn.Module):
             hn = att.layer_norm(h)
             proj = att.self_attention.decode_projections(hn)  # every token's at once
             o = hn.new_empty(hn.shape[0], att.output.dense.in_features)  # (N, H*D)
-            for rows, batch in zip(index, batches, strict=True):
-                o[rows] = att.self_attention.decode(hn[rows], pool, j, batch, tuple(p[rows] for p in proj))
+            if att.kind == "lsh":  # the order changes with every token: one token index at a time
+                for rows, batch in zip(index, batches, strict=True):
+                    o[rows] = att.self_attention.decode(hn[rows], pool, j, batch, tuple(p[rows] for p in proj))
+            else:  # a local window is positions: each sequence's run at once, causally masked
+                for b, s in enumerate(seqs):
+                    run = slice(offsets[b], offsets[b] + counts[b])
+                    o[run] = att.self_attention.decode_run(pool, j, s, tuple(p[run] for p in proj))
             a = a + att.output.dense(o)
             h = h + layer.feed_forward(a)
         for s, c in zip(slots, counts, strict=True):
