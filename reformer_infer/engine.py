@@ -82,9 +82,14 @@ _STATUS = {
 # prefill work (bounds how long new arrivals and aborts wait for the step to end, and its activations).
 GROUP_PREFILL_STEPS = 32
 
-# Prompt tokens after contexts run in one layer-by-layer pass per step (`_execute_feed`), up to this many
-# (a prompt longer than this still runs whole: it is below the delta size, 128).
+# Prompt tokens after contexts run in one layer-by-layer pass per step (`_execute_feed`), about this many
+# (each sequence at most what its delta has room for, < 128; a longer prompt goes on in the next steps).
 FEED_TOKENS_PER_STEP = 512
+
+# Automatic reuse takes a context only when the rest of the prompt is at most this share of it: the rest runs
+# token by token through the LSH windows (~3x a prefill's cost per token on a CPU), so a short context
+# before a long rest would be slower than prefilling the whole prompt.
+PREFIX_REUSE_MAX_REST = 0.5
 
 # A fault hook gets (phase, request_id) at "step" (request_id None), before each "prefill" chunk, for each
 # request of a batched "decode" step before it runs, and before a sampled token is applied ("update");
@@ -471,6 +476,8 @@ class Engine:
             if source is None and self.prefix_caching:  # hits: here, or an identical prompt's prefill later
                 self._prefix_queries += len(prompt)
                 source = self._contexts.find_prefix(prompt, owner) if self._contexts.enabled else None
+                if source is not None and len(prompt) - len(source.tokens) > PREFIX_REUSE_MAX_REST * len(source.tokens):
+                    source = None
                 if source is not None:
                     self._prefix_hits += len(source.tokens)
                     prompt = prompt[len(source.tokens):]
@@ -634,8 +641,8 @@ class Engine:
         req.cache = ReformerCache([seq])
         req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(req.cache))
         req.prefill_done_tokens = len(req.prompt_ids)
-        if len(tail) > 1 and hasattr(self.model, "decode_tokens") and self._pool.can_decode_tokens(seq.slot, len(tail)):
-            req.feed = deque(tail)  # the whole prompt in one layer-by-layer pass (`_execute_feed`)
+        if len(tail) > 1 and hasattr(self.model, "decode_tokens") and self._pool.is_hashed[seq.slot]:
+            req.feed = deque(tail)  # layer-by-layer passes of up to a delta's worth each (`_execute_feed`)
             self._feeding.append(req)
             return
         if tail:
@@ -653,7 +660,6 @@ class Engine:
         failure fails these requests only (their state may be half-written)."""
         with self._cond:
             batch = [r for r in batch if not r.finished and r.cache is not None]
-            tails = [list(r.feed or ()) for r in batch]
             seqs = [r.cache.sequences[0] for r in batch]
         if not batch:
             return
@@ -661,6 +667,8 @@ class Engine:
             if self.fault_hook is not None:
                 for req in batch:
                     self.fault_hook("prefill", req.request_id)
+            # each sequence takes what its delta has room for (a long prompt goes on in the next steps)
+            tails = [list(r.feed or ())[: self._pool.room_for_tokens(s.slot)] for r, s in zip(batch, seqs, strict=True)]
             logits = self.model.decode_tokens(tails, seqs)  # (B, V)
             out = sample_batch(logits, [r.sampler for r in batch])
         except Exception as exc:  # these requests' failure only
@@ -675,9 +683,13 @@ class Engine:
             return
         now = time.monotonic()
         with self._cond, _wakeups_held():
-            self._feeding = [r for r in self._feeding if all(r is not q for q in batch)]
+            for req, tail in zip(batch, tails, strict=True):
+                for _ in tail:
+                    req.feed.popleft()
+            done = [r for r in batch if not r.feed]
+            self._feeding = [r for r in self._feeding if all(r is not q for q in done)]
             for req, token, lp in zip(batch, out.tokens, out.logprobs, strict=True):
-                if req.finished:
+                if req.finished or req.feed:  # finished meanwhile, or more prompt to go
                     continue
                 req.feed = None
                 self._update(req, token, lp, now)
@@ -857,11 +869,11 @@ class Engine:
             prefill_queue = [r for r in self._prefilling if not r.finished]
             self._feeding = [r for r in self._feeding if not r.finished]
             feed, total = [], 0
-            for r in self._feeding:  # prompts after a context: as many as FEED_TOKENS_PER_STEP in one pass
-                if feed and total + len(r.feed or ()) > FEED_TOKENS_PER_STEP:
+            for r in self._feeding:  # prompts after a context: about FEED_TOKENS_PER_STEP in one pass
+                if feed and total + min(len(r.feed or ()), self._pool.M) > FEED_TOKENS_PER_STEP:
                     break
                 feed.append(r)
-                total += len(r.feed or ())
+                total += min(len(r.feed or ()), self._pool.M)
         decoded = self._execute_decode(decode_batch) if decode_batch else 0
         if feed:
             self._execute_feed(feed)

@@ -525,6 +525,14 @@ class DecodePool:
         once, between two tokens)."""
         return self.is_hashed[slot] and self.length[slot] + n - self.static_len[slot] < self.M
 
+    def room_for_tokens(self, slot: int) -> int:
+        """Tokens a layer-by-layer pass can take now for hashed sequence `slot`, merging its delta first when it
+        is full enough to take none (a merge re-lays the same order out: the windows, and so the numbers,
+        are the same whenever it happens)."""
+        if self.length[slot] - self.static_len[slot] >= self.M - 1:
+            self._merge(slot)
+        return self.M - 1 - (self.length[slot] - self.static_len[slot])
+
     def token_batches(self, slots: list[int], counts: list[int]) -> list[StepBatch]:
         """Step views for a pass that runs the next counts[i] positions of sequences slots[i] layer by layer
         (see `can_decode_tokens`): view t holds, in order, the sequences with more than t tokens, at their

@@ -299,3 +299,28 @@ def test_context_survives_time_and_lists_oldest_first(model: ReformerLM) -> None
         assert engine._pool.pages_in_use == 0
 
     asyncio.run(go())
+
+
+def test_a_prompt_longer_than_the_delta_after_a_context_runs_in_several_passes(model: ReformerLM) -> None:
+    """150 prompt tokens after a context: passes of what each delta has room for, merged in between (the
+    fork copies the shared pages then); still the library reference, and every byte back after."""
+    ctx_tokens = prompt(70, seed=21)
+    tail = prompt(150, seed=22)
+
+    async def go() -> list[list[Event]]:
+        engine = engine_of(model)
+        made = await make_context(engine, ctx_tokens)
+        out = await asyncio.gather(*(collect(engine.add_request(t, greedy(8), context_id=made.context_id))
+                                     for t in (tail, tail[:5])))
+        # automatic reuse only when the rest is at most half the context
+        await collect(engine.add_request(ctx_tokens + tail, greedy(2)))
+        assert engine.stats().extra["prefix_cache_hits"] == 0
+        engine.delete_context(made.context_id)
+        await asyncio.sleep(0.05)
+        assert engine.stats().cache_bytes_in_use == 0 and engine._pool.pages_in_use == 0
+        await engine.shutdown()
+        return out
+
+    long, short = asyncio.run(go())
+    assert tokens_of(long) == reference(model, ctx_tokens, tail, 8)
+    assert tokens_of(short) == reference(model, ctx_tokens, tail[:5], 8)
