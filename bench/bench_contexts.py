@@ -12,6 +12,9 @@ independent requests sending context + the same prompts (each prefills the whole
 generated tokens / wall time from submission to the last token; the forks' figure is also given with the
 context's own prefill added to their wall time.
 
+Part 3 (--pass-context tokens, no engine): the prompt phase of --streams forks of one context, each with its own
+--prompt-token prompt, as one `decode_tokens` pass vs as --prompt batched `decode_step`s; alternated rounds.
+
   python bench/bench_contexts.py --threads 1 --context 16384 --fork-context 4096 --streams 16
   python bench/bench_contexts.py --small --context 2048 --fork-context 1024 --rounds 1   # a quick run
 """
@@ -151,6 +154,37 @@ async def part2(model: ReformerLM, n: int, prompt_len: int, streams: int, new_to
     ]
 
 
+def part3(model: ReformerLM, n: int, prompt_len: int, streams: int, rounds: int) -> list[str]:
+    from reformer_infer.cache import ReformerCache
+
+    pool = model.new_decode_pool(2 * streams + 1, n + 2 * streams * (prompt_len + 64))
+    _, ctx = model.prefill(torch.tensor([tokens(n, 3)]), pool=pool)
+    prompts = [tokens(prompt_len, 300 + i) for i in range(streams)]
+    one, steps = [], []
+    for r in range(rounds):
+        for kind in ("pass", "steps") if r % 2 == 0 else ("steps", "pass"):
+            forks = [pool.fork(ctx.sequences[0], n + prompt_len + 1) for _ in range(streams)]
+            t0 = time.perf_counter()
+            if kind == "pass":
+                model.decode_tokens(prompts, forks)
+                one.append(time.perf_counter() - t0)
+            else:
+                for t in range(prompt_len):
+                    model.decode_step(torch.tensor([[p[t]] for p in prompts]), ReformerCache(forks))
+                steps.append(time.perf_counter() - t0)
+            for f in forks:
+                f.release()
+    a, b = statistics.median(one), statistics.median(steps)
+    return [
+        f"| prompt phase of {streams} forks, {n}-token context, {prompt_len}-token prompts | seconds (median; "
+        "rounds) |",
+        "|---|---|",
+        f"| one decode_tokens pass | {a:.3f} ({', '.join(f'{x:.3f}' for x in one)}) |",
+        f"| {prompt_len} batched decode steps | {b:.3f} ({', '.join(f'{x:.3f}' for x in steps)}) |",
+        f"| ratio | {b / a:.1f}x |",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="hidden 256 widths (bench_core.SMALL)")
@@ -161,6 +195,7 @@ def main() -> None:
     ap.add_argument("--fork-context", type=int, default=4096, help="part 2's context tokens (0: skip part 2)")
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--pass-context", type=int, default=0, help="part 3's context tokens (0: skip part 3)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -171,6 +206,8 @@ def main() -> None:
           f"{args.threads} thread(s), torch {torch.__version__}\n")
     if args.context:
         print("\n".join(asyncio.run(part1(model, args.context, args.prompt, args.rounds))) + "\n", flush=True)
+    if args.pass_context:
+        print("\n".join(part3(model, args.pass_context, args.prompt, args.streams, args.rounds)) + "\n", flush=True)
     if args.fork_context:
         print("\n".join(asyncio.run(part2(model, args.fork_context, args.prompt, args.streams, args.new_tokens))))
 
