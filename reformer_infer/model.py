@@ -467,9 +467,16 @@ class LSHSelfAttention(nn.Module):
         yield from _emit_slices(acc[:, :T].view(B, T, H * D), emit, step)
 
     # ---- cached decode -----------------------------------------------------------------------
-    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch, updates: StepUpdates) -> Tensor:
+    def decode_projections(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Shared query-keys and values (B, H, D) of decode rows x (B, E) layer-normed."""
+        B = x.shape[0]
+        return self.query_key(x).view(B, self.H, self.D), self.value(x).view(B, self.H, self.D)
+
+    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch, updates: StepUpdates,
+               proj: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """One new token per sequence: x (B, E) layer-normed -> (B, H*D). Reads the pool, writes nothing: the
         new keys/values and delta go into `updates` (`DecodePool.apply_step` writes them after the step).
+        `proj`: x's `decode_projections` when already computed (a pass over several tokens does them at once).
 
         Hashed sequences attend to their window in the (bucket, position)-sorted order of every round, the
         rounds combined by their logsumexp weights; sequences shorter than one chunk (and every sequence
@@ -478,8 +485,7 @@ class LSHSelfAttention(nn.Module):
         the step's ops and shapes depend on the batch size (and whether any row is dense) alone."""
         B = x.shape[0]
         H, D, C, R = self.H, self.D, self.C, self.num_hashes
-        qk = self.query_key(x).view(B, H, D)
-        v = self.value(x).view(B, H, D)
+        qk, v = proj if proj is not None else self.decode_projections(x)
         k = len_norm(qk) / math.sqrt(D)
         buckets = self.hash(qk.unsqueeze(2))[..., 0]  # (B, H, R)
         rows, is_new, dbk, dor = pool.lsh_window(j, batch, buckets, C, self.before, self.after)
@@ -607,14 +613,20 @@ class LocalSelfAttention(nn.Module):
             emit(s0, s1, o)
             yield s1 - s0
 
-    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch, updates: StepUpdates) -> Tensor:
+    def decode_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, H, 1, D), scaled keys and values (B, H, D) of decode rows x (B, E)."""
+        B, H, D = x.shape[0], self.H, self.D
+        return (self.query(x).view(B, H, 1, D), (self.key(x) / math.sqrt(D)).view(B, H, D),
+                self.value(x).view(B, H, D))
+
+    def decode(self, x: Tensor, pool: DecodePool, j: int, batch: StepBatch, updates: StepUpdates,
+               proj: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """x (B, E) -> (B, H*D); the new token at position T sees [((T//C) - before) * C, T]. Its key and value
-        go into `updates` (written into the ring after the step)."""
+        go into `updates` (written into the ring after the step). `proj`: x's `decode_projections` when already
+        computed."""
         B = x.shape[0]
         H, D, C = self.H, self.D, self.C
-        q = self.query(x).view(B, H, 1, D)
-        k = (self.key(x) / math.sqrt(D)).view(B, H, D)
-        v = self.value(x).view(B, H, D)
+        q, k, v = proj if proj is not None else self.decode_projections(x)
         updates.local[j] = (k, v)
         kk, vv, pp = pool.local_window(j, batch)  # rings (B, H, ring, D), their positions (B, ring)
         T = batch.lengths.view(B, 1)
@@ -628,6 +640,31 @@ class LocalSelfAttention(nn.Module):
         out = torch.matmul(probs.masked_fill(own, 0.0).to(vv.dtype), vv) \
             + (probs * own).sum(-1, keepdim=True).to(v.dtype) * v.unsqueeze(2)  # (B, H, 1, D)
         return out.reshape(B, H * D)
+
+
+    def decode_run(self, pool: DecodePool, j: int, seq: SequenceCache,
+                   proj: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """n consecutive new tokens of one sequence at once (`ReformerLM.decode_tokens`): proj holds their
+        `decode_projections` (n rows). Token P sees the keys its decode step would (the ring's positions and
+        the run's own up to P, from ((P//C) - before) * C on): the ring as it stands and the run's keys are
+        scored together, causally masked; then the ring keeps the run's last positions. -> (n, H*D)."""
+        q, k, v = proj  # (n, H, 1, D), (n, H, D), (n, H, D)
+        n, H, D, C = k.shape[0], self.H, self.D, self.C
+        L0, ring = seq.length, pool.ring
+        last = torch.tensor(L0 - 1, device=k.device)
+        ring_pos = last - torch.remainder(last - torch.arange(ring, device=k.device), ring)  # (ring,) <0: unused
+        new_pos = torch.arange(L0, L0 + n, device=k.device)
+        kpos = torch.cat([ring_pos, new_pos])  # (ring + n,)
+        keys = torch.cat([pool.local_keys[j, seq.slot], k.transpose(0, 1)], dim=1)  # (H, ring + n, D)
+        values = torch.cat([pool.local_values[j, seq.slot], v.transpose(0, 1)], dim=1)
+        P = new_pos.view(n, 1)
+        start = ((P // C) - self.before).clamp(min=0) * C
+        hidden = (kpos < start) | (kpos > P) | (kpos < 0)  # (n, ring + n)
+        dots = torch.matmul(q.view(n, H, D).transpose(0, 1), keys.transpose(-1, -2)).float()  # (H, n, ring + n)
+        probs = torch.softmax(dots.masked_fill(hidden, MASK_VALUE[torch.float32]), dim=-1)
+        out = torch.matmul(probs.to(values.dtype), values)  # (H, n, D)
+        pool.write_ring(j, seq, k.transpose(0, 1), v.transpose(0, 1), L0 + n, start=L0)
+        return out.transpose(0, 1).reshape(n, H * D)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1029,3 +1066,54 @@ class ReformerLM(nn.Module, PooledDecoder):
             a = a + att.output.dense(o)
             h = h + layer.feed_forward(a)
         return self._head(a, h), batch, updates
+
+    @torch.inference_mode()
+    def decode_tokens(self, input_ids: Sequence[Sequence[int]], seqs: Sequence[SequenceCache]) -> Tensor:
+        """Several tokens for each of several sequences (of one pool) in one pass, with the state and results
+        of one `decode_step` per token: returns the logits (B, V) after each sequence's last token.
+
+        An LSH layer runs its attention one token index at a time, batched over the sequences that have that
+        many tokens, each row exactly as in a decode step (the token's window in the order as it stands, then
+        its insertion); a local layer attends each sequence's run at once, masked to what each token's decode
+        step sees (`LocalSelfAttention.decode_run`); the projections and the feed-forward, per position, run
+        for every token at once (their weights read once instead of once per step: prompts after a context). Only where
+        `pool.can_decode_tokens` allows it for every sequence; otherwise decode the tokens step by step."""
+        B = len(seqs)
+        pool = seqs[0].pool
+        counts = [len(t) for t in input_ids]
+        for s, c in zip(seqs, counts, strict=True):
+            if s.released or s.pool is not pool or not c or not pool.can_decode_tokens(s.slot, c) \
+                    or s.length + c > self.config.max_context:
+                raise ValueError("decode_tokens needs hashed sequences of one pool whose deltas take the tokens")
+        slots = [s.slot for s in seqs]
+        offsets = [sum(counts[:b]) for b in range(B)]  # row of sequence b's first token in the flat layout
+        batches = pool.token_batches(slots, counts)
+        index = [torch.tensor([offsets[b] + t for b in range(B) if counts[b] > t], device=self.device)
+                 for t in range(len(batches))]
+        ids = torch.tensor([t for row in input_ids for t in row], dtype=torch.long, device=self.device)  # (N,)
+        pos = torch.tensor([s.length + t for s, c in zip(seqs, counts, strict=True) for t in range(c)],
+                           device=self.device)
+        x = self.embeddings(ids, pos)  # (N, E)
+        a, h = x, x
+        for i, layer in enumerate(self.encoder.layers):
+            att = layer.attention
+            j = pool.lsh_index[i] if att.kind == "lsh" else pool.local_index[i]
+            hn = att.layer_norm(h)
+            proj = att.self_attention.decode_projections(hn)  # every token's at once
+            o = hn.new_empty(hn.shape[0], att.output.dense.in_features)  # (N, H*D)
+            if att.kind == "lsh":  # the order changes with every token: one token index at a time
+                for rows, batch in zip(index, batches, strict=True):
+                    updates = StepUpdates()
+                    o[rows] = att.self_attention.decode(hn[rows], pool, j, batch, updates,
+                                                        tuple(p[rows] for p in proj))
+                    pool.apply_step(batch, updates)  # the next token index sees this one's insertion
+            else:  # a local window is positions: each sequence's run at once, causally masked
+                for b, s in enumerate(seqs):
+                    run = slice(offsets[b], offsets[b] + counts[b])
+                    o[run] = att.self_attention.decode_run(pool, j, s, tuple(p[run] for p in proj))
+            a = a + att.output.dense(o)
+            h = h + layer.feed_forward(a)
+        for s, c in zip(slots, counts, strict=True):
+            pool.advance(s, c)
+        last = torch.tensor([offsets[b] + counts[b] - 1 for b in range(B)], device=self.device)
+        return self._head(a[last], h[last])  # (B, V)
