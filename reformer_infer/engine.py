@@ -45,8 +45,10 @@ from typing import Any
 import torch
 
 from reformer_infer.cache import ReformerCache
+from reformer_infer.contexts import Context, ContextInfo, ContextNotFoundError, ContextRegistry
 from reformer_infer.pool import upload
 from reformer_infer.requests import (
+    ContextCreated,
     EngineStats,
     EngineStoppedError,
     Event,
@@ -109,6 +111,12 @@ class EngineConfig:
     queue_aging_rate: float | None = None  # prompt tokens/s of head start in the queue (None: FIFO)
     max_queue_time_s: float | None = None  # a request waiting longer fails as overloaded (None: no limit)
     max_step_failures: int = 3  # consecutive failed steps that mark the engine dead
+    # Contexts (contexts.py): cache bytes they may pin in all (0: contexts are off), their TTL bounds, and
+    # whether a prompt that starts with a live context's tokens (or equals a prompt being prefilled) reuses it.
+    context_memory_bytes: int = 0
+    max_context_ttl_s: float = 3600.0
+    default_context_ttl_s: float = 600.0
+    prefix_caching: bool = True
 
 
 _HELD = threading.local()  # .wakers: the loop wakers whose wake-up this thread holds back (None: not holding)
@@ -302,6 +310,13 @@ class _Request:
     num_generated: int = 0
     peak_cache_bytes: int = 0
     finished: bool = False
+    owner: str = ""  # the caller (contexts and prefix caching are per caller)
+    making: Context | None = None  # a CreateContext request: the context its prefill makes
+    source: Context | None = None  # the context this generation continues (forked at admission)
+    feed: deque[int] | None = None  # prompt tokens after a context still to run as decode steps
+    cached_tokens: int = 0  # prompt tokens taken from a context
+    leader: _Request | None = None  # an identical prompt being prefilled: this one forks its state
+    followers: list[_Request] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -363,6 +378,13 @@ class Engine:
         self._alive = True
         self._fatal_error: str | None = None
         self._to_release: list[tuple[Any, Any]] = []  # (cache, prefill generator) of finished requests
+        # Contexts need the eager model's pool (forks share its pages); other backends have none.
+        self._contexts = ContextRegistry(
+            self.config.context_memory_bytes if self._pool is not None else 0,
+            max_ttl_s=self.config.max_context_ttl_s, default_ttl_s=self.config.default_context_ttl_s,
+            block=self._pool.P if self._pool is not None else 64)
+        self._prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self._prefix_hits = 0  # of which found in a live context (or an identical prompt's prefill)
         self.fault_hook: FaultHook | None = None
         # statistics
         self._steps = 0
@@ -399,6 +421,9 @@ class Engine:
         with self._cond:
             for req in list(self._requests.values()):
                 self._finish(req, FinishReason.ABORTED, error="engine shutting down")
+            for ctx in self._contexts.all_live():
+                if self._contexts.remove(ctx):
+                    self._release_context(ctx)
             self._stop_loop = True
             self._cond.notify_all()
         thread = self._thread
@@ -408,50 +433,228 @@ class Engine:
 
     # ---- public API -----------------------------------------------------------------------------
     def add_request(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None, *,
+        context_id: str | None = None, owner: str = "",
     ) -> RequestStream:
         """Queue a request; returns its event stream. Call from a running asyncio loop.
 
+        With `context_id` the prompt (which may then be empty) continues one of `owner`'s contexts
+        (`create_context`); without it, and with prefix caching on, a prompt that starts with the tokens of
+        one of `owner`'s live contexts continues that context the same way.
+
         Raises InvalidRequestError (bad parameters, too long, larger than the whole cache budget),
-        OverloadedError (waiting queue full) or EngineStoppedError (shutting down or dead).
+        ContextNotFoundError (no such context of `owner`), OverloadedError (waiting queue full) or
+        EngineStoppedError (shutting down or dead).
         """
         loop = asyncio.get_running_loop()
         self._check_accepting()  # a draining engine answers "unavailable" before judging the request
         prompt = list(prompt_ids)
         params.validate(vocab_size=self._vocab_size, max_new_tokens_limit=self.config.max_new_tokens_limit,
                         bounds=self.config.bounds)
-        validate_prompt(prompt, vocab_size=self._vocab_size)
+        if context_id:
+            if prompt:
+                validate_prompt(prompt, vocab_size=self._vocab_size)
+        else:
+            validate_prompt(prompt, vocab_size=self._vocab_size)
         if params.stop and not self.tokenizer.has_text:
             raise TokenizerUnavailableError(f"stop strings are matched on text, and {self.tokenizer.reason}")
-        self._check_padded_prompt(len(prompt))
         if request_id is not None and not request_id:
             raise InvalidRequestError("request_id", "must be non-empty when given")
         rid = request_id or uuid.uuid4().hex
+        with self._cond:
+            source = self._contexts.get(context_id, owner) if context_id else None
+            if source is None and self.config.prefix_caching and self._contexts.enabled:
+                self._prefix_queries += len(prompt)
+                source = self._contexts.find_prefix(prompt, owner)
+                if source is not None:
+                    self._prefix_hits += len(source.tokens)
+                    prompt = prompt[len(source.tokens):]
+        context = list(source.tokens) if source is not None else []
+        if source is None:
+            self._check_padded_prompt(len(prompt))
+        elif len(context) + len(prompt) + params.max_new_tokens > self.max_context:
+            raise InvalidRequestError(
+                "max_new_tokens", f"context ({len(context)}) + prompt ({len(prompt)}) + max_new_tokens "
+                f"({params.max_new_tokens}) = {len(context) + len(prompt) + params.max_new_tokens} tokens exceeds "
+                f"the model's context of {self.max_context} tokens")
         now = time.monotonic()
         sched = ScheduledRequest(
             request_id=rid,
             prompt_len=len(prompt),
             max_new_tokens=params.max_new_tokens,
             priority=params.priority,
+            context_tokens=len(context),
+            shared_bytes=self._fork_shared_bytes(source, len(prompt) + params.max_new_tokens),
         )
         req = _Request(
             sched=sched,
             prompt_ids=prompt,
             params=params,
             stream=RequestStream(rid, loop, self.config.stream_buffer_events),
-            sampler=RequestSampler(params, prompt, vocab_size=self._vocab_size, device=self._device),
+            sampler=RequestSampler(params, context + prompt, vocab_size=self._vocab_size, device=self._device),
             arrival=now,
             deadline=None if params.max_time_s is None else now + params.max_time_s,
-            detok=self.tokenizer.detokenizer(prompt),
+            detok=self.tokenizer.detokenizer(context + prompt),
             stop=StopStringMatcher(params.stop),
+            owner=owner,
+            source=source,
+            cached_tokens=len(context),
         )
         with self._cond:
             self._check_accepting()
+            if source is not None and source.removed:  # deleted or expired since it was looked up
+                raise ContextNotFoundError(f"no context {source.context_id!r} of this caller (deleted or expired)")
             self._scheduler.add(sched)
+            if source is not None:
+                source.active += 1
             self._requests[rid] = req
             self._arrivals += 1
             self._cond.notify_all()
         return req.stream
+
+    def _fork_shared_bytes(self, source: Context | None, tokens: int) -> int:
+        """Cache bytes a generation of `tokens` decode positions on `source` shares instead of owning: its full
+        pages, unless the fork could copy them (a delta merge, or the hashing at one chunk, rewrites the order
+        of every position: copy-on-write), in which case it reserves them as its own."""
+        if source is None or self._pool is None:
+            return 0
+        seq = source.cache
+        if not self._pool.is_hashed[seq.slot] or tokens - 1 >= self._pool.M:
+            return 0
+        return self._pool.shared_pages(len(source.tokens)) * self._pool.page_nbytes
+
+    # ---- contexts -------------------------------------------------------------------------------
+    def create_context(self, prompt_ids: Sequence[int], *, ttl_s: float | None = None, owner: str = ""
+                       ) -> RequestStream:
+        """Prefill `prompt_ids` once and pin the state as one of `owner`'s contexts. The stream carries
+        PrefillProgress events, then ContextCreated, then a FinishEvent (an error or abort: no context; its
+        bytes are freed). Its request id is the context id (abort it to cancel).
+
+        Raises ContextsDisabledError (context memory 0), InvalidRequestError (bad tokens or ttl, too long),
+        OverloadedError (context memory or queue full) or EngineStoppedError."""
+        loop = asyncio.get_running_loop()
+        self._check_accepting()
+        prompt = list(prompt_ids)
+        validate_prompt(prompt, vocab_size=self._vocab_size)
+        if len(prompt) >= self.max_context:
+            raise InvalidRequestError("prompt", f"a context of {len(prompt)} tokens leaves no room for a token in "
+                                      f"the model's context of {self.max_context} tokens")
+        self._check_padded_prompt(len(prompt))
+        params = SamplingParams(max_new_tokens=1, temperature=0.0)
+        with self._cond:
+            self._check_accepting()
+            ctx = self._contexts.reserve(owner, prompt, ttl_s, int(self.model.cache_bytes(len(prompt))))
+            sched = ScheduledRequest(request_id=ctx.context_id, prompt_len=len(prompt), max_new_tokens=1)
+            try:
+                self._scheduler.add(sched)
+            except BaseException:
+                self._contexts.abandon(ctx)
+                raise
+            req = _Request(
+                sched=sched, prompt_ids=prompt, params=params,
+                stream=RequestStream(ctx.context_id, loop, self.config.stream_buffer_events),
+                sampler=RequestSampler(params, (), vocab_size=self._vocab_size, device=self._device),
+                arrival=time.monotonic(), deadline=None, owner=owner, making=ctx,
+            )
+            self._requests[ctx.context_id] = req
+            self._arrivals += 1
+            self._cond.notify_all()
+        return req.stream
+
+    def delete_context(self, context_id: str, owner: str = "") -> int:
+        """Delete one of `owner`'s contexts (ContextNotFoundError if it has none of that id): no new request may
+        use it; returns the requests still generating on it (its memory is freed when the last one ends)."""
+        with self._cond:
+            ctx = self._contexts.get(context_id, owner)
+            active = ctx.active
+            if self._contexts.remove(ctx):
+                self._release_context(ctx)
+            self._cond.notify_all()
+        return active
+
+    def list_contexts(self, owner: str = "") -> list[ContextInfo]:
+        """`owner`'s live contexts, oldest first."""
+        with self._cond:
+            return self._contexts.list(owner)
+
+    def _release_context(self, ctx: Context) -> None:
+        """(Lock held.) A removed context nobody uses: its sequence goes back on the engine thread."""
+        self._scheduler.unpin(ctx.nbytes)
+        self._to_release.append((ctx.cache, None))
+        ctx.cache = ctx.logits = None
+        self._cond.notify_all()
+
+    def _expire_contexts(self) -> None:
+        """(Lock held, engine thread.) Remove the contexts whose TTL has passed."""
+        for ctx in self._contexts.expired():
+            if self._contexts.remove(ctx):
+                self._release_context(ctx)
+
+    def _context_made(self, req: _Request, cache: Any, logits: torch.Tensor) -> int:
+        """A CreateContext prefill is done: the context goes live (its pages trimmed to its tokens, its bytes
+        pinned) and the request ends. Returns the prompt tokens it adds to the prefill count."""
+        seq = cache.sequences[0]
+        with self._cond:
+            if req.finished or req.making is None:
+                cache.release()
+                return 0
+            self._pool.trim(seq)
+            nbytes = int(seq.nbytes())
+            ctx = req.making
+            delta = len(req.prompt_ids) - req.prefill_done_tokens
+            req.prefill_done_tokens = len(req.prompt_ids)
+            self._prefill_tokens_total += delta
+            req.prefill_gen = None
+            self._contexts.ready(ctx, seq, logits.detach().clone(), nbytes)
+            self._scheduler.pin(nbytes)
+            req.peak_cache_bytes = nbytes
+            self._prefilling = [r for r in self._prefilling if r is not req]
+            req.stream.put(ContextCreated(req.request_id, ctx.context_id, len(ctx.tokens), nbytes, ctx.ttl_s))
+            self._finish(req, FinishReason.STOP)
+        return delta
+
+    def _start_fork(self, req: _Request, src: Any, logits: torch.Tensor, tail: list[int], now: float) -> None:
+        """(Lock held, engine thread.) Start a generation that continues sequence `src` (a context's, or an
+        identical prompt's just prefilled): fork it; its own prompt tokens `tail` then run as decode steps
+        (samples discarded until the last), or, with no tail, its first token comes from `logits`."""
+        self._prefilling = [r for r in self._prefilling if r is not req]
+        try:
+            seq = self._pool.fork(src, req.cached_tokens + len(tail) + req.params.max_new_tokens)
+        except Exception as exc:
+            oom = _is_oom(exc)
+            logger.warning("fork for request %s failed: %r", req.request_id, exc, exc_info=not oom)
+            self._finish(req, FinishReason.ERROR, error=("out of memory: " if oom else "fork failed: ") + str(exc),
+                         kind="oom" if oom else "internal")
+            return
+        req.cache = ReformerCache([seq])
+        req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(req.cache))
+        req.prefill_done_tokens = len(req.prompt_ids)
+        if tail:
+            req.last_token = tail[0]
+            req.feed = deque(tail[1:])
+        else:
+            out = sample_batch(logits.view(1, -1), [req.sampler])
+            self._update(req, out.tokens[0], out.logprobs[0], now)
+        if not req.finished:
+            self._decoding.append(req)
+
+    def _find_leader(self, req: _Request) -> _Request | None:
+        """(Lock held.) A request with the same prompt whose prefill is under way or waiting (prefix caching)."""
+        n = len(req.prompt_ids)
+        for other in self._prefilling:
+            if (other is not req and not other.finished and other.making is None and other.source is None
+                    and other.leader is None and len(other.prompt_ids) == n and other.prompt_ids == req.prompt_ids):
+                return other
+        return None
+
+    @property
+    def context_memory_bytes(self) -> int:
+        """Cache bytes contexts may pin (0: contexts are off, e.g. a backend without a decode pool)."""
+        return self._contexts.memory_bytes
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.config.prefix_caching and self._pool is not None
 
     def _check_accepting(self) -> None:
         with self._cond:
@@ -496,6 +699,10 @@ class Engine:
                     "decoding": float(sum(1 for r in self._decoding if not r.finished)),
                     "last_decode_batch": float(self._last_decode_batch),
                     "step_failures_total": float(self._step_failures_total),
+                    "contexts": float(self._contexts.live),
+                    "context_cache_bytes": float(self._contexts.pinned_bytes),
+                    "prefix_cache_queries": float(self._prefix_queries),
+                    "prefix_cache_hits": float(self._prefix_hits),
                 },
             )
 
@@ -508,9 +715,10 @@ class Engine:
                 with self._cond:
                     idle = idle or not self._requests
                     while not self._stop_loop and not self._requests:
+                        self._expire_contexts()
                         if self._to_release:
                             break
-                        self._cond.wait()
+                        self._cond.wait(self._contexts.next_expiry_in())
                     if self._to_release:
                         continue
                     if idle:
@@ -616,8 +824,8 @@ class Engine:
         done: set[int] = set()
         failed: set[int] = set()  # prompt lengths whose batched pass raised this step: one at a time now
         for req in prefill_queue:
-            if id(req) in done:
-                continue
+            if id(req) in done or req.leader is not None or req.cache is not None:
+                continue  # a follower forks its leader's prefill (in this very step, perhaps)
             group = None
             if len(req.prompt_ids) not in failed:
                 group = self._prefill_group(req, prefill_queue, done, remaining if decode_batch else None)
@@ -652,10 +860,17 @@ class Engine:
                 self._finish(req, FinishReason.ERROR, kind="overloaded",
                              error=f"waited {now - req.arrival:.1f}s for admission, longer than the queue time "
                                    f"limit of {max_wait:g}s (--max-queue-time)")
+        self._expire_contexts()
         for sched in self._scheduler.schedule():
             req = self._requests[sched.request_id]
             req.admitted = now
             self._prefilling.append(req)
+            if req.source is not None:  # a context's pages stay alive while requests on it are unfinished
+                self._start_fork(req, req.source.cache, req.source.logits, req.prompt_ids, now)
+            elif self.config.prefix_caching and req.making is None and self._pool is not None:
+                req.leader = self._find_leader(req)
+                if req.leader is not None:  # an identical prompt's prefill: one prefill for both
+                    req.leader.followers.append(req)
         self._prefilling = [r for r in self._prefilling if not r.finished]
         self._decoding = [r for r in self._decoding if not r.finished]
 
@@ -711,6 +926,9 @@ class Engine:
                         req.stream.put(PrefillProgress(req.request_id, tokens_done, n))
                 return delta, req.prefill_done_work - start_work
             logits, cache = result
+            if req.making is not None:  # CreateContext: no token, the state becomes a context
+                return self._context_made(req, cache, logits[0, -1]), \
+                    max(req.prefill_total_work, req.prefill_done_work) - start_work
             out = sample_batch(logits[:, -1, :], [req.sampler])
         except Exception as exc:  # one request's failure (OOM included) must not take the engine down
             oom = _is_oom(exc)
@@ -726,7 +944,8 @@ class Engine:
                 )
             return 0, budget
         used = max(req.prefill_total_work, req.prefill_done_work) - start_work
-        return self._prefill_finished(req, cache, out.tokens[0], out.logprobs[0], time.monotonic()), used
+        return self._prefill_finished(req, cache, out.tokens[0], out.logprobs[0], time.monotonic(),
+                                      logits[0, -1]), used
 
     def _prefill_work(self, n: int) -> int:
         """Work units of a prefill of n prompt tokens (what `prefill_iter` counts); 0 if the model does not
@@ -745,11 +964,11 @@ class Engine:
         fewer than two prompts (long prompts keep their chunked, reported prefill)."""
         n = len(req.prompt_ids)
         work = self._prefill_work(n)
-        if req.prefill_gen is not None or work <= 0:
+        if req.prefill_gen is not None or work <= 0 or req.making is not None:
             return None
         size = (budget if budget is not None else GROUP_PREFILL_STEPS * self.config.prefill_chunk_tokens) // work
         group = [r for r in queue if id(r) not in done and not r.finished and r.prefill_gen is None
-                 and len(r.prompt_ids) == n][:size]
+                 and r.making is None and r.leader is None and r.cache is None and len(r.prompt_ids) == n][:size]
         return group if len(group) > 1 and group[0] is req else None
 
     def _execute_prefill_group(self, group: list[_Request]) -> int | None:
@@ -772,10 +991,10 @@ class Engine:
         now = time.monotonic()
         with _wakeups_held():
             return sum(self._prefill_finished(req, type(cache)([cache.sequences[b]]), out.tokens[b],
-                                              out.logprobs[b], now) for b, req in enumerate(group))
+                                              out.logprobs[b], now, logits[b, -1]) for b, req in enumerate(group))
 
     def _prefill_finished(self, req: _Request, cache: Any, token: int, logprob: TokenLogprob | None,
-                          now: float) -> int:
+                          now: float, logits: torch.Tensor | None = None) -> int:
         """Hand a finished prefill's cache and first token to its request; returns the prompt tokens it adds
         to the prefill count (0 if the request finished meanwhile: its cache is given back)."""
         with self._cond:
@@ -790,6 +1009,13 @@ class Engine:
             req.cache = cache
             req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(cache))
             self._prefilling = [r for r in self._prefilling if r is not req]
+            followers, req.followers = req.followers, []
+            for f in followers:  # identical prompts: each forks this state and samples from these logits
+                f.leader = None
+                if not f.finished and logits is not None and len(cache) == 1:
+                    f.cached_tokens = len(f.prompt_ids)
+                    self._prefix_hits += len(f.prompt_ids)
+                    self._start_fork(f, cache.sequences[0], logits, [], now)
             self._update(req, token, logprob, now)
             if not req.finished:
                 self._decoding.append(req)
@@ -837,6 +1063,11 @@ class Engine:
     # ---- update ----------------------------------------------------------------------------------
     def _update(self, req: _Request, token: int, logprob: TokenLogprob | None, now: float) -> None:
         """Apply one sampled token to a request (lock held); a failure here fails that request only."""
+        if req.feed is not None:  # a prompt token after a context was just processed: its sample is not used
+            if req.feed:
+                req.last_token = req.feed.popleft()
+                return
+            req.feed = None  # the last prompt token was: this is the first generated token
         try:
             if self.fault_hook is not None:
                 self.fault_hook("update", req.request_id)
@@ -883,6 +1114,13 @@ class Engine:
         self._to_release.append((req.cache, req.prefill_gen))
         req.cache = None
         req.prefill_gen = None
+        for f in req.followers:  # they prefill on their own after all
+            f.leader = None
+        req.followers = []
+        if req.making is not None:
+            self._contexts.abandon(req.making)  # no-op once the context is live
+        if req.source is not None and self._contexts.finished_using(req.source):
+            self._release_context(req.source)
         tail = ""
         if not req.stop.stopped:
             released, _ = req.stop.push(req.detok.flush())
@@ -893,7 +1131,7 @@ class Engine:
             FinishEvent(
                 request_id=req.request_id,
                 finish_reason=reason,
-                prompt_tokens=len(req.prompt_ids),
+                prompt_tokens=len(req.prompt_ids) + (req.cached_tokens if req.source is not None else 0),
                 generated_tokens=req.num_generated,
                 text=tail,
                 queue_time_s=admitted - req.arrival,
@@ -903,6 +1141,7 @@ class Engine:
                 peak_cache_bytes=req.peak_cache_bytes,
                 error=error if reason is FinishReason.ERROR else None,
                 error_kind=kind if reason is FinishReason.ERROR else None,
+                cached_tokens=req.cached_tokens,
             )
         )
         self._cond.notify_all()

@@ -116,6 +116,9 @@ class DecodePool:
         self.pages: list[list[int]] = []
         self.live: list[bool] = []
         self.epoch: list[int] = []
+        self.borrowed: list[int] = []  # leading pages a fork shares with the sequence it was forked from
+        self.held: list[list[int]] = []  # per slot: the partial page of the sequence it was forked from
+        self.refs: list[int] = []  # per page: sequences holding it (a page is free again at 0)
         self._alloc_slots(max(1, sequences))
         self._alloc_pages(max(1, -(-max(tokens, 1) // self.P) + sequences))
 
@@ -152,6 +155,8 @@ class DecodePool:
         self.pages += [[] for _ in range(grow)]
         self.live += [False] * grow
         self.epoch += [0] * grow
+        self.borrowed += [0] * grow
+        self.held += [[] for _ in range(grow)]
         for slot in range(self.S, S):
             heapq.heappush(self._free_slots, slot)
         self.S = S
@@ -172,6 +177,7 @@ class DecodePool:
             values[:, :, : self.N * P] = self.values
             order[..., : self.N * P] = self.order
         self.keys, self.values, self.order = keys, values, order
+        self.refs += [0] * (N - self.N)
         self._free_pages = list(range(N - 1, self.N - 1, -1)) + self._free_pages
         self.N = N
 
@@ -199,7 +205,10 @@ class DecodePool:
         with self._lock:
             if len(self._free_pages) < n:
                 self._alloc_pages(max(2 * self.N, self.N + n - len(self._free_pages)))
-            return [self._free_pages.pop() for _ in range(n)]
+            got = [self._free_pages.pop() for _ in range(n)]
+            for p in got:
+                self.refs[p] = 1
+            return got
 
     def _ensure_pages(self, slot: int, positions: int) -> None:
         need = -(-positions // self.P) - len(self.pages[slot])
@@ -238,12 +247,126 @@ class DecodePool:
         with self._lock:
             if not self.holds(slot, epoch):
                 return
-            self._free_pages.extend(reversed(self.pages[slot]))
+            self._drop_pages(self.pages[slot] + self.held[slot])
             self.pages[slot] = []
+            self.borrowed[slot] = 0
+            self.held[slot] = []
             self.live[slot] = False
             self.length[slot] = self.static_len[slot] = 0
             self.is_hashed[slot] = False
             heapq.heappush(self._free_slots, slot)
+
+    def _drop_pages(self, pages: list[int]) -> None:
+        """One holder fewer for each of `pages`; those no sequence holds any more are free again (lock held)."""
+        for p in reversed(pages):
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self._free_pages.append(p)
+
+    # ---- sharing (contexts) --------------------------------------------------------------------
+    @property
+    def page_nbytes(self) -> int:
+        """Bytes of one page (every LSH layer's keys, values and order entries of P positions)."""
+        return page_bytes(len(self.lsh_index), self.H, self.D, self.R, self.P, self.dtype)
+
+    def shared_pages(self, length: int) -> int:
+        """Pages a fork of a sequence of `length` positions shares with it: the full ones (the last partial page
+        is copied, since the fork writes its next positions there)."""
+        return length >> self.shift
+
+    def fork(self, src: SequenceCache, capacity: int) -> SequenceCache:
+        """A new sequence that continues `src` (a prefilled sequence, left as it is) with room for `capacity`
+        positions. It shares `src`'s full pages (refcounted, copy-on-write: `_own`), gets its own copy of the
+        last partial page (its next positions go there) and of the per-slot state (bucket counts, delta order,
+        local rings, lengths), so both decode on independently. The order entries are pool rows and some name
+        rows of `src`'s partial page: the fork keeps that page alive too until it owns its order. `src` may be
+        released before the fork: shared pages live on until their last holder releases them."""
+        if src.released or src.pool is not self:
+            raise ValueError("fork of a released sequence or of another pool's")
+        a, T = src.slot, src.length
+        shared = self.shared_pages(T)
+        with self._lock:
+            slot = self._take_slot()
+            self.live[slot] = True
+            self.epoch[slot] += 1
+            self.pages[slot] = list(self.pages[a][:shared])
+            for p in self.pages[slot]:
+                self.refs[p] += 1
+            self.borrowed[slot] = shared
+            self.held[slot] = []
+            if T > shared * self.P:
+                partial = self.pages[a][shared]
+                self.refs[partial] += 1
+                self.held[slot] = [partial]
+        seq = SequenceCache(self, slot, self.epoch[slot])
+        try:
+            self.page_table[slot, :shared] = self.page_table[a, :shared]
+            self._ensure_pages(slot, max(T + 1, capacity))
+            if self.held[slot]:  # the partial page: the fork's own copy, where its next positions go
+                self._copy_page(self.held[slot][0], self.pages[slot][shared])
+            for name in ("cum_static", "dbuckets", "dorder", "local_keys", "local_values"):
+                t = getattr(self, name)
+                t[:, slot] = t[:, a]
+            self.len_d[slot] = self.len_d[a]
+            self.hashed_d[slot] = self.hashed_d[a]
+            self.length[slot], self.static_len[slot] = self.length[a], self.static_len[a]
+            self.is_hashed[slot] = self.is_hashed[a]
+        except BaseException:
+            seq.release()
+            raise
+        return seq
+
+    def _copy_page(self, src: int, dst: int) -> None:
+        P = self.P
+        self.keys[:, :, dst * P : dst * P + P] = self.keys[:, :, src * P : src * P + P]
+        self.values[:, :, dst * P : dst * P + P] = self.values[:, :, src * P : src * P + P]
+        self.order[..., dst * P : dst * P + P] = self.order[..., src * P : src * P + P]
+
+    def _own(self, slot: int) -> None:
+        """Copy-on-write: before a sequence rewrites the order of its positions (a delta merge, the hashing at
+        one chunk), every page it shares gets its own copy, and its order entries (pool rows) that name rows
+        of a shared page, or of the page it was forked from, are moved to its copies: from then on it holds
+        nothing of another sequence's."""
+        pages, held = self.pages[slot], self.held[slot]
+        shared = [i for i, p in enumerate(pages) if self.refs[p] > 1]
+        if not shared and not held:
+            return
+        got = self._take_pages(len(shared)) if shared else []
+        remap = torch.arange(self.N, device=self.device)  # page -> page: identity but for the copied ones
+        if held:  # the source's partial page: the fork's copy sits at the same page index
+            remap[held[0]] = pages[self.borrowed[slot]]
+        for i, new in zip(shared, got, strict=True):
+            self._copy_page(pages[i], new)
+            remap[pages[i]] = new
+        with self._lock:
+            self._drop_pages([pages[i] for i in shared] + held)
+            for i, new in zip(shared, got, strict=True):
+                pages[i] = new
+            self.borrowed[slot] = 0
+            self.held[slot] = []
+        self.page_table[slot, : len(pages)] = torch.tensor(pages, device=self.device)
+        if not self.is_hashed[slot]:  # no order yet (the hashing about to run writes it)
+            return
+        # the static order lives at sorted slots [0, static_len); the delta holds the rest
+        rows = self._rows(slot, self.static_len[slot])
+        for j in range(len(self.lsh_index)):
+            self.order[j].index_copy_(-1, rows, self._moved(self.order[j].index_select(-1, rows), remap))
+        self.dorder[:, slot] = self._moved(self.dorder[:, slot], remap)
+
+    def _moved(self, rows: Tensor, remap: Tensor) -> Tensor:
+        """Pool rows `rows` (int32) with their pages mapped through `remap`."""
+        r = rows.long()
+        return ((remap[r >> self.shift] << self.shift) | (r & (self.P - 1))).to(torch.int32)
+
+    def trim(self, seq: SequenceCache) -> None:
+        """Give back the pages past a sequence's length (a context keeps only what it holds)."""
+        slot = seq.slot
+        keep = max(1, -(-self.length[slot] // self.P))
+        with self._lock:
+            extra = self.pages[slot][keep:]
+            if extra:
+                self._drop_pages(extra)
+                del self.pages[slot][keep:]
 
     @property
     def slots_in_use(self) -> int:
@@ -255,7 +378,9 @@ class DecodePool:
         return self.N - len(self._free_pages) - (len(self.pages[self._pad]) if self._pad is not None else 0)
 
     def sequence_bytes(self, slot: int) -> int:
-        return len(self.pages[slot]) * page_bytes(len(self.lsh_index), self.H, self.D, self.R, self.P, self.dtype) \
+        """Bytes a sequence holds as its own: a fork's pages shared with the sequence it was forked from are
+        not counted (they are that sequence's)."""
+        return (len(self.pages[slot]) - self.borrowed[slot]) * page_bytes(len(self.lsh_index), self.H, self.D, self.R, self.P, self.dtype) \
             + slot_bytes(len(self.lsh_index), len(self.local_index), self.H, self.D, self.R, self.K, self.M,
                          self.ring, self.dtype)
 
@@ -290,6 +415,8 @@ class DecodePool:
         sorted by (bucket, position), buckets (B, H, R, T) each position's bucket. Becomes their static order
         (as pool rows) and per-bucket counts; their deltas are emptied."""
         B, T = len(slots), order.shape[-1]
+        for s in slots:
+            self._own(s)
         sl = upload(slots, self.device)
         table = self.page_table.index_select(0, sl)
         rows = self._first_rows(table, T).view(-1)  # where sorted slots [0, T) live
@@ -330,6 +457,8 @@ class DecodePool:
         inverse = torch.full((self.N,), -1, dtype=torch.long, device=self.device)
         pages = self.pages[slot]
         inverse[torch.tensor(pages, dtype=torch.long, device=self.device)] = torch.arange(len(pages), device=self.device)
+        for p in self.held[slot]:  # a fork's order may name rows of the partial page it was forked from
+            inverse[p] = self.borrowed[slot]
         rows = rows.long()
         return (inverse[rows >> self.shift] * self.P + (rows & (self.P - 1))).to(torch.int32)
 
@@ -525,6 +654,7 @@ class DecodePool:
 
     def _merge(self, slot: int) -> None:
         """Fold a sequence's full delta into its static order (O(length) once per `M` tokens)."""
+        self._own(slot)
         rows = self._rows(slot, self.length[slot])
         for j in range(len(self.lsh_index)):
             merged, cum = self._merged_order(j, slot)

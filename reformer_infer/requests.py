@@ -189,9 +189,21 @@ class FinishEvent:
     peak_cache_bytes: int = 0
     error: str | None = None  # set when finish_reason is ERROR
     error_kind: str | None = None  # "oom" | "internal" | "timeout" | None
+    cached_tokens: int = 0  # prompt tokens whose state came from a context (counted in prompt_tokens too)
 
 
-Event = PrefillProgress | TokenEvent | FinishEvent
+@dataclass(frozen=True)
+class ContextCreated:
+    """A context's prefill is done and it is live (`Engine.create_context`); a FinishEvent follows."""
+
+    request_id: str
+    context_id: str
+    prompt_tokens: int
+    cache_bytes: int
+    ttl_s: float
+
+
+Event = PrefillProgress | TokenEvent | ContextCreated | FinishEvent
 
 
 @dataclass(frozen=True)

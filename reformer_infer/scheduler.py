@@ -57,6 +57,8 @@ class ScheduledRequest:
     prompt_len: int
     max_new_tokens: int
     priority: int = 0
+    context_tokens: int = 0  # tokens of the context it continues (its prompt follows them)
+    shared_bytes: int = 0  # cache bytes it shares with that context (the context's, not its own)
     status: RequestStatus = RequestStatus.WAITING
     reserved_bytes: int = 0  # projected cache bytes, set at add time, counted while RUNNING
     arrival_seq: int = field(default=-1, repr=False)
@@ -154,7 +156,7 @@ class Scheduler:
         """Queue a request (WAITING). Raises InvalidRequestError or OverloadedError and queues nothing."""
         if request.request_id in self._requests:
             raise InvalidRequestError("request_id", f"request id {request.request_id!r} is already in use")
-        need = self.check(request.prompt_len, request.max_new_tokens)
+        need = self.check(request.context_tokens + request.prompt_len, request.max_new_tokens) - request.shared_bytes
         if self._num_waiting >= self.config.max_waiting:
             raise OverloadedError(
                 f"waiting queue is full ({self._num_waiting} requests waiting, limit {self.config.max_waiting})"
@@ -242,6 +244,13 @@ class Scheduler:
                 heapq.heapify(self._queue)
         req.status = status
         return req
+
+    def pin(self, nbytes: int) -> None:
+        """Count `nbytes` held outside any request (a context's pinned state) against the budget."""
+        self._bytes_in_use += nbytes
+
+    def unpin(self, nbytes: int) -> None:
+        self._bytes_in_use -= nbytes
 
     def abort(self, request_id: str) -> ScheduledRequest | None:
         """Abort in any unfinished state (WAITING or RUNNING); None if unknown or already finished."""

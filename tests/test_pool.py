@@ -214,3 +214,38 @@ def test_sequences_with_different_delta_fill_decode_together_like_alone():
                     assert torch.equal(s.sorted_positions(layer), reference_order(model, s, layer))
     assert any(len({f for f in fills if f >= 0}) > 1 for fills in seen_fills)  # fills did differ
 
+
+
+@pytest.mark.parametrize("ctx_len", [5, 12, 30, 33])
+@pytest.mark.parametrize("layout", [{}, {"page_size": 2, "delta_size": 2}])
+def test_forks_decode_like_their_own_prefill_and_share_full_pages(ctx_len, layout):
+    """Forks of one prefilled sequence decode exactly as a fresh prefill of the same tokens would, together
+    and while the source is released midway; they share its full pages (copy-on-write at merges and at the
+    hashing at one chunk), and every page is free again once all are released."""
+    model = tiny_model()
+    pool = model.new_decode_pool(**layout)
+    ids = ids_of(ctx_len, seed=ctx_len)
+    _, src = model.prefill(ids, pool=pool)
+    base = src.sequences[0]
+    forks = [pool.fork(base, ctx_len + 30) for _ in range(3)]
+    with ReformerCache([pool.allocate(ctx_len + 30)]) as alone:
+        whole = alone.nbytes
+    for f in forks:  # a fork's bytes are its own pages only
+        assert f.nbytes() == whole - pool.page_nbytes * pool.shared_pages(ctx_len)
+    refs = [model.prefill(ids)[1] for _ in forks]
+    g = torch.Generator().manual_seed(7)
+    for step in range(30):  # crosses pages, merges and (short contexts) the dense -> LSH transition
+        toks = torch.randint(3, 258, (len(forks), 1), generator=g)
+        if step == 3:
+            src.release()  # the forks' shared pages live on
+        got, _ = model.decode_step(toks, ReformerCache(forks))
+        for b, ref in enumerate(refs):
+            want, _ = model.decode_step(toks[b : b + 1], ref)
+            assert (got[b] - want[0]).abs().max().item() <= 1e-5, (step, b)
+        for layer in (0, 2):
+            order = forks[0].sorted_positions(layer)
+            if order is not None:
+                assert torch.equal(order, reference_order(model, forks[0], layer))
+    for f in forks:
+        f.release()
+    assert pool.pages_in_use == 0 and pool.slots_in_use == 0

@@ -57,6 +57,10 @@ class ServerConfig:
     max_batch: int = 16
     max_queue: int = 256
     cache_memory: int | None = None  # None: derived from free memory after loading the model
+    context_memory: int | None = None  # None: half of the cache budget; 0: contexts are off
+    max_context_ttl: float = 3600.0
+    default_context_ttl: float = 600.0
+    prefix_caching: bool = True
     max_context: int | None = None  # None: the model's max context
     max_new_tokens_limit: int = 4096
     default_max_new_tokens: int = 64
@@ -108,6 +112,7 @@ class _Option:
     type: Callable[[str], Any]
     help: str
     choices: Sequence[str] | None = None
+    switch: bool = False  # a boolean that may be given bare (`--flag` means `--flag true`)
 
     @property
     def env(self) -> str:
@@ -157,6 +162,15 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--cache-memory", "cache_memory", parse_bytes,
             "cache budget for admission in bytes (512MiB, 8GiB, ...); default: 80%% of free GPU memory, "
             "or 25%% of available RAM (at most 16GiB) on CPU"),
+    _Option("--context-memory", "context_memory", parse_bytes,
+            "cache bytes that contexts (CreateContext) may pin in all, counted inside --cache-memory (512MiB, "
+            "8GiB, ...; 0 turns contexts off; default: half of --cache-memory)"),
+    _Option("--max-context-ttl", "max_context_ttl", float, "longest time to live a context may ask for, in seconds"),
+    _Option("--default-context-ttl", "default_context_ttl", float,
+            "time to live of a context that asks for none, in seconds"),
+    _Option("--prefix-caching", "prefix_caching", parse_bool,
+            "a prompt that starts with all the tokens of one of the caller's live contexts continues it, and "
+            "identical prompts admitted together share one prefill (see docs/semantics.md)", switch=True),
     _Option("--max-context", "max_context", int, "longest prompt + generation accepted (default: the model's)"),
     _Option("--max-new-tokens-limit", "max_new_tokens_limit", int, "largest max_new_tokens accepted"),
     _Option("--default-max-new-tokens", "default_max_new_tokens", int, "max_new_tokens when a request omits it"),
@@ -243,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             opt.flag, dest=opt.dest, type=opt.type, choices=opt.choices, default=None,
             help=f"{opt.help} [env {opt.env}; default {default if default is not None else 'auto'}]",
+            **({"nargs": "?", "const": True} if opt.switch else {}),
         )
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=False,
+                        help="same as --prefix-caching false")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                         help="same as --cuda-graphs false: decode steps launch every op (debugging, profiling)")
     return parser
@@ -310,6 +327,12 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.error("--drain-announce must be >= 0")
     if cfg.switch_interval is not None and not (0 < cfg.switch_interval <= 0.1):
         parser.error("--switch-interval must be in (0, 0.1] seconds")
+    if not (0 < cfg.max_context_ttl and math.isfinite(cfg.max_context_ttl)):
+        parser.error("--max-context-ttl must be a positive number of seconds")
+    if not 0 < cfg.default_context_ttl <= cfg.max_context_ttl:
+        parser.error("--default-context-ttl must be in (0, --max-context-ttl]")
+    if cfg.cache_memory is not None and cfg.context_memory is not None and cfg.context_memory > cfg.cache_memory:
+        parser.error("--context-memory must be <= --cache-memory (contexts are counted inside the cache budget)")
     if cfg.default_max_new_tokens > cfg.max_new_tokens_limit:
         parser.error("--default-max-new-tokens must be <= --max-new-tokens-limit")
     return cfg

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from reformer_infer.contexts import ContextInfo
 from reformer_infer.requests import (
+    ContextCreated,
     FinishEvent,
     FinishReason,
     InvalidRequestError,
@@ -62,7 +64,7 @@ def to_engine_request(
     validate_stops(req.stop, req.stop_token_ids, limits.bounds)  # O(1) on the counts: before any other work
     if req.text and len(req.token_ids):
         raise InvalidRequestError("token_ids", "give either text or token_ids, not both")
-    if not req.text and not len(req.token_ids):
+    if not req.text and not len(req.token_ids) and not req.context_id:
         raise InvalidRequestError("text", "the prompt is empty: give text or token_ids")
     if req.truncation not in pb.Truncation.values():
         raise InvalidRequestError("truncation", f"unknown enum value {req.truncation}")
@@ -88,7 +90,7 @@ def to_engine_request(
     # Range and context checks are the engine's (SamplingParams.validate, validate_prompt, the scheduler), so
     # every edge reports the same field and message; only truncation needs to know the context here.
     room = limits.max_context - params.max_new_tokens
-    if req.truncation == pb.TRUNCATION_LEFT and 0 < room < len(prompt):
+    if req.truncation == pb.TRUNCATION_LEFT and 0 < room < len(prompt) and not req.context_id:
         prompt = prompt[-room:]
     return prompt, params
 
@@ -151,7 +153,8 @@ def _logprobs_to_proto(items: Sequence[TokenLogprob], piece: PieceOf) -> list[pb
 
 
 def _usage(ev: FinishEvent) -> pb.Usage:
-    return pb.Usage(prompt_tokens=ev.prompt_tokens, generated_tokens=ev.generated_tokens)
+    return pb.Usage(prompt_tokens=ev.prompt_tokens, generated_tokens=ev.generated_tokens,
+                    cached_tokens=ev.cached_tokens)
 
 
 def _timings(ev: FinishEvent) -> pb.Timings:
@@ -252,6 +255,10 @@ def model_info_to_proto(desc: ModelDescription) -> pb.GetModelInfoResponse:
             cache_memory_bytes=desc.cache_memory_bytes,
             max_logprobs=MAX_LOGPROBS,
             max_receive_message_bytes=desc.max_message_bytes,
+            context_memory_bytes=desc.context_memory_bytes,
+            max_context_ttl_seconds=desc.max_context_ttl_s,
+            default_context_ttl_seconds=desc.default_context_ttl_s,
+            prefix_caching=desc.prefix_caching,
         ),
         defaults=pb.GenerationDefaults(
             max_new_tokens=desc.default_max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0
@@ -261,6 +268,41 @@ def model_info_to_proto(desc: ModelDescription) -> pb.GetModelInfoResponse:
         tokenizer=pb.TokenizerInfo(kind=desc.tokenizer.kind, vocab_size=desc.tokenizer.vocab_size,
                                    file=desc.tokenizer.file),
     )
+
+
+def create_context_input(req: pb.CreateContextRequest, tokenizer: TextEncoder, limits: RequestLimits
+                         ) -> tuple[list[int], float | None]:
+    """Validate a CreateContextRequest: (the context's token ids, its ttl or None for the default)."""
+    if req.text and len(req.token_ids):
+        raise InvalidRequestError("token_ids", "give either text or token_ids, not both")
+    if not req.text and not len(req.token_ids):
+        raise InvalidRequestError("text", "the context is empty: give text or token_ids")
+    limit = limits.max_prompt_bytes
+    if limit is not None:
+        field, size = ("text", len(req.text.encode())) if req.text else ("token_ids", len(req.token_ids))
+        if size > limit:
+            raise InvalidRequestError(field, f"context of {size} bytes is larger than this server's limit of {limit} "
+                                      "bytes (--max-prompt-bytes)")
+    tokens = tokenizer.encode(req.text) if req.text else list(req.token_ids)
+    return tokens, (req.ttl_seconds if req.HasField("ttl_seconds") else None)
+
+
+def context_progress(context_id: str, ev: PrefillProgress) -> pb.CreateContextResponse:
+    return pb.CreateContextResponse(
+        context_id=context_id,
+        prefill_progress=pb.PrefillProgress(done_tokens=ev.done_tokens, total_tokens=ev.total_tokens))
+
+
+def context_created(ev: ContextCreated) -> pb.CreateContextResponse:
+    return pb.CreateContextResponse(context_id=ev.context_id, prompt_tokens=ev.prompt_tokens,
+                                    cache_bytes=ev.cache_bytes, ttl_seconds=ev.ttl_s)
+
+
+def contexts_to_proto(infos: Sequence[ContextInfo]) -> pb.ListContextsResponse:
+    return pb.ListContextsResponse(contexts=[
+        pb.ContextInfo(context_id=c.context_id, prompt_tokens=c.prompt_tokens, cache_bytes=c.cache_bytes,
+                       expires_in_seconds=max(c.expires_in_s, 0.0), active_requests=c.active_requests)
+        for c in infos])
 
 
 def _product(values: Sequence[int]) -> int:

@@ -7,7 +7,10 @@ status code and message shape.
     StalledClientError                  -> RESOURCE_EXHAUSTED (the client stopped reading)
     TokenizerUnavailableError           -> FAILED_PRECONDITION (text asked of a model without a tokenizer)
     EngineStoppedError / NotReadyError  -> UNAVAILABLE        (loading, draining, engine gone)
-    NotFoundError                       -> NOT_FOUND          (Cancel of an id the caller does not own)
+    NotFoundError, ContextNotFoundError -> NOT_FOUND          (Cancel of an id the caller does not own; a
+                                                              context that is unknown, expired, deleted or
+                                                              another caller's)
+    ContextsDisabledError               -> FAILED_PRECONDITION (--context-memory 0: the server keeps none)
     anything else                       -> INTERNAL           (a bug: logged with its traceback)
 
 Rich details use the standard `grpc-status-details-bin` trailer (google.rpc.Status), which grpcurl and
@@ -22,6 +25,7 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from reformer_infer.contexts import ContextNotFoundError, ContextsDisabledError
 from reformer_infer.requests import (
     EngineStoppedError,
     FinishEvent,
@@ -83,13 +87,13 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, Metadata]:
         return code, msg, ((_DETAILS_KEY, _rich(code, msg, retry)),)
     if isinstance(exc, OutOfMemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory serving this request: {exc}", ()
-    if isinstance(exc, TokenizerUnavailableError):
+    if isinstance(exc, TokenizerUnavailableError | ContextsDisabledError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc), ()
     if isinstance(exc, StalledClientError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ()
     if isinstance(exc, NotReadyError | EngineStoppedError):
         return grpc.StatusCode.UNAVAILABLE, str(exc) or "server is not accepting requests", ()
-    if isinstance(exc, NotFoundError):
+    if isinstance(exc, NotFoundError | ContextNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc), ()
     if isinstance(exc, UnauthenticatedError):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc), ()

@@ -93,6 +93,11 @@ class ServerMetrics:
         self.cache_usage = Gauge("reformer_cache_usage_ratio", "Cache bytes in use / cache byte budget (0-1)",
                                  registry=r)
         self.engine_alive = Gauge("reformer_engine_alive", "1 while the engine loop runs", registry=r)
+        self.contexts = Gauge("reformer_contexts", "Live contexts (CreateContext, not deleted or expired)",
+                              registry=r)
+        self.context_cache = Gauge("reformer_context_cache_bytes", "Cache bytes pinned by contexts (counted in "
+                                   "reformer_cache_bytes_in_use too; a deleted context's until its last request "
+                                   "ends)", registry=r)
         self.streams_open = Gauge("reformer_grpc_streams_open", "Generations in progress (gRPC and HTTP)", registry=r)
         self.http_status = Counter(
             "reformer_http_requests", "Completed HTTP API requests by route and status", ("route", "status"),
@@ -112,6 +117,8 @@ class ServerMetrics:
         # a counter read from the engine's own running total at scrape time (Counter has no set_function)
         self.registry.register(_EngineStepsCollector(stats))
         self.engine_alive.set_function(lambda: 1.0 if stats().alive else 0.0)
+        self.contexts.set_function(lambda: stats().extra.get("contexts", 0.0))
+        self.context_cache.set_function(lambda: stats().extra.get("context_cache_bytes", 0.0))
 
     def set_model(self, name: str, backend: str, info: dict[str, str]) -> None:
         self._labels = {"model": name, "backend": backend}
@@ -210,8 +217,8 @@ def _ratio(s: EngineStats) -> float:
 
 
 class _EngineStepsCollector:
-    """`reformer_engine_steps_total` and `reformer_engine_step_failures_total`, read from the engine's own
-    running totals as counters (rate() works on them)."""
+    """`reformer_engine_steps_total`, `reformer_engine_step_failures_total` and the prefix-cache counters, read
+    from the engine's own running totals as counters (rate() works on them)."""
 
     def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self._stats = stats
@@ -222,3 +229,8 @@ class _EngineStepsCollector:
         yield CounterMetricFamily("reformer_engine_step_failures", "Engine steps that raised (their requests "
                                   "failed; too many in a row stop the engine)",
                                   value=stats.extra.get("step_failures_total", 0.0))
+        # vLLM's prefix-cache counters, in prompt tokens: hit rate = hits / queries
+        yield CounterMetricFamily("reformer_prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                  "(--prefix-caching)", value=stats.extra.get("prefix_cache_queries", 0.0))
+        yield CounterMetricFamily("reformer_prefix_cache_hits", "Prompt tokens found in a live context or an "
+                                  "identical prompt's prefill", value=stats.extra.get("prefix_cache_hits", 0.0))

@@ -36,6 +36,10 @@ class ModelDescription:
     num_parameters: int
     server_version: str
     tokenizer: TokenizerDescription = TokenizerDescription("byte", 258, "")
+    context_memory_bytes: int = 0  # 0: contexts are off
+    max_context_ttl_s: float = 0.0
+    default_context_ttl_s: float = 0.0
+    prefix_caching: bool = False
 
 
 def server_version() -> str:

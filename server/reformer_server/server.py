@@ -207,6 +207,10 @@ class ReformerServer:
             short_prompt_slots=cfg.short_prompt_slots or 0,
             queue_aging_rate=cfg.queue_aging_rate,
             max_queue_time_s=cfg.max_queue_time,
+            context_memory_bytes=min(cfg.context_memory, budget) if cfg.context_memory is not None else budget // 2,
+            max_context_ttl_s=cfg.max_context_ttl,
+            default_context_ttl_s=cfg.default_context_ttl,
+            prefix_caching=cfg.prefix_caching,
         ))
         engine.start()
         self.engine = engine
@@ -229,6 +233,10 @@ class ReformerServer:
             num_parameters=model_info.num_parameters(model),
             server_version=model_info.server_version(),
             tokenizer=model_info.tokenizer_info(engine.tokenizer),
+            context_memory_bytes=engine.context_memory_bytes,
+            max_context_ttl_s=cfg.max_context_ttl,
+            default_context_ttl_s=cfg.default_context_ttl,
+            prefix_caching=engine.prefix_caching,
         )
         self.metrics.bind_engine(engine.stats)
         self.metrics.set_model(desc.name, cfg.backend, {"device": desc.device, "dtype": dtype,

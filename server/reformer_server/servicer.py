@@ -29,11 +29,25 @@ from typing import Any, TypeVar
 
 import grpc
 
-from reformer_infer.requests import FinishEvent, InvalidRequestError, OverloadedError, TokenEvent
+from reformer_infer.requests import (
+    ContextCreated,
+    FinishEvent,
+    InvalidRequestError,
+    OverloadedError,
+    PrefillProgress,
+    TokenEvent,
+)
 from reformer_server import convert
 from reformer_server._proto import generation_pb2 as pb
 from reformer_server._proto import generation_pb2_grpc as pb_grpc
-from reformer_server.errors import NotFoundError, NotReadyError, StalledClientError, finish_error, status_for
+from reformer_server.errors import (
+    NotFoundError,
+    NotReadyError,
+    RequestFailedError,
+    StalledClientError,
+    finish_error,
+    status_for,
+)
 from reformer_server.metrics import RequestTracker, ServerMetrics
 from reformer_server.model_info import ModelDescription
 
@@ -114,7 +128,8 @@ class Generation:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already in use by a running request")
         self.engine = engine
         self._servicer = servicer
-        self.stream = engine.add_request(prompt, params, request_id=request.request_id or None)
+        self.stream = engine.add_request(prompt, params, request_id=request.request_id or None,
+                                         context_id=request.context_id or None, owner=caller.key)
         self.request_id: str = self.stream.request_id
         self.finished = False
         self.tracker: RequestTracker = servicer.metrics.request_tracker(len(prompt))
@@ -218,7 +233,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         except TimeoutError:
             return False
 
-    async def _write(self, context: grpc.aio.ServicerContext, message: pb.GenerateStreamResponse) -> None:
+    async def _write(self, context: grpc.aio.ServicerContext,
+                     message: pb.GenerateStreamResponse | pb.CreateContextResponse) -> None:
         # asyncio.timeout (3.11+) arms a timer on the current task; wait_for would spawn a task per message.
         try:
             if _timeout is not None:
@@ -298,3 +314,55 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             raise NotFoundError(f"no running request {request.request_id!r} of this caller")
         engine.abort(request.request_id)
         return pb.CancelResponse(cancelled=True)
+
+    @_rpc
+    async def CreateContext(self, request: pb.CreateContextRequest, context: grpc.aio.ServicerContext) -> None:
+        engine = self.ready_engine()
+        assert self.limits is not None
+        owner = self.caller(context).key
+        tokens, ttl = convert.create_context_input(request, engine.tokenizer, self.limits)
+        stream = engine.create_context(tokens, ttl_s=ttl, owner=owner)
+        cid = stream.request_id
+        finished = False
+        created: ContextCreated | None = None
+        try:
+            async for ev in stream:
+                if isinstance(ev, PrefillProgress):
+                    await self._write(context, convert.context_progress(cid, ev))
+                elif isinstance(ev, ContextCreated):
+                    created = ev
+                elif isinstance(ev, FinishEvent):
+                    finished = True
+                    error = finish_error(ev)
+                    if error is not None:
+                        raise error
+                    if created is None:
+                        raise RequestFailedError(f"the prefill of context {cid} ended without it ({ev.finish_reason})")
+                    logger.info("context %s: %d tokens, %d cache bytes, ttl %gs", cid, created.prompt_tokens,
+                                created.cache_bytes, created.ttl_s)
+                    try:
+                        await self._write(context, convert.context_created(created))
+                    except BaseException:  # the caller never learns the id: nobody could use or delete it
+                        engine.delete_context(cid, owner)
+                        raise
+        finally:
+            if not finished:  # cancelled, deadline, stall: the prefill stops and its bytes are freed
+                engine.abort(cid)
+
+    @_rpc
+    async def DeleteContext(
+        self, request: pb.DeleteContextRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteContextResponse:
+        engine = self.ready_engine()
+        if not request.context_id:
+            raise InvalidRequestError("context_id", "must be non-empty")
+        active = engine.delete_context(request.context_id, self.caller(context).key)
+        logger.info("context %s deleted (%d requests still on it)", request.context_id, active)
+        return pb.DeleteContextResponse(active_requests=active)
+
+    @_rpc
+    async def ListContexts(
+        self, request: pb.ListContextsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListContextsResponse:
+        engine = self.ready_engine()
+        return convert.contexts_to_proto(engine.list_contexts(self.caller(context).key))
