@@ -89,7 +89,7 @@ def context_id_of(context: Context | ContextInfo | str) -> str:
     if not isinstance(context, str):
         raise TypeError(f"context must be a Context, a ContextInfo or a context id (str), got {type(context).__name__}")
     if not context:
-        raise InvalidRequestError("context_id", "the context id is empty")
+        raise InvalidRequestError("context_id", "must be non-empty")
     return context
 
 
@@ -159,11 +159,8 @@ def build_context_request(
     prompt: str | Sequence[int], *, ttl_seconds: float | None = None, validate: bool = True
 ) -> pb.CreateContextRequest:
     """Client.create_context's arguments -> CreateContextRequest (no ttl_seconds: the server's default TTL)."""
-    if validate:
-        if _prompt_is_empty(prompt):
-            raise InvalidRequestError("text", "the context's prompt is empty: give text or token_ids")
-        if ttl_seconds is not None and not (math.isfinite(ttl_seconds) and ttl_seconds > 0):
-            raise InvalidRequestError("ttl_seconds", f"must be > 0, got {ttl_seconds}")
+    if validate and _prompt_is_empty(prompt):  # the TTL's range is the server's (--max-context-ttl)
+        raise InvalidRequestError("text", "the context is empty: give text or token_ids")
     kw: dict[str, Any] = {"text": prompt} if isinstance(prompt, str) else {"token_ids": list(prompt)}
     if ttl_seconds is not None:
         kw["ttl_seconds"] = ttl_seconds

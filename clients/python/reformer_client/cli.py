@@ -250,9 +250,9 @@ def _context(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"contexts": [asdict(c) for c in contexts]}))
         else:
-            print(f"{'ID':<34} {'TOKENS':>8} {'CACHE BYTES':>14} {'EXPIRES IN':>10} {'ACTIVE':>6}")
+            print(f"{'ID':<36} {'TOKENS':>8} {'CACHE BYTES':>14} {'EXPIRES IN':>10} {'ACTIVE':>6}")
             for c in contexts:
-                print(f"{c.context_id:<34} {c.prompt_tokens:>8} {c.cache_bytes:>14,} "
+                print(f"{c.context_id:<36} {c.prompt_tokens:>8} {c.cache_bytes:>14,} "
                       f"{c.expires_in_seconds:>9.0f}s {c.active_requests:>6}")
     else:
         active = client.delete_context(args.context_id)
