@@ -17,6 +17,7 @@ from reformer_client import (
     AsyncClient,
     Client,
     Context,
+    FailedPreconditionError,
     Finished,
     InvalidRequestError,
     NotFoundError,
@@ -59,15 +60,19 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 
 # ---- SDK -------------------------------------------------------------------------------------------------
 def test_a_context_continues_like_its_prompt_and_counts_cached_tokens(client: Client) -> None:
+    alone = client.generate(DOC, max_new_tokens=12, temperature=0.0, ignore_eos=True)  # no context live yet
+    assert alone.usage.cached_tokens == 0
     ctx = client.create_context(DOC)
     try:
         assert isinstance(ctx, Context) and ctx.context_id
         assert ctx.prompt_tokens == len(DOC) and ctx.cache_bytes > 0 and ctx.ttl_seconds > 0
-        # An empty prompt on a context is prefill(context) + decode: what the same prompt gives without one.
-        alone = client.generate(DOC, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+        # An empty prompt on a context is prefill(context) + decode: what the same text gives as a prompt.
         on_ctx = client.generate(context=ctx, max_new_tokens=12, temperature=0.0, ignore_eos=True)
         assert on_ctx.token_ids == alone.token_ids and on_ctx.text == alone.text
         assert on_ctx.usage.prompt_tokens == len(DOC) and on_ctx.usage.cached_tokens == len(DOC)
+        # Automatic prefix caching: the same text as a plain prompt now continues the live context.
+        again = client.generate(DOC, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+        assert again.usage.cached_tokens == len(DOC) and again.token_ids == alone.token_ids
         # A prompt after the context: its id works as well as the object, streamed or not.
         by_obj = client.generate(" Emma", context=ctx, max_new_tokens=12, temperature=0.0, ignore_eos=True)
         by_id = client.generate(" Emma", context=ctx.context_id, max_new_tokens=12, temperature=0.0,
@@ -256,6 +261,22 @@ def test_contexts_beyond_the_cap_are_overloaded_and_expire(small_server: ServerP
         with pytest.raises(NotFoundError):
             c.generate("x", context=short, max_new_tokens=2)
     assert small_server.wait_metric("reformer_cache_bytes_in_use", 0.0) == 0.0
+
+
+def test_a_server_without_contexts_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    srv = start_server(tiny_model_dir, tmp_path, "--context-memory", "0")
+    try:
+        with Client(srv.target) as c:
+            assert c.model_info().limits.context_memory_bytes == 0
+            with pytest.raises(FailedPreconditionError, match="--context-memory 0"):
+                c.create_context(DOC)
+            assert c.list_contexts() == []
+            assert c.generate(DOC, max_new_tokens=2).usage.cached_tokens == 0
+        assert "contexts:     off" in cli("--target", srv.target, "info").stdout
+        r = cli("--target", srv.target, "context", "create", DOC)
+        assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and r.stdout == ""
+    finally:
+        assert srv.stop() == 0, srv.log()
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------

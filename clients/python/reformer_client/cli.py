@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -212,13 +214,20 @@ def _read_token_ids(path: Path) -> list[int]:
 
 
 class _Progress:
-    """Prefill progress on stderr: one line rewritten in place on a terminal, a line per update otherwise."""
+    """Prefill progress on stderr (the server reports it every engine step): on a terminal one line rewritten
+    in place at most 10 times a second, otherwise a line at most once a second."""
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
+        self.interval = 0.1 if self.tty else 1.0
+        self.last = -math.inf
         self.shown = False
 
     def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval and done < total:
+            return
+        self.last = now
         line = f"[prefill {done}/{total} tokens]"
         sys.stderr.write(f"\r{line}" if self.tty else f"{line}\n")
         sys.stderr.flush()
