@@ -8,12 +8,14 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from reformer_client import (
+    NO_RETRY,
     AsyncClient,
     Client,
     Context,
@@ -23,10 +25,13 @@ from reformer_client import (
     NotFoundError,
     OverloadedError,
     PrefillProgress,
+    RetryPolicy,
     TextChunk,
+    UnavailableError,
 )
 from server_fixtures import (  # noqa: F401
     ServerProcess,
+    free_port,
     prompt_text,
     server,
     start_server,
@@ -277,6 +282,28 @@ def test_a_server_without_contexts_says_so(tiny_model_dir: Path, tmp_path: Path)
         assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and r.stdout == ""
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+def test_create_retries_unavailable_until_the_server_takes_it(tiny_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Before its first message nothing was created (nothing listens, or the model is loading): retried."""
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    started: dict[str, ServerProcess] = {}
+    thread = threading.Thread(target=lambda: started.setdefault("srv", start_server(
+        tiny_model_dir, tmp_path, "--port", str(port), wait_serving=False)))
+    try:
+        with Client(target, retry=NO_RETRY, timeout=5) as c, pytest.raises(UnavailableError):
+            c.create_context(DOC)
+        thread.start()
+        patient = RetryPolicy(max_attempts=200, initial_backoff=0.1, max_backoff=0.5)
+        with Client(target, retry=patient) as c:
+            ctx = c.create_context(DOC)
+            assert ctx.prompt_tokens == len(DOC) and [x.context_id for x in c.list_contexts()] == [ctx.context_id]
+            c.delete_context(ctx)
+    finally:
+        thread.join(60)
+        if "srv" in started:
+            assert started["srv"].stop() == 0, started["srv"].log()
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------
