@@ -371,6 +371,7 @@ class Engine:
         self._cond = threading.Condition(threading.RLock())
         self._requests: dict[str, _Request] = {}
         self._prefilling: list[_Request] = []  # admitted, prompt not yet fully processed (FIFO)
+        self._feeding: list[_Request] = []  # forked, their prompt to run in one pass (`_execute_feed`)
         self._decoding: list[_Request] = []
         self._thread: threading.Thread | None = None
         self._stop_loop = False
@@ -463,9 +464,9 @@ class Engine:
         rid = request_id or uuid.uuid4().hex
         with self._cond:
             source = self._contexts.get(context_id, owner) if context_id else None
-            if source is None and self.config.prefix_caching and self._contexts.enabled:
+            if source is None and self.prefix_caching:  # hits: here, or an identical prompt's prefill later
                 self._prefix_queries += len(prompt)
-                source = self._contexts.find_prefix(prompt, owner)
+                source = self._contexts.find_prefix(prompt, owner) if self._contexts.enabled else None
                 if source is not None:
                     self._prefix_hits += len(source.tokens)
                     prompt = prompt[len(source.tokens):]
@@ -629,6 +630,10 @@ class Engine:
         req.cache = ReformerCache([seq])
         req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(req.cache))
         req.prefill_done_tokens = len(req.prompt_ids)
+        if len(tail) > 1 and hasattr(self.model, "decode_tokens") and self._pool.can_decode_tokens(seq.slot, len(tail)):
+            req.feed = deque(tail)  # the whole prompt in one layer-by-layer pass (`_execute_feed`)
+            self._feeding.append(req)
+            return
         if tail:
             req.last_token = tail[0]
             req.feed = deque(tail[1:])
@@ -637,6 +642,33 @@ class Engine:
             self._update(req, out.tokens[0], out.logprobs[0], now)
         if not req.finished:
             self._decoding.append(req)
+
+    def _execute_feed(self, req: _Request) -> None:
+        """Run a fork's prompt tokens in one layer-by-layer pass (`model.decode_tokens`: the numbers of one
+        decode step per token, the feed-forward read once for all of them) and sample its first token."""
+        tail = list(req.feed or ())
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("prefill", req.request_id)
+            logits = self.model.decode_tokens(tail, req.cache.sequences[0])
+            out = sample_batch(logits.view(1, -1), [req.sampler])
+        except Exception as exc:  # this request's failure only
+            oom = _is_oom(exc)
+            logger.warning("prompt of request %s after its context failed: %r", req.request_id, exc,
+                           exc_info=not oom)
+            with self._cond:
+                self._feeding = [r for r in self._feeding if r is not req]
+                self._finish(req, FinishReason.ERROR, kind="oom" if oom else "internal",
+                             error=("out of memory: " if oom else "prompt after the context failed: ") + str(exc))
+            return
+        with self._cond, _wakeups_held():
+            self._feeding = [r for r in self._feeding if r is not req]
+            if req.finished:
+                return
+            req.feed = None
+            self._update(req, out.tokens[0], out.logprobs[0], time.monotonic())
+            if not req.finished:
+                self._decoding.append(req)
 
     def _find_leader(self, req: _Request) -> _Request | None:
         """(Lock held.) A request with the same prompt whose prefill is under way or waiting (prefix caching)."""
@@ -809,7 +841,11 @@ class Engine:
             self._schedule(time.monotonic())
             decode_batch = [r for r in self._decoding if not r.finished]
             prefill_queue = [r for r in self._prefilling if not r.finished]
+            self._feeding = [r for r in self._feeding if not r.finished]
+            feed = self._feeding[0] if self._feeding else None
         decoded = self._execute_decode(decode_batch) if decode_batch else 0
+        if feed is not None:  # one prompt after a context per step, in one pass
+            self._execute_feed(feed)
         # Prefill budget of this step. Every other step the prompts with the least work left go first, so a
         # short prompt does not wait behind a long prefill for its whole length; on the other steps the
         # oldest goes first, so nothing starves. Prompts that finish leave the rest of the budget to the

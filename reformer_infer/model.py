@@ -990,6 +990,31 @@ class ReformerLM(nn.Module):
             h = h + layer.feed_forward(a)
         return self._head(a, h)
 
+    @torch.inference_mode()
+    def decode_tokens(self, input_ids: Sequence[int], seq: SequenceCache) -> Tensor:
+        """n tokens of one sequence in one pass, with the state and results of n `decode_step`s: returns the
+        logits (V,) after the last. Each layer runs its attention token by token, each exactly as its decode
+        step would (the token's window, then its insertion), and its output projection and feed-forward for
+        all n rows at once (one read of those weights instead of n: a prompt after a context). Only where
+        `pool.can_decode_tokens` says so; otherwise decode the tokens step by step."""
+        pool, slot, n = seq.pool, seq.slot, len(input_ids)
+        if seq.released or not pool.can_decode_tokens(slot, n) or seq.length + n > self.config.max_context:
+            raise ValueError("decode_tokens needs a hashed sequence whose delta takes the tokens")
+        L0 = seq.length
+        batches = pool.token_batches(slot, n)
+        ids = torch.tensor(list(input_ids), dtype=torch.long, device=self.device)  # (n,)
+        x = self.embeddings(ids, torch.arange(L0, L0 + n, device=self.device))  # (n, E)
+        a, h = x, x
+        for i, layer in enumerate(self.encoder.layers):
+            att = layer.attention
+            j = pool.lsh_index[i] if att.kind == "lsh" else pool.local_index[i]
+            hn = att.layer_norm(h)
+            o = torch.cat([att.self_attention.decode(hn[t : t + 1], pool, j, batches[t]) for t in range(n)])
+            a = a + att.output.dense(o)
+            h = h + layer.feed_forward(a)
+        pool.advance(slot, n)
+        return self._head(a[-1:], h[-1:])[0]
+
     def cache_bytes(self, num_tokens: int) -> int:
         """Cache bytes of one sequence holding `num_tokens` positions (in a decode pool of the default layout)."""
         return cache_bytes(self.config, self.num_hashes, self.dtype, num_tokens)

@@ -519,6 +519,30 @@ class DecodePool:
                 due.append(s)
         return due
 
+    def can_decode_tokens(self, slot: int, n: int) -> bool:
+        """Whether n tokens of sequence `slot` can run in one layer-by-layer pass (`token_batches`): it decodes by
+        LSH windows already and its delta takes them without a merge (a merge rewrites every layer's order at
+        once, between two tokens)."""
+        return self.is_hashed[slot] and self.length[slot] + n - self.static_len[slot] < self.M
+
+    def token_batches(self, slot: int, n: int) -> list[StepBatch]:
+        """One-row step views of sequence `slot`'s next n positions (see `can_decode_tokens`), for a pass that
+        runs them layer by layer, each token of a layer exactly as a decode step would (`advance` after)."""
+        self._ensure_pages(slot, self.length[slot] + n)
+        sl = upload([slot], self.device)
+        hashed = self.hashed_d.index_select(0, sl).view(-1, 1, 1)
+        table = self.page_table.index_select(0, sl)
+        out = []
+        for t in range(n):
+            T = torch.full((1,), self.length[slot] + t, dtype=torch.long, device=self.device)
+            out.append(StepBatch(sl, T, hashed, self._page_rows(table, T.view(-1, 1)).view(-1), None, 0))
+        return out
+
+    def advance(self, slot: int, n: int) -> None:
+        """A `token_batches` pass of n tokens is done: the sequence holds them."""
+        self.length[slot] += n
+        self.len_d[slot] += n
+
     def pad_slot(self) -> int:
         """A slot no sequence owns, for the extra rows of a padded batch: it holds one page, never advances,
         counts as hashed (pads never force the dense attention), and whatever a step writes there is never read

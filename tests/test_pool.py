@@ -249,3 +249,20 @@ def test_forks_decode_like_their_own_prefill_and_share_full_pages(ctx_len, layou
     for f in forks:
         f.release()
     assert pool.pages_in_use == 0 and pool.slots_in_use == 0
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_decode_tokens_equals_decode_steps_one_by_one(n):
+    """A layer-by-layer pass over n tokens of one sequence leaves the state and logits of n decode steps."""
+    model = tiny_model()
+    ids = ids_of(37, seed=n)
+    toks = ids_of(n, seed=100 + n)[0].tolist()
+    _, ref = model.prefill(ids)
+    _, got = model.prefill(ids)
+    assert ref.sequences[0].pool.can_decode_tokens(ref.sequences[0].slot, n)
+    for t in toks:
+        want, _ = model.decode_step(torch.tensor([[t]]), ref)
+    last = model.decode_tokens(toks, got.sequences[0])
+    assert (last - want[0, 0]).abs().max().item() <= 1e-5
+    assert got.lengths == ref.lengths
+    assert_decode_alike(model, ref, got, steps=30, seed=n)  # crosses a merge of each delta

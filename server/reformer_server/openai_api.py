@@ -238,9 +238,12 @@ def finish_reason(ev: FinishEvent) -> str:
     return "stop" if ev.finish_reason in (FinishReason.STOP, FinishReason.EOS) else "length"
 
 
-def usage(ev: FinishEvent) -> dict[str, int]:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.generated_tokens,
-            "total_tokens": ev.prompt_tokens + ev.generated_tokens}
+def usage(ev: FinishEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.generated_tokens,
+                           "total_tokens": ev.prompt_tokens + ev.generated_tokens}
+    if ev.cached_tokens:  # OpenAI's field for prompt tokens served from a cache (prefix caching)
+        out["prompt_tokens_details"] = {"cached_tokens": ev.cached_tokens}
+    return out
 
 
 class _Logprobs:
