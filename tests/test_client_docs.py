@@ -28,7 +28,7 @@ PYTHON_EXAMPLES = _blocks("python")
 CLI_EXAMPLES = [
     line.split("  #")[0].strip()
     for block in _blocks("sh")
-    for line in block.splitlines()
+    for line in block.replace("\\\n", " ").splitlines()  # a line continued with a backslash is one command
     if "reformer-client" in line and "myhost" not in line
 ]
 CURL_EXAMPLES = [block for block in _blocks("sh") if block.startswith("curl ")]

@@ -4,6 +4,10 @@
     with Client("127.0.0.1:50051") as client:
         for event in client.generate_stream("Once upon a time", max_new_tokens=32):
             print(event.text, end="", flush=True)
+
+        # Prefill a long document once, then continue from it as often as needed:
+        doc = client.create_context(open("doc.txt").read(), ttl_seconds=600)
+        print(client.generate(" In summary,", context=doc, max_new_tokens=32).text)
 """
 
 from reformer_client.client import (
@@ -31,6 +35,8 @@ from reformer_client.errors import (
     UnavailableError,
 )
 from reformer_client.types import (
+    Context,
+    ContextInfo,
     Finished,
     FinishReason,
     GenerateResult,
@@ -60,6 +66,8 @@ __all__ = [
     "AsyncGenerationStream",
     "AuthenticationError",
     "Client",
+    "Context",
+    "ContextInfo",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "FinishReason",

@@ -14,6 +14,8 @@ from typing import Any
 from reformer_client._proto import generation_pb2 as pb
 from reformer_client.errors import InvalidRequestError
 from reformer_client.types import (
+    Context,
+    ContextInfo,
     Finished,
     FinishReason,
     GenerateResult,
@@ -80,9 +82,25 @@ def validate_params(
         raise InvalidRequestError("max_time_seconds", f"must be > 0, got {max_time_seconds}")
 
 
+def context_id_of(context: Context | ContextInfo | str) -> str:
+    """The id to send for `context=` (a Context, a ContextInfo or the id itself)."""
+    if isinstance(context, Context | ContextInfo):
+        return context.context_id
+    if not isinstance(context, str):
+        raise TypeError(f"context must be a Context, a ContextInfo or a context id (str), got {type(context).__name__}")
+    if not context:
+        raise InvalidRequestError("context_id", "must be non-empty")
+    return context
+
+
+def _prompt_is_empty(prompt: str | Sequence[int]) -> bool:
+    return not prompt if isinstance(prompt, str) else len(prompt) == 0
+
+
 def build_request(
     prompt: str | Sequence[int],
     *,
+    context: Context | ContextInfo | str | None = None,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -99,16 +117,16 @@ def build_request(
     truncate: str | None = None,
     validate: bool = True,
 ) -> pb.GenerateRequest:
-    """Keyword parameters of Client.generate -> GenerateRequest (unset optionals stay unset: server defaults)."""
+    """Keyword parameters of Client.generate -> GenerateRequest (unset optionals stay unset: server defaults).
+
+    With a context the prompt continues after its tokens and may be empty."""
     if isinstance(stop, str):
         stop = (stop,)
     if truncate not in _TRUNCATION:
         raise InvalidRequestError("truncation", f"must be None, 'none' or 'left', got {truncate!r}")
+    context_id = context_id_of(context) if context is not None else ""
     if validate:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("text", "the prompt is empty: give text or token_ids")
-        elif len(prompt) == 0:
+        if not context_id and _prompt_is_empty(prompt):
             raise InvalidRequestError("text", "the prompt is empty: give text or token_ids")
         validate_params(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -123,6 +141,7 @@ def build_request(
         "ignore_eos": ignore_eos,
         "priority": priority,
         "truncation": _TRUNCATION[truncate],
+        "context_id": context_id,
     }
     if isinstance(prompt, str):
         kw["text"] = prompt
@@ -134,6 +153,36 @@ def build_request(
     }
     kw.update({k: v for k, v in optional.items() if v is not None})
     return pb.GenerateRequest(**kw)
+
+
+def build_context_request(
+    prompt: str | Sequence[int], *, ttl_seconds: float | None = None, validate: bool = True
+) -> pb.CreateContextRequest:
+    """Client.create_context's arguments -> CreateContextRequest (no ttl_seconds: the server's default TTL)."""
+    if validate and _prompt_is_empty(prompt):  # the TTL's range is the server's (--max-context-ttl)
+        raise InvalidRequestError("text", "the context is empty: give text or token_ids")
+    kw: dict[str, Any] = {"text": prompt} if isinstance(prompt, str) else {"token_ids": list(prompt)}
+    if ttl_seconds is not None:
+        kw["ttl_seconds"] = ttl_seconds
+    return pb.CreateContextRequest(**kw)
+
+
+def context_progress(msg: pb.CreateContextResponse) -> tuple[int, int] | None:
+    """(done, total) tokens of a progress message; None for the message that carries the context."""
+    if msg.HasField("prefill_progress"):
+        return msg.prefill_progress.done_tokens, msg.prefill_progress.total_tokens
+    return None
+
+
+def context(msg: pb.CreateContextResponse) -> Context:
+    return Context(msg.context_id, msg.prompt_tokens, msg.cache_bytes, msg.ttl_seconds)
+
+
+def context_infos(msg: pb.ListContextsResponse) -> list[ContextInfo]:
+    return [
+        ContextInfo(c.context_id, c.prompt_tokens, c.cache_bytes, c.expires_in_seconds, c.active_requests)
+        for c in msg.contexts
+    ]
 
 
 def finish_reason(value: int) -> FinishReason:
@@ -149,7 +198,7 @@ def _logprobs(items: Sequence[pb.TokenLogprob]) -> tuple[TokenLogprob, ...]:
 
 
 def _usage(u: pb.Usage) -> Usage:
-    return Usage(prompt_tokens=u.prompt_tokens, generated_tokens=u.generated_tokens)
+    return Usage(prompt_tokens=u.prompt_tokens, generated_tokens=u.generated_tokens, cached_tokens=u.cached_tokens)
 
 
 def _timings(t: pb.Timings) -> Timings:
@@ -228,6 +277,8 @@ def model_info(msg: pb.GetModelInfoResponse) -> ModelInfo:
             max_context=lim.max_context, max_new_tokens=lim.max_new_tokens, max_batch=lim.max_batch,
             max_queue=lim.max_queue, cache_memory_bytes=lim.cache_memory_bytes, max_logprobs=lim.max_logprobs,
             max_receive_message_bytes=lim.max_receive_message_bytes,
+            context_memory_bytes=lim.context_memory_bytes, max_context_ttl_seconds=lim.max_context_ttl_seconds,
+            default_context_ttl_seconds=lim.default_context_ttl_seconds, prefix_caching=lim.prefix_caching,
         ),
         defaults=GenerationDefaults(
             max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,

@@ -1,19 +1,21 @@
-"""`reformer-client`: generate, info, health and tokenize against a reformer-serve server from a shell.
+"""`reformer-client`: generate, context, info, health and tokenize against a reformer-serve server from a shell.
 
 Output is for people by default (generated text streamed to stdout as it arrives) and for programs with
 `--json`. Any failure prints one line `reformer-client: error: <CODE>: <message>` to stderr and exits
 non-zero:
 
     0 ok   1 server error / not serving   2 invalid arguments   3 unavailable   4 unauthenticated
-    5 deadline exceeded   6 overloaded   130 interrupted
+    5 deadline exceeded   6 overloaded   7 not found (e.g. an unknown or expired context)   130 interrupted
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +26,7 @@ from reformer_client.errors import (
     AuthenticationError,
     DeadlineExceededError,
     InvalidRequestError,
+    NotFoundError,
     OverloadedError,
     ReformerError,
     UnavailableError,
@@ -36,6 +39,7 @@ EXIT_CODES: tuple[tuple[type[ReformerError], int], ...] = (
     (AuthenticationError, 4),
     (DeadlineExceededError, 5),
     (OverloadedError, 6),
+    (NotFoundError, 7),
 )
 
 
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reformer-client",
         description="Talk to a reformer-serve gRPC server.",
         epilog="exit codes: 0 ok, 1 server error or not serving, 2 invalid arguments, 3 unavailable, "
-        "4 unauthenticated, 5 deadline exceeded, 6 overloaded",
+        "4 unauthenticated, 5 deadline exceeded, 6 overloaded, 7 not found",
     )
     p.add_argument("--target", default=os.environ.get("REFORMER_TARGET", DEFAULT_TARGET),
                    help="server address host:port [env REFORMER_TARGET; default %(default)s]")
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text, streamed to stdout as it arrives")
-    g.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin)")
+    g.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin); optional with --context")
     g.add_argument("--stdin", action="store_true", help="read the prompt from stdin")
     g.add_argument("--file", type=Path, help="read the prompt from a file (long prompts)")
     g.add_argument("--max-new-tokens", type=int)
@@ -80,9 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--truncate", choices=("none", "left"), help="drop the oldest prompt tokens that do not fit")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--request-id", help="client-chosen request id")
+    g.add_argument("--context", metavar="ID",
+                   help="continue after a context made by `context create` (the prompt may then be omitted)")
     g.add_argument("--no-stream", action="store_true", help="use the unary Generate call")
     g.add_argument("--stats", action="store_true", help="print usage and timings to stderr at the end")
     g.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
+
+    c = sub.add_parser("context", help="prefilled prompts pinned on the server, for generate --context")
+    csub = c.add_subparsers(dest="context_command", required=True)
+    cc = csub.add_parser("create", help="prefill a prompt once and print the context's id")
+    cc.add_argument("text", nargs="?", help="the context's text ('-' reads stdin)")
+    cc.add_argument("--stdin", action="store_true", help="read the text from stdin")
+    cc.add_argument("--file", type=Path, help="read the text from a file (a long document)")
+    cc.add_argument("--tokens-file", type=Path,
+                    help="token ids instead of text: a JSON list, or the output of `tokenize --json`")
+    cc.add_argument("--ttl", type=float, help="seconds the context lives (default: the server's)")
+    cc.add_argument("--quiet", action="store_true", help="no prefill progress on stderr")
+    cc.add_argument("--json", action="store_true", help="print the context (id, tokens, cache bytes, ttl) as JSON")
+    cl = csub.add_parser("list", help="this caller's live contexts")
+    cl.add_argument("--json", action="store_true")
+    cd = csub.add_parser("delete", help="delete a context (requests already using it finish)")
+    cd.add_argument("context_id", metavar="ID")
+    cd.add_argument("--json", action="store_true")
 
     i = sub.add_parser("info", help="describe the served model and the server's limits")
     i.add_argument("--json", action="store_true")
@@ -99,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_input(positional: str | None, stdin: bool, file: Path | None) -> str:
+def _read_input(positional: str | None, stdin: bool, file: Path | None, optional: bool = False) -> str:
+    """The one input given (an argument, stdin or a file); "" when none is and `optional`."""
     sources = sum((positional is not None and positional != "-", stdin or positional == "-", file is not None))
+    if sources == 0 and optional:
+        return ""
     if sources != 1:
         raise _CliError("give exactly one input: an argument, --stdin (or '-'), or --file")
     if file is not None:
@@ -135,12 +161,12 @@ def _result_json(r: GenerateResult) -> dict[str, Any]:
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
-    prompt = _read_input(args.prompt, args.stdin, args.file)
+    prompt = _read_input(args.prompt, args.stdin, args.file, optional=args.context is not None)
     params: dict[str, Any] = {
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
         "stop": args.stop, "logprobs": args.logprobs, "truncate": args.truncate, "request_id": args.request_id,
-        "ignore_eos": args.ignore_eos,
+        "ignore_eos": args.ignore_eos, "context": args.context,
     }
     if args.no_stream:
         result = client.generate(prompt, **params)
@@ -165,11 +191,85 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
                     result = ev
         if result is not None and args.stats:
             print(f"\n[finish={result.finish_reason.value} prompt={result.usage.prompt_tokens} "
-                  f"generated={result.usage.generated_tokens} ttft={result.timings.first_token_seconds:.3f}s "
+                  f"cached={result.usage.cached_tokens} generated={result.usage.generated_tokens} "
+                  f"ttft={result.timings.first_token_seconds:.3f}s "
                   f"total={result.timings.total_seconds:.3f}s]", file=sys.stderr)
     if not args.json and sys.stdout.isatty():
         sys.stdout.write("\n")
     sys.stdout.flush()
+    return 0
+
+
+def _read_token_ids(path: Path) -> list[int]:
+    """A JSON list of token ids, or an object with "token_ids" (what `tokenize --json` prints)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise _CliError(f"{path}: not JSON ({e})") from None
+    if isinstance(data, dict):
+        data = data.get("token_ids")
+    if not isinstance(data, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in data):
+        raise _CliError(f"{path}: expected a JSON list of token ids or {{\"token_ids\": [...]}}")
+    return data
+
+
+class _Progress:
+    """Prefill progress on stderr (the server reports it every engine step): on a terminal one line rewritten
+    in place at most 10 times a second, otherwise a line at most once a second."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.interval = 0.1 if self.tty else 1.0
+        self.last = -math.inf
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval and done < total:
+            return
+        self.last = now
+        line = f"[prefill {done}/{total} tokens]"
+        sys.stderr.write(f"\r{line}" if self.tty else f"{line}\n")
+        sys.stderr.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.tty and self.shown:
+            sys.stderr.write("\n")
+
+
+def _context(client: Client, args: argparse.Namespace) -> int:
+    if args.context_command == "create":
+        prompt: str | list[int]
+        if args.tokens_file is not None:
+            if args.text is not None or args.stdin or args.file is not None:
+                raise _CliError("give exactly one input: an argument, --stdin (or '-'), --file or --tokens-file")
+            prompt = _read_token_ids(args.tokens_file)
+        else:
+            prompt = _read_input(args.text, args.stdin, args.file)
+        progress = None if args.quiet else _Progress()
+        try:
+            ctx = client.create_context(prompt, ttl_seconds=args.ttl, on_progress=progress)
+        finally:
+            if progress is not None:
+                progress.end()
+        print(json.dumps(asdict(ctx)) if args.json else ctx.context_id)
+    elif args.context_command == "list":
+        contexts = client.list_contexts()
+        if args.json:
+            print(json.dumps({"contexts": [asdict(c) for c in contexts]}))
+        else:
+            print(f"{'ID':<36} {'TOKENS':>8} {'CACHE BYTES':>14} {'EXPIRES IN':>10} {'ACTIVE':>6}")
+            for c in contexts:
+                print(f"{c.context_id:<36} {c.prompt_tokens:>8} {c.cache_bytes:>14,} "
+                      f"{c.expires_in_seconds:>9.0f}s {c.active_requests:>6}")
+    else:
+        active = client.delete_context(args.context_id)
+        if args.json:
+            print(json.dumps({"context_id": args.context_id, "active_requests": active}))
+        else:
+            print(f"deleted {args.context_id}" + (f" ({active} requests still generating on it finish first)"
+                                                   if active else ""))
     return 0
 
 
@@ -191,6 +291,12 @@ def _info(client: Client, args: argparse.Namespace) -> int:
     print(f"context:      {lim.max_context} tokens; max_new_tokens <= {lim.max_new_tokens}")
     print(f"batching:     {lim.max_batch} running, {lim.max_queue} waiting, cache budget "
           f"{lim.cache_memory_bytes:,} bytes")
+    if lim.context_memory_bytes:
+        print(f"contexts:     up to {lim.context_memory_bytes:,} bytes; ttl {lim.default_context_ttl_seconds:g}s by "
+              f"default, at most {lim.max_context_ttl_seconds:g}s; prefix caching "
+              f"{'on' if lim.prefix_caching else 'off'}")
+    else:
+        print("contexts:     off")
     print(f"rotations:    {info.rotation_fingerprint}")
     print(f"server:       {info.server_version}")
     return 0
@@ -208,7 +314,7 @@ def _tokenize(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"generate": _generate, "info": _info, "health": _health, "tokenize": _tokenize}
+_COMMANDS = {"generate": _generate, "context": _context, "info": _info, "health": _health, "tokenize": _tokenize}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,13 +4,18 @@ Lifecycle: a client owns one gRPC channel; use it as a (async) context manager o
 Streams: `generate_stream` returns a stream object that is an (async) iterator and a context manager;
 leaving it early (break, exception, `close()`, task cancellation, or just dropping it) cancels the RPC,
 and the server then aborts the request and frees its cache.
-Retries: unary calls (generate, model_info, tokenize, ...) retry on UNAVAILABLE with exponential backoff
-and jitter (`RetryPolicy`); streams never retry, since tokens may already have been delivered.
+Retries: unary calls (generate, model_info, tokenize, delete_context, ...) retry on UNAVAILABLE with
+exponential backoff and jitter (`RetryPolicy`); streams never retry, since tokens may already have been
+delivered. `create_context` (a stream of prefill progress, then the context) is not idempotent: it retries
+UNAVAILABLE only while no message has arrived (the server had not taken it on), never once it has started.
+Contexts: `create_context` prefills a prompt once and pins it on the server; `generate(..., context=ctx)`
+continues after it, as often as needed, until its TTL passes or `delete_context`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import random
 import time
@@ -24,9 +29,11 @@ from reformer_client import _convert, _health
 from reformer_client._proto import generation_pb2 as pb
 from reformer_client._proto import generation_pb2_grpc as pb_grpc
 from reformer_client.errors import NotFoundError, ReformerError, from_rpc_error
-from reformer_client.types import GenerateResult, HealthStatus, ModelInfo, StreamEvent
+from reformer_client.types import Context, ContextInfo, GenerateResult, HealthStatus, ModelInfo, StreamEvent
 
 T = TypeVar("T")
+ContextRef = Context | ContextInfo | str  # what `context=` accepts: a context, or its id
+ProgressCallback = Callable[[int, int], Any]  # on_progress(done_tokens, total_tokens)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0  # seconds, for info / tokenize / health / cancel
@@ -344,27 +351,85 @@ class Client:
             time.sleep(policy.delay(attempt))
             attempt += 1
 
-    def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any) -> GenerateResult:
+    def generate(
+        self, prompt: str | Sequence[int] = "", *, context: ContextRef | None = None, timeout: float | None = None,
+        **params: Any,
+    ) -> GenerateResult:
         """Generate from `prompt` (text or token ids) and return the whole result.
 
+        context: a Context from `create_context` (or its id): the prompt continues after the context's tokens
+        and may be empty; `result.usage.cached_tokens` counts the context's tokens.
         params: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty, seed, stop,
         stop_token_ids, logprobs (top-N), request_id, ignore_eos, priority, max_time_seconds,
         truncate (None | "none" | "left"). Unset parameters take the server's defaults.
         """
-        request = _convert.build_request(prompt, validate=self._s.validate, **params)
+        request = _convert.build_request(prompt, context=context, validate=self._s.validate, **params)
         msg = self._unary(self._stub.Generate, request, timeout or self._s.generate_timeout)
         return _convert.generate_result(msg)
 
     def generate_stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any
+        self, prompt: str | Sequence[int] = "", *, context: ContextRef | None = None, timeout: float | None = None,
+        **params: Any,
     ) -> GenerationStream:
         """Stream a generation: TextChunk events as tokens arrive (PrefillProgress for long prompts), then one
         Finished event. Same parameters as `generate`."""
-        request = _convert.build_request(prompt, validate=self._s.validate, **params)
+        request = _convert.build_request(prompt, context=context, validate=self._s.validate, **params)
         call = self._stub.GenerateStream(
             request, timeout=timeout or self._s.generate_timeout, metadata=self._s.metadata
         )
         return GenerationStream(call)
+
+    def create_context(
+        self, prompt: str | Sequence[int], *, ttl_seconds: float | None = None,
+        on_progress: ProgressCallback | None = None, timeout: float | None = None,
+    ) -> Context:
+        """Prefill `prompt` (text or token ids) once and pin it on the server as a context, for
+        `generate(..., context=...)` to continue from. Blocks until the prefill is done.
+
+        ttl_seconds: its lifetime (default: the server's `limits.default_context_ttl_seconds`).
+        on_progress(done_tokens, total_tokens) is called as a long prompt is processed. Interrupting the call
+        (Ctrl-C, an exception in on_progress, the deadline) cancels the RPC and the server frees the prefill.
+        Raises OverloadedError when the context would not fit `--context-memory` or the cache budget.
+        """
+        request = _convert.build_context_request(prompt, ttl_seconds=ttl_seconds, validate=self._s.validate)
+        policy = self._s.retry
+        attempt = 1
+        while True:
+            call = self._stub.CreateContext(
+                request, timeout=timeout or self._s.generate_timeout, metadata=self._s.metadata
+            )
+            started = False
+            try:
+                final = None
+                for msg in call:
+                    started = True
+                    progress = _convert.context_progress(msg)
+                    if progress is None:
+                        final = msg
+                    elif on_progress is not None:
+                        on_progress(*progress)
+                if final is None:
+                    raise ReformerError("CreateContext ended without the context", code="INTERNAL")
+                return _convert.context(final)
+            except grpc.RpcError as e:
+                if started or e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= policy.max_attempts:
+                    raise _rpc_error(e) from None
+            finally:
+                call.cancel()  # a no-op once the call has completed; otherwise the server aborts the prefill
+            time.sleep(policy.delay(attempt))
+            attempt += 1
+
+    def delete_context(self, context: ContextRef, *, timeout: float | None = None) -> int:
+        """Delete one of this caller's contexts; returns the requests still generating on it (they finish, and
+        its memory is freed when the last one does). NotFoundError for an unknown, expired or deleted id."""
+        request = pb.DeleteContextRequest(context_id=_convert.context_id_of(context))
+        msg = self._unary(self._stub.DeleteContext, request, timeout or self._s.timeout)
+        return int(msg.active_requests)
+
+    def list_contexts(self, *, timeout: float | None = None) -> list[ContextInfo]:
+        """This caller's live contexts, oldest first."""
+        msg = self._unary(self._stub.ListContexts, pb.ListContextsRequest(), timeout or self._s.timeout)
+        return _convert.context_infos(msg)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         msg = self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout or self._s.timeout)
@@ -459,22 +524,71 @@ class AsyncClient:
             attempt += 1
 
     async def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any
+        self, prompt: str | Sequence[int] = "", *, context: ContextRef | None = None, timeout: float | None = None,
+        **params: Any,
     ) -> GenerateResult:
         """See Client.generate."""
-        request = _convert.build_request(prompt, validate=self._s.validate, **params)
+        request = _convert.build_request(prompt, context=context, validate=self._s.validate, **params)
         msg = await self._unary(self._stub.Generate, request, timeout or self._s.generate_timeout)
         return _convert.generate_result(msg)
 
     def generate_stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any
+        self, prompt: str | Sequence[int] = "", *, context: ContextRef | None = None, timeout: float | None = None,
+        **params: Any,
     ) -> AsyncGenerationStream:
         """See Client.generate_stream; iterate with `async for`."""
-        request = _convert.build_request(prompt, validate=self._s.validate, **params)
+        request = _convert.build_request(prompt, context=context, validate=self._s.validate, **params)
         call = self._stub.GenerateStream(
             request, timeout=timeout or self._s.generate_timeout, metadata=self._s.metadata
         )
         return AsyncGenerationStream(call)
+
+    async def create_context(
+        self, prompt: str | Sequence[int], *, ttl_seconds: float | None = None,
+        on_progress: ProgressCallback | None = None, timeout: float | None = None,
+    ) -> Context:
+        """See Client.create_context; on_progress may also be a coroutine function. Cancelling the task
+        cancels the RPC, and the server frees the prefill."""
+        request = _convert.build_context_request(prompt, ttl_seconds=ttl_seconds, validate=self._s.validate)
+        policy = self._s.retry
+        attempt = 1
+        while True:
+            call = self._stub.CreateContext(
+                request, timeout=timeout or self._s.generate_timeout, metadata=self._s.metadata
+            )
+            started = False
+            try:
+                final = None
+                while (msg := await call.read()) is not grpc.aio.EOF:
+                    started = True
+                    progress = _convert.context_progress(msg)
+                    if progress is None:
+                        final = msg
+                    elif on_progress is not None:
+                        result = on_progress(*progress)
+                        if inspect.isawaitable(result):
+                            await result
+                if final is None:
+                    raise ReformerError("CreateContext ended without the context", code="INTERNAL")
+                return _convert.context(final)
+            except grpc.RpcError as e:
+                if started or e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= policy.max_attempts:
+                    raise _rpc_error(e) from None
+            finally:
+                call.cancel()  # a no-op once the call has completed; otherwise the server aborts the prefill
+            await asyncio.sleep(policy.delay(attempt))
+            attempt += 1
+
+    async def delete_context(self, context: ContextRef, *, timeout: float | None = None) -> int:
+        """See Client.delete_context."""
+        request = pb.DeleteContextRequest(context_id=_convert.context_id_of(context))
+        msg = await self._unary(self._stub.DeleteContext, request, timeout or self._s.timeout)
+        return int(msg.active_requests)
+
+    async def list_contexts(self, *, timeout: float | None = None) -> list[ContextInfo]:
+        """See Client.list_contexts."""
+        msg = await self._unary(self._stub.ListContexts, pb.ListContextsRequest(), timeout or self._s.timeout)
+        return _convert.context_infos(msg)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         msg = await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout or self._s.timeout)

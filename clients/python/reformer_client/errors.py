@@ -8,6 +8,7 @@
     DEADLINE_EXCEEDED  -> DeadlineExceededError
     CANCELLED          -> RequestCancelledError
     FAILED_PRECONDITION -> FailedPreconditionError (e.g. text sent to a model that has no tokenizer)
+    NOT_FOUND          -> NotFoundError       (an unknown or expired context id; Cancel of an unknown id)
     INTERNAL / others  -> ServerError
 """
 
@@ -75,7 +76,10 @@ class FailedPreconditionError(ReformerError):
 
 
 class NotFoundError(ReformerError):
-    """NOT_FOUND: e.g. Cancel of an id under which this caller has no running request."""
+    """NOT_FOUND: a context id that is unknown, expired, deleted or another caller's; Cancel of an id under
+    which this caller has no running request."""
+
+    code = "NOT_FOUND"
 
 
 class ServerError(ReformerError):

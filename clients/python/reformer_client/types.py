@@ -47,6 +47,9 @@ class TokenLogprob:
 class Usage:
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    # Prompt tokens whose decode state came from a context (explicit `context=`, or found by the server's
+    # automatic prefix caching) instead of being processed for this request; counted in prompt_tokens too.
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,29 @@ class GenerateResult:
 
 
 @dataclass(frozen=True)
+class Context:
+    """A prompt prefilled once and pinned on the server (`create_context`): pass it, or its id, as
+    `context=` to generate, which then continues after its tokens. It lives `ttl_seconds` from its creation
+    or until `delete_context`."""
+
+    context_id: str
+    prompt_tokens: int
+    cache_bytes: int  # cache bytes it pins on the server
+    ttl_seconds: float
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    """One of the caller's live contexts, as `list_contexts` reports it."""
+
+    context_id: str
+    prompt_tokens: int
+    cache_bytes: int
+    expires_in_seconds: float
+    active_requests: int  # requests generating on it now
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -133,6 +159,10 @@ class ServerLimits:
     cache_memory_bytes: int
     max_logprobs: int
     max_receive_message_bytes: int
+    context_memory_bytes: int = 0  # cache bytes contexts may pin in total (--context-memory); 0: contexts off
+    max_context_ttl_seconds: float = 0.0  # longest TTL a context may ask for
+    default_context_ttl_seconds: float = 0.0  # TTL of a context created without ttl_seconds
+    prefix_caching: bool = False  # prompts that start with a live context's tokens reuse it automatically
 
 
 @dataclass(frozen=True)
