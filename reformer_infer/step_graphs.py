@@ -21,6 +21,7 @@ graph would have captured by address has moved (the CPU tests exercise the buffe
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Protocol
 
@@ -76,7 +77,11 @@ def compiled_capture(pool: DecodePool, buffers: tuple[Tensor, ...]) -> Callable[
     mode on this CPU)."""
 
     def capture(step: Callable[[], Tensor]) -> tuple[Replay, Tensor]:
-        compiled = torch.compile(step, fullgraph=True, options={"cpp_wrapper": True})
+        # A copy of the step's code object: dynamo keeps its compiled entries per code object, so each
+        # recording (bucket, variant, mode) gets its own, one guard check a call and no recompile limit (8).
+        own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
+                                 step.__closure__)
+        compiled = torch.compile(own, fullgraph=True, options={"cpp_wrapper": True})
         compiled()
         out = compiled().clone()
 
