@@ -67,7 +67,7 @@ from reformer_infer.requests import (
 )
 from reformer_infer.sampling import SampleOutput, SlotSampler, download, unpack
 from reformer_infer.scheduler import RequestStatus, ScheduledRequest, Scheduler, SchedulerConfig
-from reformer_infer.step_graphs import decode_and_sample
+from reformer_infer.step_graphs import compiled_capture, decode_and_sample
 from reformer_infer.tokenizer import Detokenizer, IncrementalDetokenizer, StopStringMatcher, model_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,11 @@ class EngineConfig:
     # On CUDA, decode steps replay one captured graph per batch bucket (step_graphs.py) instead of launching
     # every op; elsewhere they run eagerly.
     cuda_graphs: bool = True
+    # Off CUDA, decode steps replay the same step compiled by torch.compile (inductor, C++ wrapper) per batch
+    # bucket, variant and sampling mode (step_graphs.compiled_capture): ~2.7x faster a bare step of the
+    # bundled model on this CPU, but each new recording compiles for tens of seconds inside the engine's
+    # step (docs/benchmarks.md section 7). Needs a C++ compiler.
+    compile_step: bool = False
     bounds: RequestBounds = field(default_factory=RequestBounds)  # stop strings / stop token ids per request
     long_prompt_tokens: int | None = None  # prompts longer than this are long (None: no distinction)
     short_prompt_slots: int = 0  # slots long prompts may not take (needs long_prompt_tokens)
@@ -362,10 +367,11 @@ class Engine:
         if hasattr(model, "new_decode_pool"):
             per_token = max(float(model.cache_bytes_per_token()), 1.0)
             tokens = min(int(self.config.cache_memory_bytes / per_token), self.config.max_batch * self.max_context)
-            graphs = self.config.cuda_graphs and self._device.type == "cuda"
+            cuda = self._device.type == "cuda"
+            graphs = self.config.cuda_graphs if cuda else self.config.compile_step
             self._pool = model.new_decode_pool(self.config.max_batch + graphs, tokens)  # + the pad slot
             if graphs:
-                self._graphs = model.use_step_graphs(self._pool)
+                self._graphs = model.use_step_graphs(self._pool, None if cuda else compiled_capture)
         # Every generating request's sampling state, on the device (+ the pad row of padded batches).
         self._sampler = SlotSampler(self.config.max_batch + 1, self._vocab_size, self._device)
         self._pool_kw: dict[str, Any] = {} if self._pool is None else {"pool": self._pool}  # for prefills

@@ -142,6 +142,12 @@ class DecodePool:
         self.refs: list[int] = []  # per page: sequences holding it (a page is free again at 0)
         self._alloc_slots(max(1, sequences))
         self._alloc_pages(max(1, -(-max(tokens, 1) // self.P) + sequences))
+        # Index tensors of a step's writes: a step writes the pool's tensors themselves (`index_put_` on the
+        # whole tensor, never on a view of one layer), which a compiler updates in place; a write into a
+        # view became a copy of the whole tensor under torch.compile (inductor, CPU: 8 ms a step).
+        nl = max(len(self.lsh_index), len(self.local_index), 1)
+        self._layer_ids = [torch.tensor(j, device=self.device) for j in range(nl)]
+        self._heads = torch.arange(self.H, device=self.device)
 
     # ---- storage ---------------------------------------------------------------------------------
     @torch.inference_mode(False)  # normal tensors: updated in place in and out of inference mode
@@ -597,19 +603,22 @@ class DecodePool:
     def apply_step(self, batch: StepBatch, updates: StepUpdates) -> None:
         """Write a step's updates into the pool: the new tokens' LSH keys/values at their page rows, the LSH
         deltas after the insert, the local rings' new entries at slot position % ring."""
+        heads = self._heads
         for j, (k, v, dbk, dor) in updates.lsh.items():
-            self.keys[j].index_copy_(1, batch.new_rows, k.transpose(0, 1))
-            self.values[j].index_copy_(1, batch.new_rows, v.transpose(0, 1))
+            lj = self._layer_ids[j]
+            at_rows = (lj, heads[:, None], batch.new_rows[None, :])  # (H, n) rows of layer j
+            self.keys.index_put_(at_rows, k.transpose(0, 1))
+            self.values.index_put_(at_rows, v.transpose(0, 1))
             if batch.first is not None:
                 self.dbuckets[j].narrow(0, batch.first, dbk.shape[0]).copy_(dbk)
                 self.dorder[j].narrow(0, batch.first, dor.shape[0]).copy_(dor)
             else:
-                self.dbuckets[j].index_copy_(0, batch.slots, dbk)
-                self.dorder[j].index_copy_(0, batch.slots, dor)
-        at = batch.lengths % self.ring
+                self.dbuckets.index_put_((lj, batch.slots), dbk)
+                self.dorder.index_put_((lj, batch.slots), dor)
+        at = (batch.slots[:, None], heads[None, :], (batch.lengths % self.ring)[:, None])  # (n, H)
         for j, (k, v) in updates.local.items():
-            self.local_keys[j][batch.slots, :, at] = k
-            self.local_values[j][batch.slots, :, at] = v
+            self.local_keys.index_put_((self._layer_ids[j], *at), k)
+            self.local_values.index_put_((self._layer_ids[j], *at), v)
 
     def lsh_window(self, j: int, batch: StepBatch, buckets: Tensor, C: int, before: int, after: int
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -13,13 +13,15 @@ A sampled step (`run_sampled`, the engine's) records sampling too: its input ids
 whole step, decode and sampling, is one replay per bucket, variant and sampling mode; the host downloads its
 packed output once.
 
-On CUDA the recording is a `torch.cuda.CUDAGraph` (warmed up on a side stream first). Elsewhere
+On CUDA the recording is a `torch.cuda.CUDAGraph` (warmed up on a side stream first). On a CPU the engine
+can compile the same step instead (`compiled_capture`, `EngineConfig.compile_step`). Elsewhere
 `EagerReplay` stands in: it runs the step eagerly on the same static buffers and checks that nothing a
 graph would have captured by address has moved (the CPU tests exercise the buffer discipline with it).
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Protocol
 
@@ -64,6 +66,31 @@ def cuda_capture(step: Callable[[], Tensor]) -> tuple[Replay, Tensor]:
     with torch.cuda.graph(graph):
         out = step()
     return graph.replay, out
+
+
+def compiled_capture(pool: DecodePool, buffers: tuple[Tensor, ...]) -> Callable[[Callable[[], Tensor]], tuple[Replay, Tensor]]:
+    """The recorder off CUDA (`EngineConfig.compile_step`): the step compiled whole by `torch.compile`
+    (inductor, fullgraph, its C++ wrapper: no Python between its kernels); a replay runs the compiled step
+    (the same device function, the same static buffers) and copies its output into the recording's. The
+    compiled step writes the pool's tensors in place (`DecodePool.apply_step`); the first two runs, with
+    every row on the pad slot and row, compile and warm it (tens of seconds a bucket, variant and sampling
+    mode on this CPU)."""
+
+    def capture(step: Callable[[], Tensor]) -> tuple[Replay, Tensor]:
+        # A copy of the step's code object: dynamo keeps its compiled entries per code object, so each
+        # recording (bucket, variant, mode) gets its own, one guard check a call and no recompile limit (8).
+        own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
+                                 step.__closure__)
+        compiled = torch.compile(own, fullgraph=True, options={"cpp_wrapper": True})
+        compiled()
+        out = compiled().clone()
+
+        def replay() -> None:
+            out.copy_(compiled())
+
+        return replay, out
+
+    return capture
 
 
 class EagerReplay:

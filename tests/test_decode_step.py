@@ -229,3 +229,44 @@ def test_captured_sampled_steps_replay_like_eager_steps():
     assert got == want
     assert graphs.captures >= 4  # bucket 4 greedy (all greedy rows), 4 and 8 sampled, dense and not
     assert sampler.generation == 2 and sampler.pad_row() not in range(6)  # grew for the 5th row
+
+
+def test_compiled_cpu_step_equals_the_eager_step():
+    """The CPU recorder `step_graphs.compiled_capture` (`EngineConfig.compile_step`: the step compiled by
+    inductor with its C++ wrapper, writing the pool in place) decodes what the eager step decodes: two greedy
+    sequences with logprobs (bucket 2), 40 tokens across several delta merges (delta of 8 entries): the same
+    tokens and the same log-probabilities within 1e-4, one compile. Skipped without a C++ compiler."""
+    import shutil
+
+    import pytest
+
+    from reformer_infer.step_graphs import compiled_capture
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler for inductor")
+    model = enwik8_layout_model(["local", "lsh"])
+    runs = []
+    for compiled in (True, False):
+        pool = model.new_decode_pool(3, 3 * 100, delta_size=8)
+        graphs = model.use_step_graphs(pool, capture=compiled_capture) if compiled else None
+        slots = [model.prefill(x, capacity=x.shape[1] + 45, pool=pool)[1].sequences[0].slot
+                 for x in prompts(2, 17, 6)]  # past one LSH chunk (16): hashed from the start
+        sampler = SlotSampler(3, 258)
+        rows = []
+        for _ in range(2):
+            rows.append(sampler.take_row())
+            sampler.join(rows[-1], SamplingParams(temperature=0.0, logprobs=1), [])
+        merges, out = 0, []
+        with torch.inference_mode():
+            for _ in range(40):
+                before = [pool.static_len[s] for s in slots]
+                packed = decode_and_sample(model, pool, slots, sampler, rows, graphs)
+                got = unpack(download(packed), sampler.wants(rows))
+                out.append((got.tokens, [lp.logprob for lp in got.logprobs]))
+                merges += sum(pool.static_len[s] != b for s, b in zip(slots, before, strict=True))
+        runs.append((out, graphs, merges))
+    (got, graphs, merges), (want, _, _) = runs
+    assert merges >= 6
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert max(abs(a - b) for (_, la), (_, lb) in zip(got, want, strict=True) for a, b in zip(la, lb, strict=True)) <= 1e-4
+    assert graphs.captures == 1

@@ -77,6 +77,12 @@ def test_exported_backends_are_selectable_and_default_to_float32() -> None:
         backend.load_backend("tensorrt", Path("/nowhere"), "cpu", "float32")
 
 
+def test_compile_step_off_by_default_and_switched_on_by_flag_or_env() -> None:
+    assert parse_config([], env={}).compile_step is False
+    assert parse_config(["--compile-step", "true"], env={}).compile_step is True
+    assert parse_config([], env={"REFORMER_COMPILE_STEP": "1"}).compile_step is True
+
+
 def test_cuda_graphs_on_by_default_and_switched_off_three_ways() -> None:
     assert parse_config([], env={}).cuda_graphs is True
     assert parse_config(["--no-cuda-graphs"], env={}).cuda_graphs is False
