@@ -28,6 +28,7 @@ from reformer_infer.requests import (
     SamplingParams,
     TokenEvent,
 )
+from reformer_infer.sampling import SlotSampler
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,52 @@ def test_generation_on_a_context_equals_prefill_then_decode_steps(model: Reforme
         assert fin.cached_tokens == 45 and fin.prompt_tokens == 45 + len(tail)
         assert tokens_of(events) == reference(model, ctx_tokens, tail, 12), len(tail)
     assert tokens_of(text) == reference(model, ctx_tokens, text_ids, 5)
+
+
+def sampled_reference(model: ReformerLM, context: list[int], tail: list[int], n: int,
+                      params: SamplingParams) -> list[int]:
+    """The library contract with seeded sampling: prefill(context) and decode_step over the prompt, then each
+    token drawn by a sampler row joined with every prompt id (the context's too) as seen, draw counter 0."""
+    sampler = SlotSampler(2, model.config.vocab_size)
+    row = sampler.take_row()
+    sampler.join(row, params, context + tail)
+    logits, cache = model.prefill(torch.tensor([context]))
+    last = logits[0, -1]
+    with cache:
+        for t in tail:
+            out, _ = model.decode_step(torch.tensor([[t]]), cache)
+            last = out[0, -1]
+        got = []
+        for _ in range(n):
+            t = sampler.sample_now(last.view(1, -1), [row]).tokens[0]
+            got.append(t)
+            out, _ = model.decode_step(torch.tensor([[t]]), cache)
+            last = out[0, -1]
+    return got
+
+
+def test_seeded_penalised_sampling_on_a_context_equals_the_library_reference(model: ReformerLM) -> None:
+    """Sampled tokens on a context (no prompt, a one-token prompt fed as a decode step, a prompt run as one
+    pass) equal the reference: the discarded samples of the prompt's steps leave no trace in the draws or in
+    the penalty's seen ids."""
+    ctx_tokens = prompt(45, seed=5)
+    tails = [[], prompt(1, seed=6), prompt(7, seed=7)]
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, repetition_penalty=1.5, seed=11,
+                            ignore_eos=True)
+
+    async def go() -> list[list[Event]]:
+        engine = engine_of(model)
+        made = await make_context(engine, ctx_tokens, owner="a")
+        out = [await collect(engine.add_request(t, params, context_id=made.context_id, owner="a")) for t in tails]
+        # a context shorter than one LSH chunk (not hashed yet): its prompt goes in as decode steps
+        short = await make_context(engine, ctx_tokens[:3], owner="a")
+        out.append(await collect(engine.add_request(tails[2][:4], params, context_id=short.context_id, owner="a")))
+        await engine.shutdown()
+        return out
+
+    cases = [(ctx_tokens, t) for t in tails] + [(ctx_tokens[:3], tails[2][:4])]
+    for (context, tail), events in zip(cases, asyncio.run(go()), strict=True):
+        assert tokens_of(events) == sampled_reference(model, context, tail, 10, params), (len(context), len(tail))
 
 
 def test_eight_forks_decode_together_like_each_alone_and_count_only_their_own_pages(model: ReformerLM) -> None:
