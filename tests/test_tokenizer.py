@@ -28,8 +28,9 @@ def test_decode_skips_special_ids_and_replaces_bad_utf8() -> None:
 
 # NUL is excluded: byte 0 shares id 2 with eos (the enwik8 convention) and decodes as nothing.
 # Lone surrogates cannot occur in text that arrives as UTF-8 (protobuf strings, files), so none are drawn.
+# U+FFFD itself is excluded: the assertion below looks for it as the sign of a split character.
 @given(
-    st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",))),
+    st.text(st.characters(exclude_characters="\x00\ufffd", exclude_categories=("Cs",))),
     st.integers(min_value=0, max_value=2**32),
 )
 def test_incremental_detokenizer_never_splits_a_character(text: str, seed: int) -> None:
