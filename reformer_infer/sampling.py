@@ -200,10 +200,7 @@ class SlotSampler:
         floats = torch.tensor([params.temperature, params.top_p, params.repetition_penalty], dtype=torch.float32)
         # one host tensor: the float parameters' bits, the integer ones, then the prompt ids (if penalised)
         head = [params.top_k, lo, hi, 0] + floats.view(torch.int32).tolist()
-        host = torch.tensor(head + (list(prompt_ids) if penalised else []), dtype=torch.long)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        dev = host.to(self.device, non_blocking=True)
+        dev = upload(head + (list(prompt_ids) if penalised else []), self.device)
         self.iparams[row] = dev[:4]
         self.fparams[row] = dev[4:7].to(torch.int32).view(torch.float32)
         self.seen[row] = False
