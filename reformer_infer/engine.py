@@ -472,10 +472,7 @@ class Engine:
         prompt = list(prompt_ids)
         params.validate(vocab_size=self._vocab_size, max_new_tokens_limit=self.config.max_new_tokens_limit,
                         bounds=self.config.bounds)
-        if context_id:
-            if prompt:
-                validate_prompt(prompt, vocab_size=self._vocab_size)
-        else:
+        if prompt or not context_id:  # a prompt may be empty only after a context
             validate_prompt(prompt, vocab_size=self._vocab_size)
         if params.stop and not self.tokenizer.has_text:
             raise TokenizerUnavailableError(f"stop strings are matched on text, and {self.tokenizer.reason}")
@@ -622,14 +619,10 @@ class Engine:
             self._pool.trim(seq)
             nbytes = int(seq.nbytes())
             ctx = req.making
-            delta = len(req.prompt_ids) - req.prefill_done_tokens
-            req.prefill_done_tokens = len(req.prompt_ids)
-            self._prefill_tokens_total += delta
-            req.prefill_gen = None
+            delta = self._prefill_done(req)
             self._contexts.ready(ctx, seq, logits.detach().clone(), nbytes)
             self._scheduler.pin(nbytes)
             req.peak_cache_bytes = nbytes
-            self._prefilling = [r for r in self._prefilling if r is not req]
             req.stream.put(ContextCreated(req.request_id, ctx.context_id, len(ctx.tokens), nbytes, ctx.ttl_s))
             self._finish(req, FinishReason.STOP)
         return delta
@@ -1096,6 +1089,16 @@ class Engine:
             self._join_row(req)
         self._sampler.set_next(req.row, token)
 
+    def _prefill_done(self, req: _Request) -> int:
+        """(Lock held.) `req`'s prompt is processed: count its remaining prompt tokens in the statistics (the
+        count returned), forget its prefill generator and take it off the prefilling list."""
+        delta = len(req.prompt_ids) - req.prefill_done_tokens
+        req.prefill_done_tokens = len(req.prompt_ids)
+        self._prefill_tokens_total += delta
+        req.prefill_gen = None
+        self._prefilling = [r for r in self._prefilling if r is not req]
+        return delta
+
     def _prefill_finished(self, req: _Request, cache: Any, token: int, logprob: TokenLogprob | None,
                           now: float, logits: torch.Tensor | None = None) -> int:
         """Hand a finished prefill's cache and first token to its request; returns the prompt tokens it adds
@@ -1104,14 +1107,10 @@ class Engine:
             if req.finished:
                 cache.release()
                 return 0
-            delta = len(req.prompt_ids) - req.prefill_done_tokens
-            req.prefill_done_tokens = len(req.prompt_ids)
             # Counted before the first token is emitted, so a caller that saw it also sees the stats.
-            self._prefill_tokens_total += delta
-            req.prefill_gen = None
+            delta = self._prefill_done(req)
             req.cache = cache
             req.peak_cache_bytes = max(req.peak_cache_bytes, _cache_nbytes(cache))
-            self._prefilling = [r for r in self._prefilling if r is not req]
             followers, req.followers = req.followers, []
             for f in followers:  # identical prompts: each forks this state and samples from these logits
                 f.leader = None
