@@ -811,6 +811,7 @@ class ReformerLM(nn.Module, PooledDecoder):
         self.lm_head.decoder = nn.Linear(2 * config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.score_budget = DEFAULT_SCORE_ELEMENTS
+        self.full_attention = False  # whether the LSH layers run as dense attention (`set_full_attention`)
         self._step_graphs: dict[int, StepGraphs] = {}  # id(pool) -> its captured decode steps
         self.reset_rotations()
         # Every linear weight is stored (in, out)-contiguous and used through its transpose (same values,
@@ -837,6 +838,7 @@ class ReformerLM(nn.Module, PooledDecoder):
     def set_full_attention(self, enabled: bool) -> None:
         """Run every LSH layer as dense causal shared-QK attention (the paper's full-attention baseline, for
         evaluation: the weights are unchanged; O(T^2) compute, bounded memory)."""
+        self.full_attention = enabled  # read by every decode step: an attribute, not a walk over the layers
         for layer in self.lsh_layers():
             layer.full_attention = enabled
 
@@ -857,11 +859,6 @@ class ReformerLM(nn.Module, PooledDecoder):
     def num_hashes(self) -> int:
         """Hash rounds of the LSH layers' rotations (1 without LSH layers)."""
         return next((layer.num_hashes for layer in self.lsh_layers()), 1)
-
-    @property
-    def full_attention(self) -> bool:
-        """Whether the LSH layers run as dense attention (`set_full_attention`)."""
-        return any(layer.full_attention for layer in self.lsh_layers())
 
     @property
     def device(self) -> torch.device:
@@ -925,8 +922,8 @@ class ReformerLM(nn.Module, PooledDecoder):
                     break
                 done += step
                 yield (min(done, total), total)
-            hashed = self.config.padded_length(T) > self.config.lsh_attn_chunk_length and any(
-                not layer.full_attention for layer in self.lsh_layers())
+            hashed = (self.config.padded_length(T) > self.config.lsh_attn_chunk_length and not self.full_attention
+                      and any(True for _ in self.lsh_layers()))
             pool.finish_prefill(seqs, T, hashed)
             done_ok = True
         finally:
