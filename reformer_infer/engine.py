@@ -11,7 +11,16 @@ One engine step (vLLM v1 shape) is `schedule -> execute -> update`:
     fed the ids back as the next input; the host downloads them once, detokenises UTF-8-safely, matches stop
     strings and finishes requests, releasing their slot and bytes at once.
 
-Threading: the step runs in the engine thread without holding the lock; the lock (a Condition) guards
+Overlap (`overlap_steps`, SGLang's overlap scheduler, vLLM's async scheduling): a decode step runs on a
+device thread while the engine thread applies the previous step's tokens (detokenising, stop rules,
+events). The step does not need them: its input ids are the ones the last step sampled, already on the
+device. So the batch of step k is chosen before step k-1's tokens are applied: a sequence that stops on a
+token of step k-1 (EOS, a stop token or string) takes part in step k, whose token it drops; one that reaches
+`max_new_tokens` with it is left out. Anything else that touches the decode pool or the sampler (prefill,
+a fork, a prompt fed after a context, releasing a finished sequence) first waits for the step in flight, so
+the device work stays one sequence of steps; only the steady state of decoding overlaps.
+
+Threading: the step runs in the engine thread (or its device thread) without holding the lock; the lock (a Condition) guards
 the scheduler and every request's bookkeeping, so `add_request`, `abort` and `stats` from other threads
 take effect between two steps (abort frees the reservation immediately; a sequence that is in the
 middle of an executing step is dropped when that step ends). Events reach each caller through a
@@ -39,6 +48,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +131,12 @@ class EngineConfig:
     # bundled model on this CPU, but each new recording compiles for tens of seconds inside the engine's
     # step (docs/benchmarks.md section 7). Needs a C++ compiler.
     compile_step: bool = False
+    # Run each decode step on a device thread while the engine thread applies the previous step's tokens
+    # (module docstring, "Overlap"). Tokens are the same either way; a sequence that stops on EOS or a stop
+    # string runs one extra step whose token is dropped. None: on CUDA only (there the engine's host work
+    # hides behind the device's; on a CPU both threads need the same cores and the GIL: 4-7% slower on
+    # this machine's, docs/benchmarks.md section 7).
+    overlap_steps: bool | None = None
     bounds: RequestBounds = field(default_factory=RequestBounds)  # stop strings / stop token ids per request
     long_prompt_tokens: int | None = None  # prompts longer than this are long (None: no distinction)
     short_prompt_slots: int = 0  # slots long prompts may not take (needs long_prompt_tokens)
@@ -303,6 +319,14 @@ class RequestStream:
 
 
 @dataclass
+class _InFlight:
+    """A decode step launched and not yet applied: its batch and its sampled output (`SampleOutput`)."""
+
+    batch: list[_Request]
+    output: Future
+
+
+@dataclass
 class _Request:
     """The engine's state of one request (guarded by the engine lock unless noted)."""
 
@@ -407,6 +431,11 @@ class Engine:
         self._prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self._prefix_hits = 0  # of which found in a live context (or an identical prompt's prefill)
         self.fault_hook: FaultHook | None = None
+        # Decode steps run here when they overlap the engine's host work (`overlap_steps`); one at a time.
+        overlap = self.config.overlap_steps
+        self._device_thread = (ThreadPoolExecutor(1, thread_name_prefix="reformer-device")
+                               if (self._device.type == "cuda" if overlap is None else overlap) else None)
+        self._inflight: _InFlight | None = None  # the decode step launched and not yet applied
         # statistics
         self._steps = 0
         self._step_failures = 0  # consecutive failed steps (reset by a step that succeeds)
@@ -787,14 +816,15 @@ class Engine:
                     if self._stop_loop:
                         break
                 with torch.inference_mode():
-                    self._decode_failure = None
                     try:
                         self.step()
                     except Exception as exc:
                         self._step_failed(exc)  # re-raises once too many steps in a row failed
                         continue
-                if self._decode_failure is not None:
-                    self._step_failed(*self._decode_failure)
+                # a failed decode step is seen when its tokens are due (with overlap, in a later step)
+                failure, self._decode_failure = self._decode_failure, None
+                if failure is not None:
+                    self._step_failed(*failure)
                 else:
                     self._step_succeeded()
         except BaseException as exc:  # the loop must report every failure before it stops
@@ -806,7 +836,10 @@ class Engine:
                     self._finish(
                         req, FinishReason.ERROR, error=f"engine failure: {self._fatal_error}", kind="internal"
                     )
+        self._sync()
         self._release_finished()
+        if self._device_thread is not None:
+            self._device_thread.shutdown(wait=True)
 
     def _step_failed(self, exc: Exception, request_ids: Sequence[str] = ()) -> None:
         """Count a failed step; the engine goes on unless `max_step_failures` steps in a row failed (then
@@ -849,7 +882,12 @@ class Engine:
 
     def _release_finished(self) -> None:
         """(Engine thread, between steps.) Give finished requests' decode state back: close unfinished
-        prefills (their slots go back) and release caches."""
+        prefills (their slots go back) and release caches (after the decode step in flight, which may still
+        be reading them)."""
+        with self._cond:
+            pending = bool(self._to_release)
+        if pending:
+            self._sync()
         with self._cond:
             done, self._to_release = self._to_release, []
         for cache, gen, req in done:
@@ -879,7 +917,9 @@ class Engine:
                     break
                 feed.append(r)
                 total += min(len(r.feed or ()), self._pool.M)
-        decoded = self._execute_decode(decode_batch) if decode_batch else 0
+        decoded = self._execute_decode(decode_batch)
+        if feed or prefill_queue:  # they use the pool and the sampler: the step in flight ends first
+            decoded += self._sync()
         if feed:
             self._execute_feed(feed)
         # Prefill budget of this step. Every other step the prompts with the least work left go first, so a
@@ -938,6 +978,7 @@ class Engine:
             req.admitted = now
             self._prefilling.append(req)
             if req.source is not None:  # a context's pages stay alive while requests on it are unfinished
+                self._sync()  # the fork copies pool state: after the step in flight
                 self._start_fork(req, req.source.cache, req.source.logits, req.prompt_ids, now)
             elif self.config.prefix_caching and req.making is None and self._pool is not None:
                 req.leader = self._find_leader(req)
@@ -1125,45 +1166,85 @@ class Engine:
 
     # ---- execute: decode -------------------------------------------------------------------------
     def _execute_decode(self, batch: list[_Request]) -> int:
-        """One batched decode step over every decoding sequence; returns the number of tokens sampled."""
+        """Launch one batched decode step over every decoding sequence and apply the tokens of the step before
+        it (with `overlap_steps`, while the new one runs; else the new one's too). Returns the number of
+        tokens applied."""
         with self._cond:
+            prev, self._inflight = self._inflight, None
             batch = [r for r in batch if not r.finished and r.cache is not None]
+            if prev is not None:  # a sequence that reaches its token limit with the step in flight is done
+                pending = {id(r) for r in prev.batch}
+                batch = [r for r in batch if id(r) not in pending or r.num_generated + 1 < r.params.max_new_tokens]
             if self._pool is not None:  # in slot order: a compact range of slots is read through views
                 batch.sort(key=lambda r: r.cache.sequences[0].slot)
-            caches = [r.cache for r in batch]
-            rows = [r.row for r in batch]
-        if not batch:
-            return 0
-        sampler = self._sampler
+            # a prompt fed after a context sets its row's next input when its token is applied: no overlap
+            overlap = self._device_thread is not None and all(r.feed is None for r in batch)
+        applied = 0
+        if not overlap:
+            applied, prev = self._complete(prev), None
+            with self._cond:  # some may have finished with those tokens
+                batch = [r for r in batch if not r.finished]
+        if batch:
+            launched = self._launch_decode(batch)
+            applied += self._complete(prev)  # while the new step runs
+            if overlap and launched is not None:
+                self._inflight = launched
+            else:
+                applied += self._complete(launched)
+        else:
+            applied += self._complete(prev)
+        return applied
+
+    def _sync(self) -> int:
+        """Wait for the decode step in flight, if any, and apply its tokens; returns their number."""
+        inflight, self._inflight = self._inflight, None
+        return self._complete(inflight)
+
+    def _launch_decode(self, batch: list[_Request]) -> _InFlight | None:
+        """Start a decode step of `batch` (on the device thread with `overlap_steps`, else here); None when it
+        failed before starting (its requests are finished with the error)."""
+        caches = [r.cache for r in batch]
+        rows = [r.row for r in batch]
+        wants = self._sampler.wants(rows)
         try:
             if self.fault_hook is not None:
                 for req in batch:
                     self.fault_hook("decode", req.request_id)
-            if self._pool is not None:
-                # decode and sampling in one device step (one replay with CUDA graphs): the input ids are
-                # the rows' last sampled ids, already on the device
-                slots = [c.sequences[0].slot for c in caches]
-                packed = decode_and_sample(self.model, self._pool, slots, sampler, rows, self._graphs)
-            else:  # an exported backend: its own decode step, then the same sampling
-                rows_t = sampler.rows_tensor(rows)
-                logits, _ = self.model.decode_step(sampler.next_input(rows_t).view(-1, 1),
-                                                   self._batch_caches(caches))  # (B, 1, V)
-                packed = sampler.sample(logits[:, -1, :], rows_t, sampler.mode(rows))
-            out = unpack(download(packed), sampler.wants(rows))  # the step's one download
+            if self._device_thread is not None:
+                return _InFlight(batch, self._device_thread.submit(self._device_step, caches, rows, wants))
+            output: Future = Future()
+            output.set_result(self._device_step(caches, rows, wants))
+            return _InFlight(batch, output)
         except Exception as exc:
-            oom = _is_oom(exc)
-            if oom and self._device.type == "cuda":
-                torch.cuda.empty_cache()
-            ids = [r.request_id for r in batch]
-            with self._cond, _wakeups_held():
-                for req in batch:  # their state goes (the step may have half-written it); the others' stays
-                    self._finish(req, FinishReason.ERROR, kind="oom" if oom else "internal",
-                                 error=("out of memory during decode: " if oom else "decode step failed: ")
-                                 + f"{type(exc).__name__}: {exc}")
-            if oom:
-                logger.warning("decode step of %d sequences ran out of memory: %r", len(batch), exc)
-            else:  # a bug or a broken device: the loop counts it, and too many in a row end the engine
-                self._decode_failure = (exc, ids)
+            self._decode_failed(batch, exc)
+            return None
+
+    @torch.inference_mode()
+    def _device_step(self, caches: list[Any], rows: list[int], wants: list[int]) -> SampleOutput:
+        """The device part of a decode step (on the device thread with `overlap_steps`): decode and sample
+        every row on the device, download the packed output once and unpack it on the host."""
+        sampler = self._sampler
+        if self._pool is not None:
+            # decode and sampling in one device step (one replay with CUDA graphs): the input ids are the
+            # rows' last sampled ids, already on the device
+            slots = [c.sequences[0].slot for c in caches]
+            packed = decode_and_sample(self.model, self._pool, slots, sampler, rows, self._graphs)
+        else:  # an exported backend: its own decode step, then the same sampling
+            rows_t = sampler.rows_tensor(rows)
+            logits, _ = self.model.decode_step(sampler.next_input(rows_t).view(-1, 1),
+                                               self._batch_caches(caches))  # (B, 1, V)
+            packed = sampler.sample(logits[:, -1, :], rows_t, sampler.mode(rows))
+        return unpack(download(packed), wants)  # the step's one download
+
+    def _complete(self, inflight: _InFlight | None) -> int:
+        """Wait for a launched decode step and apply its tokens (or fail its requests); returns their number."""
+        if inflight is None:
+            return 0
+        batch = inflight.batch
+        try:
+            out = inflight.output.result()
+        except Exception as exc:
+            self._decode_failed(batch, exc)
             return 0
         now = time.monotonic()
         with self._cond, _wakeups_held():
@@ -1172,6 +1253,21 @@ class Engine:
                 if not req.finished:
                     self._update(req, token, lp, now)
         return len(batch)
+
+    def _decode_failed(self, batch: list[_Request], exc: Exception) -> None:
+        """A decode step raised: its sequences fail (their state may be half-written); the others' stays."""
+        oom = _is_oom(exc)
+        if oom and self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        with self._cond, _wakeups_held():
+            for req in batch:
+                self._finish(req, FinishReason.ERROR, kind="oom" if oom else "internal",
+                             error=("out of memory during decode: " if oom else "decode step failed: ")
+                             + f"{type(exc).__name__}: {exc}")
+        if oom:
+            logger.warning("decode step of %d sequences ran out of memory: %r", len(batch), exc)
+        else:  # a bug or a broken device: the loop counts it, and too many in a row end the engine
+            self._decode_failure = (exc, [r.request_id for r in batch])
 
     # ---- update ----------------------------------------------------------------------------------
     def _update(self, req: _Request, token: int, logprob: TokenLogprob | None, now: float) -> None:

@@ -81,16 +81,17 @@ def compiled_capture(pool: DecodePool, buffers: tuple[Tensor, ...]) -> Callable[
         # recording (bucket, variant, mode) gets its own, one guard check a call and no recompile limit (8).
         own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
                                  step.__closure__)
-        compiled = torch.compile(own, fullgraph=True, options={"cpp_wrapper": True})
+        # No guards, as a CUDA graph replays without checks: the recording's static buffers and the pool's
+        # tensors stay where they were (a moved pool drops every recording: `StepGraphs._check_generation`)
+        # and its Python values are in its key. Dynamo's guards were ~15% of the bundled model's step.
+        no_guards = getattr(torch.compiler, "skip_all_guards_unsafe", None)  # torch >= 2.8
+        compiled = torch.compile(own, fullgraph=True, options={
+            "cpp_wrapper": True, **({"guard_filter_fn": no_guards} if no_guards is not None else {})})
         compiled()
         out = compiled().clone()
 
         def replay() -> None:
-            # Without dynamo's guards, as a CUDA graph replays without checks: the recording has one compiled
-            # entry, its static buffers and the pool's tensors stay where they were (a moved pool drops every
-            # recording: `StepGraphs._check_generation`), and its Python values are in its key. ~4% of a step.
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                out.copy_(compiled())
+            out.copy_(compiled())
 
         return replay, out
 

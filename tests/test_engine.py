@@ -805,3 +805,82 @@ def test_an_idle_engine_waits_for_the_rest_of_a_burst(
         assert batches[0] == 1 and sum(batches) == 4
     for i, events in enumerate(results):
         assert tokens_of(events) == list(generate(model, prompt(9, seed=i), 3, temperature=0.0))
+
+
+def test_overlapped_decode_steps_produce_what_sequential_steps_produce(model: ReformerLM) -> None:
+    """`overlap_steps` (the decode step on a device thread while the engine applies the previous step's tokens;
+    the default on CUDA) changes nothing a caller sees: the same tokens, text, logprobs and finish reasons as
+    sequential steps for greedy and seeded streams that join while others decode, stop on a string, a stop id
+    or their token limit (1 to 20 tokens), and a request aborted mid-stream; every byte and sampler row is
+    given back. The steps did run on the device thread."""
+    base = prompt(12, seed=3)
+    full = list(generate(model, base, 24, temperature=0.0))
+    full_text = bytes(t - 2 for t in full if t > 2).decode("utf-8", errors="replace")
+    cases = [
+        (prompt(9, seed=1), greedy(20)),
+        (prompt(30, seed=2), SamplingParams(max_new_tokens=17, temperature=0.8, top_p=0.9, seed=7, logprobs=2,
+                                            ignore_eos=True)),
+        (base, greedy(24, stop_token_ids=(full[5],))),
+        (base, greedy(24, stop=(full_text[6:8],))),
+        (prompt(5, seed=4), greedy(1)),
+        (prompt(6, seed=5), greedy(2)),
+        (prompt(21, seed=6), SamplingParams(max_new_tokens=9, temperature=1.0, top_k=5, seed=3, ignore_eos=True)),
+    ]
+
+    async def go(overlap: bool) -> tuple[list[list[Event]], list[Event], Engine, set[str]]:
+        engine = Engine(model, EngineConfig(max_batch=8, prefill_chunk_tokens=32, overlap_steps=overlap,
+                                            context_memory_bytes=2**24))
+        free_rows.append(len(engine._sampler._free))
+        threads: set[str] = set()
+        device_step = engine._device_step
+
+        def on_thread(*args: Any) -> Any:
+            threads.add(threading.current_thread().name)
+            return device_step(*args)
+
+        engine._device_step = on_thread  # type: ignore[method-assign]
+        engine.start()
+        # contexts: a long one (its prompt runs in one pass) and one shorter than an LSH chunk (its prompt is
+        # fed as decode steps, which sets each row's next input when a token is applied)
+        made = [[ev for ev in await collect(engine.create_context(prompt(n, seed=n))) if hasattr(ev, "context_id")][0]
+                for n in (40, 3)]
+        on_contexts = [engine.add_request(prompt(6, seed=9), greedy(10), context_id=c.context_id) for c in made]
+        first = on_contexts + [engine.add_request(p, sp) for p, sp in cases[:3]]
+        victim = engine.add_request(prompt(11, seed=8), greedy(60), request_id="victim")
+        head = []
+        async for ev in first[2]:  # the rest join while these decode
+            head.append(ev)
+            if isinstance(ev, TokenEvent):
+                break
+        later = [engine.add_request(p, sp) for p, sp in cases[3:]]
+        got = 0
+        async for ev in victim:
+            if isinstance(ev, TokenEvent):
+                got += len(ev.token_ids)
+                if got >= 3:
+                    engine.abort("victim")
+                    break
+        results = await asyncio.gather(*(collect(s) for s in first + later))
+        results[2] = head + results[2]
+        victim_rest = await collect(victim)
+        await engine.shutdown()
+        return results, victim_rest, engine, threads
+
+    free_rows: list[int] = []
+    seq, seq_victim, _, seq_threads = run(lambda: go(False))
+    ovl, ovl_victim, engine, ovl_threads = run(lambda: go(True))
+    assert seq_threads == {"reformer-engine"} and ovl_threads == {"reformer-device_0"}
+    for a, b in zip(seq, ovl, strict=True):
+        assert tokens_of(a) == tokens_of(b) and text_of(a) == text_of(b)
+        assert [lp for ev in a if isinstance(ev, TokenEvent) for lp in ev.logprobs] == \
+            [lp for ev in b if isinstance(ev, TokenEvent) for lp in ev.logprobs]
+        fa, fb = finish_of(a), finish_of(b)
+        assert (fa.finish_reason, fa.generated_tokens) == (fb.finish_reason, fb.generated_tokens)
+    reasons = [finish_of(r).finish_reason for r in ovl]
+    assert reasons.count(FinishReason.STOP) == 2 and reasons.count(FinishReason.LENGTH) == len(cases)
+    assert [finish_of(r).cached_tokens for r in ovl[:2]] == [40, 3]
+    assert finish_of(ovl_victim).finish_reason is FinishReason.ABORTED
+    assert finish_of(seq_victim).finish_reason is FinishReason.ABORTED
+    stats = engine.stats()
+    assert stats.cache_bytes_in_use == 0 and stats.extra["cache_bytes_allocated"] == 0
+    assert len(engine._sampler._free) == free_rows[-1]  # every row back

@@ -352,3 +352,42 @@ def test_seeded_sampling_is_reproducible_on_the_device():
     assert run(0.9, False) == a  # the captured step samples what the eager one does
     assert a[1] != a[2]  # one prompt, two seeds
     assert a != run(0.0, True)  # greedy differs: the sampler sampled
+
+
+def test_engine_overlapped_steps_equal_sequential_steps_on_the_device():
+    """The engine as the server runs it on the device (bundled model, bf16, captured steps; `overlap_steps` on,
+    CUDA's default: each step replays on the device thread while the engine applies the previous step's
+    tokens) streams the tokens sequential steps stream: 8 seeded and greedy requests of different prompt
+    lengths and limits, half joining while the others decode."""
+    import asyncio
+
+    from reformer_infer.engine import Engine, EngineConfig
+    from reformer_infer.requests import TokenEvent
+
+    model = load_model(default_model_path(), device=DEVICE, dtype=torch.bfloat16).eval()
+    params = [SamplingParams(max_new_tokens=20 + 5 * i, temperature=0.0 if i % 2 else 0.9, top_k=40, seed=i,
+                             ignore_eos=True) for i in range(8)]
+    prompts = [text_ids(300 * i, 10 + 37 * i)[0].tolist() for i in range(8)]
+
+    async def go(overlap: bool) -> list[list[int]]:
+        engine = Engine(model, EngineConfig(max_batch=8, overlap_steps=overlap, cuda_graphs=CUDA))
+        engine.start()
+
+        async def collect(stream) -> list[int]:
+            return [t async for ev in stream if isinstance(ev, TokenEvent) for t in ev.token_ids]
+
+        def start(k: slice) -> list[asyncio.Future]:
+            return [asyncio.ensure_future(collect(engine.add_request(p, sp)))
+                    for p, sp in zip(prompts[k], params[k], strict=True)]
+
+        first = start(slice(0, 4))
+        await asyncio.sleep(0.05)
+        rest = start(slice(4, 8))
+        out = await asyncio.gather(*first, *rest)
+        assert (engine._device_thread is not None) == overlap
+        await engine.shutdown()
+        return out
+
+    seq, ovl = asyncio.run(go(False)), asyncio.run(go(True))
+    assert ovl == seq
+    assert [len(t) for t in ovl] == [sp.max_new_tokens for sp in params]

@@ -77,6 +77,13 @@ def test_exported_backends_are_selectable_and_default_to_float32() -> None:
         backend.load_backend("tensorrt", Path("/nowhere"), "cpu", "float32")
 
 
+def test_overlap_steps_auto_by_default_and_forced_by_flag_or_env() -> None:
+    assert parse_config([], env={}).overlap_steps is None
+    assert parse_config(["--overlap-steps", "true"], env={}).overlap_steps is True
+    assert parse_config(["--overlap-steps", "auto"], env={"REFORMER_OVERLAP_STEPS": "0"}).overlap_steps is None
+    assert parse_config([], env={"REFORMER_OVERLAP_STEPS": "off"}).overlap_steps is False
+
+
 def test_compile_step_off_by_default_and_switched_on_by_flag_or_env() -> None:
     assert parse_config([], env={}).compile_step is False
     assert parse_config(["--compile-step", "true"], env={}).compile_step is True

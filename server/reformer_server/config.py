@@ -31,6 +31,11 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+def parse_auto_bool(text: str) -> bool | str:
+    """A boolean, or "auto" (`parse_config` turns it into None: the engine decides by device)."""
+    return "auto" if text.strip().lower() == "auto" else parse_bool(text)
+
+
 def parse_bool(text: str) -> bool:
     t = text.strip().lower()
     if t in ("1", "true", "yes", "on"):
@@ -69,6 +74,7 @@ class ServerConfig:
     arrival_window: float = 0.002  # seconds an idle engine waits for the rest of a burst of requests
     cuda_graphs: bool = True  # on CUDA, replay captured decode steps (one graph per batch bucket)
     compile_step: bool = False  # off CUDA, replay the step compiled by torch.compile per batch bucket
+    overlap_steps: bool | None = None  # None (auto): decode steps overlap the engine's host work on CUDA only
     stall_timeout: float = 30.0
     grace_period: float = 30.0
     tls_cert: Path | None = None
@@ -243,6 +249,9 @@ _OPTIONS: tuple[_Option, ...] = (
             "on a CPU, decode steps replay the step compiled by torch.compile (inductor, C++ wrapper) per batch "
             "bucket and sampling mode: ~2.8x one stream's tokens/s on the bundled model, but each new one "
             "compiles for 7-60 s while every stream waits; needs a C++ compiler (no effect on CUDA)"),
+    _Option("--overlap-steps", "overlap_steps", parse_auto_bool,
+            "auto, true or false: run each decode step on a device thread while the engine applies the previous "
+            "step's tokens (auto: on CUDA only; on a CPU the two threads compete for the same cores)"),
     _Option("--switch-interval", "switch_interval", float,
             "Python GIL switch interval in seconds (the engine thread and the gRPC event loop share the GIL)"),
     _Option("--log-level", "log_level", str, "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -300,6 +309,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
                 parser.error(f"{opt.env}={raw!r}: choose from {', '.join(opt.choices)}")
         if value is not None:
             setattr(cfg, opt.dest, value)
+    if cfg.overlap_steps == "auto":
+        cfg.overlap_steps = None
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca is not None and cfg.tls_cert is None:

@@ -202,6 +202,7 @@ class ReformerServer:
             arrival_window_s=cfg.arrival_window,
             cuda_graphs=cfg.cuda_graphs,
             compile_step=cfg.compile_step,
+            overlap_steps=cfg.overlap_steps,
             bounds=RequestBounds(max_stop_strings=cfg.max_stop_strings, max_stop_string_bytes=cfg.max_stop_string_bytes,
                                  max_stop_token_ids=cfg.max_stop_token_ids),
             long_prompt_tokens=cfg.long_prompt_tokens,
