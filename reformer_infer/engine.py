@@ -24,8 +24,9 @@ Threading: the step runs in the engine thread (or its device thread) without hol
 the scheduler and every request's bookkeeping, so `add_request`, `abort` and `stats` from other threads
 take effect between two steps (abort frees the reservation immediately; a sequence that is in the
 middle of an executing step is dropped when that step ends). Events reach each caller through a
-bounded `RequestStream`: the engine never blocks on a consumer; when the buffer is full, token events
-are coalesced into the last one (no token or text is lost, only granularity).
+bounded `RequestStream`: the engine never blocks on a consumer; a consumer that fell behind takes every
+token event waiting as one, and when the buffer is full, new token events are coalesced into the last one
+(no token or text is lost, only granularity).
 
 Failures (issue 18: one request's fault stays its own): an exception in one request's prefill (including
 out-of-memory) or in applying its sampled token finishes only that request with ERROR; an exception in a
@@ -234,13 +235,20 @@ def _waker_for(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
         return waker
 
 
+def _merged(first: TokenEvent, then: TokenEvent) -> TokenEvent:
+    """One token event holding two consecutive ones (no token, text or logprob lost)."""
+    return TokenEvent(request_id=first.request_id, token_ids=first.token_ids + then.token_ids,
+                      text=first.text + then.text, logprobs=first.logprobs + then.logprobs)
+
+
 class RequestStream:
     """Async iterator over one request's events; filled from the engine thread without ever blocking it.
 
     The buffer is a deque under a small lock; the consumer is woken with `loop.call_soon_threadsafe`
-    (at most one wake-up in flight). When more than `max_events` events wait, a new TokenEvent is merged
-    into the last buffered one and a PrefillProgress replaces the last one, so memory stays bounded by
-    the request's own output while the engine never waits for the consumer.
+    (at most one wake-up in flight) and takes consecutive waiting TokenEvents as one (a server that fell
+    behind at 16 streams then writes one message for several tokens). When more than `max_events` events
+    wait, a new TokenEvent is merged into the last buffered one and a PrefillProgress replaces the last one,
+    so memory stays bounded by the request's own output while the engine never waits for the consumer.
     """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_events: int) -> None:
@@ -253,7 +261,7 @@ class RequestStream:
         self._wake_pending = False
         self._closed = False  # FinishEvent queued: nothing more is accepted
         self._done = False  # FinishEvent handed to the consumer
-        self.coalesced = 0  # events merged because the consumer was behind
+        self.coalesced = 0  # token events merged because the consumer was behind
 
     # ---- producer side (any thread) ---------------------------------------------------------
     def put(self, event: Event) -> None:
@@ -278,12 +286,7 @@ class RequestStream:
     def _merge(self, event: Event) -> bool:
         last = self._buf[-1]
         if isinstance(event, TokenEvent) and isinstance(last, TokenEvent):
-            self._buf[-1] = TokenEvent(
-                request_id=last.request_id,
-                token_ids=last.token_ids + event.token_ids,
-                text=last.text + event.text,
-                logprobs=last.logprobs + event.logprobs,
-            )
+            self._buf[-1] = _merged(last, event)
             return True
         if isinstance(event, PrefillProgress) and isinstance(last, PrefillProgress):
             self._buf[-1] = event
@@ -306,6 +309,12 @@ class RequestStream:
                     event = self._buf.popleft()
                     if isinstance(event, FinishEvent):
                         self._done = True
+                    elif isinstance(event, TokenEvent):
+                        # a consumer that fell behind takes every token waiting in one event: one message
+                        # (gRPC, SSE) for several tokens costs it about what one for one token does
+                        while self._buf and isinstance(self._buf[0], TokenEvent):
+                            event = _merged(event, self._buf.popleft())
+                            self.coalesced += 1
                     return event
                 if self._done:
                     raise StopAsyncIteration
