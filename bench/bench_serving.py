@@ -148,7 +148,8 @@ async def measure(model_dir: Path, srv: ServerProcess, args: argparse.Namespace)
     """Alternate direct, gRPC and HTTP rounds so all see the same background load; keep each one's best round."""
     model = load_model(model_dir, device=args.device)
     engine = Engine(model, EngineConfig(max_batch=max(args.streams), max_queue=max(args.streams),
-                                        cache_memory_bytes=CACHE_BUDGET, prefill_chunk_tokens=512))
+                                        cache_memory_bytes=CACHE_BUDGET, prefill_chunk_tokens=512,
+                                        compile_step=args.compile_step))
     engine.start()
     direct: dict[int, float] = {n: 0.0 for n in args.streams}
     served: dict[int, float] = {n: 0.0 for n in args.streams}
@@ -194,6 +195,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy streams")
     p.add_argument("--repeat", type=int, default=3, help="rounds per stream count; the best is reported "
                    "(the least disturbed by other processes)")
+    p.add_argument("--compile-step", action="store_true",
+                   help="the server and the in-process engine replay compiled steps (EngineConfig.compile_step)")
+    p.add_argument("--server-args", default="", help="more reformer-server flags, e.g. '--switch-interval 0.0002'")
     args = p.parse_args()
     global TEMPERATURE
     TEMPERATURE = args.temperature
@@ -211,7 +215,8 @@ def main() -> None:
         srv = start_server(model_dir, Path(tmp) / "server", "--device", args.device, "--max-batch",
                            str(max(args.streams)), "--max-queue", str(max(args.streams)), "--cache-memory",
                            str(CACHE_BUDGET), "--prefill-chunk-tokens", "512", "--log-level", "WARNING",
-                           "--http-port", "0",
+                           "--http-port", "0", *(["--compile-step", "true"] if args.compile_step else []),
+                           *args.server_args.split(),
                            env={"OMP_NUM_THREADS": str(torch.get_num_threads())})  # same threads as direct
         try:
             result = asyncio.run(measure(model_dir, srv, args))

@@ -128,7 +128,7 @@ class EngineConfig:
     # every op; elsewhere they run eagerly.
     cuda_graphs: bool = True
     # Off CUDA, decode steps replay the same step compiled by torch.compile (inductor, C++ wrapper) per batch
-    # bucket, variant and sampling mode (step_graphs.compiled_capture): ~2.7x faster a bare step of the
+    # bucket, variant and sampling mode (step_graphs.compiled_capture): ~3x one stream's tokens/s on the
     # bundled model on this CPU, but each new recording compiles for tens of seconds inside the engine's
     # step (docs/benchmarks.md section 7). Needs a C++ compiler.
     compile_step: bool = False

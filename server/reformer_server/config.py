@@ -247,7 +247,7 @@ _OPTIONS: tuple[_Option, ...] = (
             "on CUDA, decode steps replay one captured CUDA graph per batch bucket (no effect on CPU)"),
     _Option("--compile-step", "compile_step", parse_bool,
             "on a CPU, decode steps replay the step compiled by torch.compile (inductor, C++ wrapper) per batch "
-            "bucket and sampling mode: ~2.8x one stream's tokens/s on the bundled model, but each new one "
+            "bucket and sampling mode: ~3x one stream's tokens/s on the bundled model, but each new one "
             "compiles for 7-60 s while every stream waits; needs a C++ compiler (no effect on CUDA)"),
     _Option("--overlap-steps", "overlap_steps", parse_auto_bool,
             "auto, true or false: run each decode step on a device thread while the engine applies the previous "
