@@ -693,7 +693,7 @@ def test_short_prompt_does_not_wait_behind_a_long_prefill(model: ReformerLM) -> 
 def test_events_of_one_step_wake_the_consumer_loop_once():
     """Within a held block (a decode step's token updates), events for many streams wake their loop once,
     when the block ends; outside one, the first event wakes it at once."""
-    from reformer_infer.engine import _wakeups_held
+    from reformer_infer.streams import _wakeups_held
 
     class CountingLoop:
         def __init__(self) -> None:
