@@ -283,6 +283,41 @@ def engine_steps(model, pool, caches, args) -> list[float]:
     return timed_steps(step, args.steps, args.warmup, dev)
 
 
+def engine_cell(model, B: int, prompt_len: int, new_tokens: int, overlap: bool) -> tuple[float, int]:
+    """The engine as served (captured steps on CUDA, `overlap_steps` as given): B greedy streams of `new_tokens`
+    after `prompt_len`-token prompts, all submitted at once; tokens/s of the round after a warm-up round (which
+    records the buckets), wall time from submission to the last token, prefill included. Also a hash of the
+    tokens: overlap must not change them."""
+    import asyncio
+
+    from reformer_infer.engine import Engine, EngineConfig
+    from reformer_infer.requests import SamplingParams, TokenEvent
+
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 258, (prompt_len,), generator=gen).tolist() for _ in range(B)]
+    budget = int(1.25 * B * model.cache_bytes(prompt_len + new_tokens + 64))
+
+    async def go() -> tuple[float, int]:
+        engine = Engine(model, EngineConfig(max_batch=B, max_queue=B, cache_memory_bytes=budget,
+                                            overlap_steps=overlap))
+        engine.start()
+
+        async def one(p: list[int]) -> tuple[int, ...]:
+            stream = engine.add_request(p, SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+            return tuple([t async for ev in stream if isinstance(ev, TokenEvent) for t in ev.token_ids])
+
+        try:
+            for _ in range(2):  # the first round records every bucket the batch passes through
+                t0 = time.perf_counter()
+                got = await asyncio.gather(*(one(p) for p in prompts))
+                wall = time.perf_counter() - t0
+        finally:
+            await engine.shutdown()
+        return sum(map(len, got)) / wall, hash(tuple(got))
+
+    return asyncio.run(go())
+
+
 def run(args, budget: Budget) -> tuple[str, list[str]]:
     from reformer_infer import load_model
 
@@ -349,6 +384,24 @@ def run(args, budget: Budget) -> tuple[str, list[str]]:
             decode_rows[key] = [fmt_ms(eager) if eager else "failed", g_cell, "; ".join(note)]
             print(f"  ours B={B} T={Td}: eager {fmt_ms(eager)} graph {g_cell} {'; '.join(note)}", file=sys.stderr,
                   flush=True)
+
+    # ---- the engine as served, overlapped steps off and on -----------------------------------------------
+    engine_rows = []
+    eB, eP, eN = (4, 64, 16) if args.small else (64, 1024, 128)
+    if budget.left() > args.reserve_s + (5 if args.small else 30):
+        try:
+            (off, h_off), (on, h_on) = (engine_cell(model, eB, eP, eN, False),
+                                        engine_cell(model, eB, eP, eN, True))
+            same = "same tokens" if h_off == h_on else "TOKENS DIFFER"
+            engine_rows.append(f"| engine tok/s, {eN} greedy tokens per stream, prefill included | {eB} | {eP} | "
+                               f"overlap off: {off:.0f} | overlap on: {on:.0f} ({on / off:.2f}x) | – | "
+                               f"`EngineConfig.overlap_steps`; {same} |")
+        except Exception as e:
+            engine_rows.append(f"| engine tok/s | {eB} | {eP} | failed: {failure(e)} | | – | |")
+        print(f"  engine: {engine_rows[-1]}", file=sys.stderr, flush=True)
+        free_device(dev)
+    else:
+        engine_rows.append(f"| engine tok/s | {eB} | {eP} | not run (time budget) | | – | |")
 
     # ---- transformers ----------------------------------------------------------------------------
     from transformers import ReformerConfig as HFConfig
@@ -418,6 +471,7 @@ def run(args, budget: Budget) -> tuple[str, list[str]]:
             Td = min(T, max_ctx - extra)
             rows.append(f"| decode ms/step, median (mean) | {B} | {Td} | {eager} | {graph} | {hf_cell} | "
                         f"{'; '.join(n for n in note if n)} |")
+    rows.extend(engine_rows)
     cb = model.cache_bytes(max_ctx)
     hf_cb = hf_cache_bytes(hf_cfg, 1, max_ctx, elt)
     rows.append(f"| cache bytes per stream | 1 | {max_ctx} | {fmt_bytes(cb)} ({cb} B) | – | {fmt_bytes(hf_cb)} | "

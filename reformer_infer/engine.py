@@ -115,7 +115,10 @@ class EngineConfig:
     max_batch: int = 16  # running sequences (prefilling or decoding) at once
     max_queue: int = 256  # waiting requests beyond this -> OverloadedError
     cache_memory_bytes: int = 2**30  # admission budget in projected cache bytes
-    prefill_chunk_tokens: int = 512  # prefill work per step, in model.prefill_iter units (tokens x layers)
+    # Prefill work per step, in model.prefill_iter units (tokens x layers). None: sized for the device (512 on a
+    # CPU keeps a step near a decode step's time; on a GPU that many positions are microseconds of launches
+    # and a 64K prompt would take ~12K steps, so 16384 there).
+    prefill_chunk_tokens: int | None = None
     max_context: int | None = None  # defaults to the model's context
     max_new_tokens_limit: int = 4096
     stream_buffer_events: int = 256  # bounded per-request hand-off; beyond it token events coalesce
@@ -211,6 +214,7 @@ class Engine:
         model_context = int(getattr(mcfg, "max_context", mcfg.max_position_embeddings))
         self.max_context = min(self.config.max_context or model_context, model_context)
         self._device = model_device(model)
+        self._prefill_chunk = self.config.prefill_chunk_tokens or (16384 if self._device.type == "cuda" else 512)
         # A backend may bring its own cache type; the eager model uses ReformerCache.
         self._batch_caches: Callable[[Sequence[Any]], Any] = getattr(
             model, "batch_caches", ReformerCache.batch
@@ -764,7 +768,7 @@ class Engine:
         if self._steps % 2 == 0:
             prefill_queue.sort(key=self._work_left)  # stable: FIFO among equals
         prefilled = 0
-        remaining = self.config.prefill_chunk_tokens
+        remaining = self._prefill_chunk
         done: set[int] = set()
         failed: set[int] = set()  # prompt lengths whose batched pass raised this step: one at a time now
         for req in prefill_queue:
@@ -829,7 +833,7 @@ class Engine:
         slice after it made that step twice the others (the largest inter-token gap of the streams
         decoding beside it).
         """
-        chunk = self.config.prefill_chunk_tokens
+        chunk = self._prefill_chunk
         n = len(req.prompt_ids)
         start_work = req.prefill_done_work
         try:
@@ -911,7 +915,7 @@ class Engine:
         work = self._prefill_work(n)
         if req.prefill_gen is not None or work <= 0 or req.making is not None:
             return None
-        size = (budget if budget is not None else GROUP_PREFILL_STEPS * self.config.prefill_chunk_tokens) // work
+        size = (budget if budget is not None else GROUP_PREFILL_STEPS * self._prefill_chunk) // work
         group = [r for r in queue if id(r) not in done and not r.finished and r.prefill_gen is None
                  and r.making is None and r.leader is None and r.cache is None and len(r.prompt_ids) == n][:size]
         return group if len(group) > 1 and group[0] is req else None

@@ -67,13 +67,6 @@ def grpc_options(cfg: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
-def default_prefill_chunk(device: str) -> int:
-    """Prefill work units per engine step, sized for the device: on a CPU a unit of 512 keeps a step near the
-    time of a decode step; on a GPU that many positions are a few microseconds of launches each, and a 64K
-    prompt would take ~12K steps, so a step takes 32x more."""
-    return 16384 if device.startswith("cuda") else 512
-
-
 def default_cache_memory(device: str) -> int:
     """80% of free GPU memory after loading the model; on CPU 25% of available RAM, at most 16 GiB."""
     if device.startswith("cuda"):
@@ -195,7 +188,7 @@ class ReformerServer:
             max_batch=cfg.max_batch,
             max_queue=cfg.max_queue,
             cache_memory_bytes=budget,
-            prefill_chunk_tokens=cfg.prefill_chunk_tokens or default_prefill_chunk(device),
+            prefill_chunk_tokens=cfg.prefill_chunk_tokens,  # None: the engine sizes it for the device
             max_context=cfg.max_context,
             max_new_tokens_limit=cfg.max_new_tokens_limit,
             stream_buffer_events=cfg.stream_buffer_events,
