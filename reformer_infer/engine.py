@@ -269,7 +269,7 @@ class Engine:
         self.fault_hook: FaultHook | None = None
         # Decode steps run here when they overlap the engine's host work (`overlap_steps`); one at a time.
         overlap = self.config.overlap_steps
-        self._device_thread = (ThreadPoolExecutor(1, thread_name_prefix="reformer-device")
+        self._device_thread = (ThreadPoolExecutor(1, thread_name_prefix="reformer-device", initializer=self._bind_device)
                                if (self._device.type == "cuda" if overlap is None else overlap) else None)
         self._inflight: _InFlight | None = None  # the decode step launched and not yet applied
         # statistics
@@ -632,7 +632,14 @@ class Engine:
             )
 
     # ---- the loop -------------------------------------------------------------------------------
+    def _bind_device(self) -> None:
+        """(On each engine thread.) Make the model's GPU this thread's current device: CUDA's current device is
+        per thread, and streams and graphs captured without a device argument go to the current one."""
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+
     def _run(self) -> None:
+        self._bind_device()
         idle = True  # the first requests after start are a burst like any other
         try:
             while True:
