@@ -20,13 +20,13 @@ token of step k-1 (EOS, a stop token or string) takes part in step k, whose toke
 a fork, a prompt fed after a context, releasing a finished sequence) first waits for the step in flight, so
 the device work stays one sequence of steps; only the steady state of decoding overlaps.
 
-Threading: the step runs in the engine thread (or its device thread) without holding the lock; the lock (a Condition) guards
-the scheduler and every request's bookkeeping, so `add_request`, `abort` and `stats` from other threads
-take effect between two steps (abort frees the reservation immediately; a sequence that is in the
-middle of an executing step is dropped when that step ends). Events reach each caller through a
-bounded `RequestStream`: the engine never blocks on a consumer; a consumer that fell behind takes every
-token event waiting as one, and when the buffer is full, new token events are coalesced into the last one
-(no token or text is lost, only granularity).
+Threading: the step runs in the engine thread (or its device thread) without holding the lock; the lock (a
+Condition) guards the scheduler and every request's bookkeeping, so `add_request`, `abort` and `stats` from
+other threads take effect between two steps (abort frees the reservation immediately; a sequence that is in
+the middle of an executing step is dropped when that step ends). Events reach each caller through a bounded
+`RequestStream`: the engine never blocks on a consumer; a consumer that fell behind takes every token event
+waiting as one, and when the buffer is full, new token events are coalesced into the last one (no token or
+text is lost, only granularity).
 
 Failures (issue 18: one request's fault stays its own): an exception in one request's prefill (including
 out-of-memory) or in applying its sampled token finishes only that request with ERROR; an exception in a
@@ -137,7 +137,7 @@ class EngineConfig:
     # (module docstring, "Overlap"). Tokens are the same either way; a sequence that stops on EOS or a stop
     # string runs one extra step whose token is dropped. None: on CUDA only (there the engine's host work
     # hides behind the device's; on a CPU both threads need the same cores and the GIL: 4-7% slower on
-    # this machine's, docs/benchmarks.md section 7).
+    # the 2-core development machine, docs/benchmarks.md section 7).
     overlap_steps: bool | None = None
     bounds: RequestBounds = field(default_factory=RequestBounds)  # stop strings / stop token ids per request
     long_prompt_tokens: int | None = None  # prompts longer than this are long (None: no distinction)
