@@ -396,6 +396,46 @@ class Engine:
             self._cond.notify_all()
         return req.stream
 
+    async def warm_up(self) -> int:
+        """Pay first-call costs before traffic (the server runs this before it reports SERVING): one short greedy
+        generation (allocator, kernels); then, when decode steps are recorded (CUDA graphs, or `compile_step`),
+        every (batch bucket, dense variant) of greedy decoding is recorded here instead of inside a serving step,
+        as vLLM captures its batch sizes at startup: for each bucket, that many requests on prompts well short of
+        one LSH chunk decode one token together (dense rows); then `max_batch` requests on prompts longer than a
+        chunk, request i generating i + 2 tokens, so the batch shrinks through every bucket (hashed rows).
+        Sampled steps are recorded at first use. Returns the recordings made."""
+        tok = self.tokenizer
+        base = tok.encode("warm-up ") if tok.has_text else [int(self.model.config.pad_token_id)]
+
+        def prompt(i: int, n: int) -> list[int]:  # distinct prompts: identical ones would share one prefill
+            head = tok.encode(f"{i}:") if tok.has_text else [i % self._vocab_size]
+            return (head + base * n)[:n]
+
+        async def run(prompts: list[list[int]], tokens: list[int]) -> None:
+            streams = [self.add_request(p, SamplingParams(max_new_tokens=t, temperature=0.0, ignore_eos=True))
+                       for p, t in zip(prompts, tokens, strict=True)]
+            for stream in streams:
+                async for _ev in stream:
+                    pass
+
+        graphs = self._graphs
+        before = graphs.captures if graphs is not None else 0
+        await run([prompt(0, 7)], [2])
+        if graphs is None:
+            return 0
+        n = self.config.max_batch
+        chunk = int(self.model.config.lsh_attn_chunk_length)
+        short = max(1, min(8, chunk - 3))  # still dense after its decode step
+        bucket = 1
+        while bucket <= n:
+            await run([prompt(i, short) for i in range(bucket)], [2] * bucket)
+            bucket *= 2
+        if bucket // 2 < n:  # max_batch not a power of two: its own bucket too
+            await run([prompt(i, short) for i in range(n)], [2] * n)
+        if chunk + 1 + n + 2 <= self.max_context:
+            await run([prompt(i, chunk + 1) for i in range(n)], [i + 2 for i in range(n)])
+        return graphs.captures - before
+
     def _fork_shared_bytes(self, source: Context | None, tokens: int) -> int:
         """Cache bytes a generation of `tokens` decode positions on `source` shares instead of owning: its full
         pages, unless the fork could copy them (a delta merge, or the hashing at one chunk, rewrites the order

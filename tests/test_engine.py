@@ -884,3 +884,34 @@ def test_overlapped_decode_steps_produce_what_sequential_steps_produce(model: Re
     stats = engine.stats()
     assert stats.cache_bytes_in_use == 0 and stats.extra["cache_bytes_allocated"] == 0
     assert len(engine._sampler._free) == free_rows[-1]  # every row back
+
+
+def test_warm_up_records_every_greedy_bucket_before_traffic(model: ReformerLM) -> None:
+    """`Engine.warm_up` (the server runs it before SERVING) records the greedy step of every batch bucket up to
+    `max_batch`, with and without the dense attention of sequences shorter than one LSH chunk, so that greedy
+    traffic afterwards records nothing inside a serving step (on CUDA a graph capture, with `compile_step` a
+    compile of tens of seconds). The recorder here is `step_graphs.EagerReplay` (the CPU stand-in); without
+    recorded steps warm_up only runs its short generation."""
+    from reformer_infer.step_graphs import EagerReplay
+
+    async def go() -> tuple[int, set[tuple[int, bool]], int, int]:
+        engine = Engine(model, EngineConfig(max_batch=8, compile_step=True))
+        engine._graphs = graphs = model.use_step_graphs(engine._pool, capture=EagerReplay)  # no compiler here
+        engine.start()
+        recorded = await engine.warm_up()
+        keys = {(key[1], key[2] > 0) for key in graphs._graphs if key[0] == "sampled"}
+        before = graphs.captures
+        streams = [engine.add_request(prompt(3 + 5 * i, seed=i), greedy(6 + i)) for i in range(8)]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        assert all(finish_of(r).finish_reason is FinishReason.LENGTH for r in results)
+        after = graphs.captures
+        await engine.shutdown()
+        plain = Engine(model, EngineConfig(max_batch=8))
+        plain.start()
+        none = await plain.warm_up()
+        await plain.shutdown()
+        return recorded, keys, after - before, none
+
+    recorded, keys, during_traffic, none = run(go)
+    assert keys >= {(b, dense) for b in (1, 2, 4, 8) for dense in (True, False)}
+    assert recorded == len(keys) and during_traffic == 0 and none == 0

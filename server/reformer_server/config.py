@@ -242,7 +242,9 @@ _OPTIONS: tuple[_Option, ...] = (
             "network in cleartext; only behind a TLS-terminating proxy)"),
     _Option("--keepalive-min-ping-interval", "keepalive_min_ping_interval", float,
             "smallest interval (s) between client keepalive pings the server accepts"),
-    _Option("--warmup", "warmup", parse_bool, "run one short generation before reporting SERVING"),
+    _Option("--warmup", "warmup", parse_bool,
+            "before reporting SERVING, run a short generation and, when decode steps are recorded (CUDA graphs, "
+            "--compile-step), record every greedy batch bucket"),
     _Option("--cuda-graphs", "cuda_graphs", parse_bool,
             "on CUDA, decode steps replay one captured CUDA graph per batch bucket (no effect on CPU)"),
     _Option("--compile-step", "compile_step", parse_bool,

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from reformer_infer.requests import RequestBounds, SamplingParams
+from reformer_infer.requests import RequestBounds
 from reformer_server import backend as backends
 from reformer_server import model_info
 from reformer_server.auth import BearerTokenInterceptor, server_credentials
@@ -250,12 +251,11 @@ class ReformerServer:
                     desc.device, dtype, cfg.backend, desc.tokenizer.kind, budget, cfg.host, self.port)
 
     async def _warm_up(self, engine: Any) -> None:
-        """One 2-token greedy generation: first-call costs (allocator, kernels) are paid before SERVING."""
-        tok = engine.tokenizer  # a model without one (token ids only) warms up on a few pad ids
-        prompt = tok.encode("warm-up") if tok.has_text else [engine.model.config.pad_token_id] * 7
-        stream = engine.add_request(prompt, SamplingParams(max_new_tokens=2, temperature=0.0))
-        async for _ev in stream:
-            pass
+        """First-call costs before SERVING (`Engine.warm_up`: a short generation, then every greedy batch bucket's
+        recorded step when steps are recorded: CUDA graphs, or --compile-step)."""
+        t0 = time.monotonic()
+        recorded = await engine.warm_up()
+        logger.info("warm-up done in %.1f s (%d decode steps recorded)", time.monotonic() - t0, recorded)
 
     async def _watch_engine(self) -> None:
         """A dead engine loop turns health NOT_SERVING so orchestrators restart or route around us."""
