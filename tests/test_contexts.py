@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -79,8 +79,10 @@ async def make_context(engine: Engine, tokens: list[int], **kw) -> ContextCreate
     return made[0]
 
 
-def reference(model: ReformerLM, context: list[int], tail: list[int], n: int) -> list[int]:
-    """The library contract: prefill(context), then decode_step over the prompt and the generated tokens."""
+def reference(model: ReformerLM, context: list[int], tail: list[int], n: int,
+              pick: Callable[[torch.Tensor], int] = lambda last: int(last.argmax())) -> list[int]:
+    """The library contract: prefill(context), then decode_step over the prompt and the generated tokens, each
+    chosen by `pick` from the last logits (greedy by default)."""
     logits, cache = model.prefill(torch.tensor([context]))
     last = logits[0, -1]
     with cache:
@@ -89,7 +91,7 @@ def reference(model: ReformerLM, context: list[int], tail: list[int], n: int) ->
             last = out[0, -1]
         got = []
         for _ in range(n):
-            t = int(last.argmax())
+            t = pick(last)
             got.append(t)
             out, _ = model.decode_step(torch.tensor([[t]]), cache)
             last = out[0, -1]
@@ -127,24 +129,12 @@ def test_generation_on_a_context_equals_prefill_then_decode_steps(model: Reforme
 
 def sampled_reference(model: ReformerLM, context: list[int], tail: list[int], n: int,
                       params: SamplingParams) -> list[int]:
-    """The library contract with seeded sampling: prefill(context) and decode_step over the prompt, then each
-    token drawn by a sampler row joined with every prompt id (the context's too) as seen, draw counter 0."""
+    """The library contract with seeded sampling: `reference`, each token drawn by a sampler row joined with
+    every prompt id (the context's too) as seen, draw counter 0."""
     sampler = SlotSampler(2, model.config.vocab_size)
     row = sampler.take_row()
     sampler.join(row, params, context + tail)
-    logits, cache = model.prefill(torch.tensor([context]))
-    last = logits[0, -1]
-    with cache:
-        for t in tail:
-            out, _ = model.decode_step(torch.tensor([[t]]), cache)
-            last = out[0, -1]
-        got = []
-        for _ in range(n):
-            t = sampler.sample_now(last.view(1, -1), [row]).tokens[0]
-            got.append(t)
-            out, _ = model.decode_step(torch.tensor([[t]]), cache)
-            last = out[0, -1]
-    return got
+    return reference(model, context, tail, n, lambda last: sampler.sample_now(last.view(1, -1), [row]).tokens[0])
 
 
 def test_seeded_penalised_sampling_on_a_context_equals_the_library_reference(model: ReformerLM) -> None:
