@@ -130,8 +130,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     # Off CUDA, decode steps replay the same step compiled by torch.compile (inductor, C++ wrapper) per batch
     # bucket, variant and sampling mode (step_graphs.compiled_capture): ~3x one stream's tokens/s on the
-    # bundled model on this CPU, but each new recording compiles for tens of seconds inside the engine's
-    # step (docs/benchmarks.md section 7). Needs a C++ compiler.
+    # bundled model on this CPU, but each recording compiles for tens of seconds (the greedy ones in
+    # `warm_up`, the others inside the engine's step at first use; docs/benchmarks.md section 7). Needs a
+    # C++ compiler.
     compile_step: bool = False
     # Run each decode step on a device thread while the engine thread applies the previous step's tokens
     # (module docstring, "Overlap"). Tokens are the same either way; a sequence that stops on EOS or a stop
@@ -1067,15 +1068,12 @@ class Engine:
             applied, prev = self._complete(prev), None
             with self._cond:  # some may have finished with those tokens
                 batch = [r for r in batch if not r.finished]
-        if batch:
-            launched = self._launch_decode(batch)
-            applied += self._complete(prev)  # while the new step runs
-            if overlap and launched is not None:
-                self._inflight = launched
-            else:
-                applied += self._complete(launched)
+        launched = self._launch_decode(batch) if batch else None
+        applied += self._complete(prev)  # while the new step runs
+        if overlap and launched is not None:
+            self._inflight = launched
         else:
-            applied += self._complete(prev)
+            applied += self._complete(launched)
         return applied
 
     def _sync(self) -> int:

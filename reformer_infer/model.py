@@ -923,7 +923,7 @@ class ReformerLM(nn.Module, PooledDecoder):
                 done += step
                 yield (min(done, total), total)
             hashed = (self.config.padded_length(T) > self.config.lsh_attn_chunk_length and not self.full_attention
-                      and any(True for _ in self.lsh_layers()))
+                      and "lsh" in self.config.attn_layers)
             pool.finish_prefill(seqs, T, hashed)
             done_ok = True
         finally:

@@ -210,7 +210,8 @@ class SlotSampler:
         self._top_n[row] = params.logprobs
 
     def set_next(self, row: int, token: int) -> None:
-        """Set a row's next input id (a caller that feeds tokens itself; the engine never needs it)."""
+        """Set a row's next input id instead of its last sample (a prompt token fed after a context:
+        `Engine._feed_next`; callers that drive steps themselves)."""
         self.next_ids[row] = token
 
     def rows_tensor(self, rows: list[int], out: Tensor | None = None) -> Tensor:

@@ -78,7 +78,8 @@ def compiled_capture(pool: DecodePool, buffers: tuple[Tensor, ...]) -> Callable[
 
     def capture(step: Callable[[], Tensor]) -> tuple[Replay, Tensor]:
         # A copy of the step's code object: dynamo keeps its compiled entries per code object, so each
-        # recording (bucket, variant, mode) gets its own, one guard check a call and no recompile limit (8).
+        # recording (bucket, variant, mode) gets its own entry (no other entry to tell it from, and no
+        # recompile limit: 8 per code object).
         own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
                                  step.__closure__)
         # No guards, as a CUDA graph replays without checks: the recording's static buffers and the pool's
