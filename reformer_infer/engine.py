@@ -122,6 +122,9 @@ class EngineConfig:
     max_context: int | None = None  # defaults to the model's context
     max_new_tokens_limit: int = 4096
     stream_buffer_events: int = 256  # bounded per-request hand-off; beyond it token events coalesce
+    # A request's tokens after its first are handed to its consumer once this many wait (or with its finish):
+    # one front-end message per `stream_interval` tokens (streams.RequestStream). 1: every token at once.
+    stream_interval: int = 1
     # Woken from idle by a request, the engine waits while more keep arriving (each within a quarter of
     # this of the last), up to this long, so a burst is prefilled in one batched pass (0: no wait).
     arrival_window_s: float = 0.002
@@ -208,6 +211,8 @@ class Engine:
     def __init__(self, model: Any, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        if self.config.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.config.stream_interval}")
         self.tokenizer = model_tokenizer(model)  # the checkpoint's (load_model attaches it)
         mcfg = model.config
         self._vocab_size = int(mcfg.vocab_size)
@@ -376,7 +381,7 @@ class Engine:
             sched=sched,
             prompt_ids=prompt,
             params=params,
-            stream=RequestStream(rid, loop, self.config.stream_buffer_events),
+            stream=RequestStream(rid, loop, self.config.stream_buffer_events, self.config.stream_interval),
             arrival=now,
             deadline=None if params.max_time_s is None else now + params.max_time_s,
             detok=self.tokenizer.detokenizer(context + prompt),

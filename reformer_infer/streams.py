@@ -115,12 +115,23 @@ class RequestStream:
     behind at 16 streams then writes one message for several tokens). When more than `max_events` events
     wait, a new TokenEvent is merged into the last buffered one and a PrefillProgress replaces the last one,
     so memory stays bounded by the request's own output while the engine never waits for the consumer.
+
+    `interval` (the server's `--stream-interval`, as vLLM's and SGLang's): after the first token, which is
+    handed over at once, tokens are handed over once at least `interval` of them wait, or with whatever
+    event comes after them (the finish, an error): one message for `interval` tokens, so a front-end whose
+    per-message cost is what limits it (Python's gRPC at many streams) sends that many times fewer.
     """
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_events: int) -> None:
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_events: int,
+                 interval: int = 1) -> None:
+        if interval < 1:
+            raise ValueError(f"stream interval must be >= 1, got {interval}")
         self.request_id = request_id
         self._loop = loop
         self._max_events = max(1, max_events)
+        self._interval = interval
+        self._tokens_waiting = 0  # token ids in the buffer's TokenEvents
+        self._first_given = False  # the first TokenEvent was handed to the consumer
         self._lock = threading.Lock()
         self._buf: deque[Event] = deque()
         self._ready = asyncio.Event()
@@ -141,7 +152,9 @@ class RequestStream:
                 self.coalesced += 1
             else:
                 self._buf.append(event)
-            if self._wake_pending:
+            if isinstance(event, TokenEvent):
+                self._tokens_waiting += len(event.token_ids)
+            if self._wake_pending or not self._ready_locked():
                 return
             self._wake_pending = True
         try:
@@ -159,6 +172,13 @@ class RequestStream:
             return True
         return False
 
+    def _ready_locked(self) -> bool:
+        """(Lock held.) Whether the consumer may take the buffer's head now: anything but tokens at once;
+        tokens when they are the first, or `interval` of them wait, or another event follows them."""
+        if self._interval == 1 or not self._first_given or self._tokens_waiting >= self._interval:
+            return True
+        return not all(isinstance(e, TokenEvent) for e in self._buf)
+
     def _wake(self) -> None:
         with self._lock:
             self._wake_pending = False
@@ -171,7 +191,7 @@ class RequestStream:
     async def __anext__(self) -> Event:
         while True:
             with self._lock:
-                if self._buf:
+                if self._buf and self._ready_locked():
                     event = self._buf.popleft()
                     if isinstance(event, FinishEvent):
                         self._done = True
@@ -181,6 +201,8 @@ class RequestStream:
                         while self._buf and isinstance(self._buf[0], TokenEvent):
                             event = _merged(event, self._buf.popleft())
                             self.coalesced += 1
+                        self._tokens_waiting -= len(event.token_ids)
+                        self._first_given = True
                     return event
                 if self._done:
                     raise StopAsyncIteration

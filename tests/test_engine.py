@@ -425,6 +425,52 @@ def test_slow_consumer_gets_coalesced_events_and_never_stalls_the_engine(model: 
     run(go)
 
 
+def test_stream_interval_hands_tokens_over_in_groups_after_the_first() -> None:
+    async def go() -> None:
+        stream = RequestStream("r", asyncio.get_running_loop(), max_events=64, interval=3)
+
+        def tok(t: int) -> TokenEvent:
+            return TokenEvent("r", (t,), chr(96 + t), ())
+
+        stream.put(tok(1))
+        first = await asyncio.wait_for(stream.__anext__(), 5)
+        assert first.token_ids == (1,)  # the first token goes at once
+        taking = asyncio.ensure_future(stream.__anext__())
+        for t in (2, 3):
+            stream.put(tok(t))
+            await asyncio.sleep(0.02)
+            assert not taking.done()  # fewer than 3 tokens wait: the consumer is not woken
+        stream.put(tok(4))
+        group = await asyncio.wait_for(taking, 5)
+        assert (group.token_ids, group.text) == ((2, 3, 4), "bcd")
+        stream.put(tok(5))
+        stream.put(FinishEvent(request_id="r", finish_reason=FinishReason.LENGTH, prompt_tokens=1,
+                               generated_tokens=5))
+        rest = [e async for e in stream]  # the finish flushes the tokens before it
+        assert [type(e) for e in rest] == [TokenEvent, FinishEvent] and rest[0].token_ids == (5,)
+        with pytest.raises(ValueError):
+            RequestStream("r", asyncio.get_running_loop(), max_events=64, interval=0)
+
+    run(go)
+
+
+def test_engine_stream_interval_keeps_every_token(model: ReformerLM) -> None:
+    async def go() -> None:
+        engine = Engine(model, EngineConfig(max_batch=2, stream_interval=4))
+        engine.start()
+        events = await collect(engine.add_request(prompt(6), greedy(30)))
+        counts = [len(e.token_ids) for e in events if isinstance(e, TokenEvent)]
+        assert counts[0] == 1 and all(c >= 4 for c in counts[1:-1]) and counts[-1] >= 1
+        assert len(counts) <= 1 + -(-29 // 4)
+        assert tokens_of(events) == list(generate(model, prompt(6), 30, temperature=0.0))
+        assert finish_of(events).finish_reason is FinishReason.LENGTH
+        await engine.shutdown()
+        with pytest.raises(ValueError):
+            Engine(model, EngineConfig(stream_interval=0))
+
+    run(go)
+
+
 def test_add_request_rejects_bad_impossible_and_overflowing_requests(model: ReformerLM) -> None:
     async def go() -> None:
         engine = Engine(

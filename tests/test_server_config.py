@@ -84,6 +84,14 @@ def test_overlap_steps_auto_by_default_and_forced_by_flag_or_env() -> None:
     assert parse_config([], env={"REFORMER_OVERLAP_STEPS": "off"}).overlap_steps is False
 
 
+def test_stream_interval_defaults_to_every_token_and_rejects_zero() -> None:
+    assert parse_config([], env={}).stream_interval == 1
+    assert parse_config(["--stream-interval", "4"], env={}).stream_interval == 4
+    assert parse_config([], env={"REFORMER_STREAM_INTERVAL": "2"}).stream_interval == 2
+    with pytest.raises(SystemExit):
+        parse_config(["--stream-interval", "0"], env={})
+
+
 def test_compile_step_off_by_default_and_switched_on_by_flag_or_env() -> None:
     assert parse_config([], env={}).compile_step is False
     assert parse_config(["--compile-step", "true"], env={}).compile_step is True

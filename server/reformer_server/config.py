@@ -71,6 +71,7 @@ class ServerConfig:
     default_max_new_tokens: int = 64
     prefill_chunk_tokens: int | None = None  # None: sized for the device (512 on a CPU, 16384 on a GPU)
     stream_buffer_events: int = 256
+    stream_interval: int = 1  # tokens per stream message after the first (vLLM's and SGLang's --stream-interval)
     arrival_window: float = 0.002  # seconds an idle engine waits for the rest of a burst of requests
     cuda_graphs: bool = True  # on CUDA, replay captured decode steps (one graph per batch bucket)
     compile_step: bool = False  # off CUDA, replay the step compiled by torch.compile per batch bucket
@@ -184,6 +185,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--prefill-chunk-tokens", "prefill_chunk_tokens", int,
             "prefill work per engine step, so long prompts interleave with running streams"),
     _Option("--stream-buffer-events", "stream_buffer_events", int, "per-request event buffer in the engine"),
+    _Option("--stream-interval", "stream_interval", int,
+            "tokens per streamed message after the first, which goes at once (the rest with the finish): "
+            "fewer messages for the front-end to write at many streams, burstier streams"),
     _Option("--arrival-window", "arrival_window", float,
             "seconds an idle engine waits for more requests once one arrives (while they keep coming, each "
             "within a quarter of it), so a burst is prefilled and decoded together (0: no wait)"),
@@ -322,7 +326,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     if cfg.prefill_chunk_tokens is not None and cfg.prefill_chunk_tokens < 1:
         parser.error("--prefill-chunk-tokens must be >= 1")
     for name in ("max_batch", "max_queue", "max_new_tokens_limit", "default_max_new_tokens",
-                 "stream_buffer_events", "max_message_bytes", "max_concurrent_streams",
+                 "stream_buffer_events", "stream_interval", "max_message_bytes", "max_concurrent_streams",
                  "max_prompt_bytes", "max_stop_string_bytes", "long_prompt_tokens"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

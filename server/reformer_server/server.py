@@ -193,6 +193,7 @@ class ReformerServer:
             max_context=cfg.max_context,
             max_new_tokens_limit=cfg.max_new_tokens_limit,
             stream_buffer_events=cfg.stream_buffer_events,
+            stream_interval=cfg.stream_interval,
             arrival_window_s=cfg.arrival_window,
             cuda_graphs=cfg.cuda_graphs,
             compile_step=cfg.compile_step,
