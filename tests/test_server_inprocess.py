@@ -68,3 +68,29 @@ def test_requests_during_loading_are_unavailable(tiny_model_dir: Path) -> None: 
             await srv.close()
 
     asyncio.run(scenario())
+
+
+def test_stream_interval_groups_tokens_in_grpc_messages(tiny_model_dir: Path) -> None:  # noqa: F811
+    async def scenario() -> None:
+        cfg = parse_config(["--model", str(tiny_model_dir), "--port", "0", "--metrics-port", "-1",
+                            "--cache-memory", "64MiB", "--warmup", "false", "--stream-interval", "3"], env={})
+        srv = ReformerServer(cfg)
+        await srv.start()
+        await srv.load()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                stub = pb_grpc.TextGenerationStub(ch)
+                request = pb.GenerateRequest(text="grouped", max_new_tokens=20, ignore_eos=True, temperature=0.0)
+                counts, tokens = [], []
+                async for msg in stub.GenerateStream(request):
+                    if msg.token_ids:
+                        counts.append(len(msg.token_ids))
+                        tokens += list(msg.token_ids)
+                # the first token at once, then >= 3 a message, the last ones (fewer) with the finish
+                assert counts[0] == 1 and all(c >= 3 for c in counts[1:-1]) and len(counts) <= 1 + -(-19 // 3)
+                whole = await stub.Generate(request)  # unary: the same tokens
+                assert tokens == list(whole.token_ids) and len(tokens) == 20
+        finally:
+            await srv.close()
+
+    asyncio.run(scenario())
