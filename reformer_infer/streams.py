@@ -118,8 +118,8 @@ class RequestStream:
 
     `interval` (the server's `--stream-interval`, as vLLM's and SGLang's): after the first token, which is
     handed over at once, tokens are handed over once at least `interval` of them wait, or with whatever
-    event comes after them (the finish, an error): one message for `interval` tokens, so a front-end whose
-    per-message cost is what limits it (Python's gRPC at many streams) sends that many times fewer.
+    event comes after them (the finish, an error): one front-end message (gRPC, SSE) per `interval` tokens,
+    so the front-end and its clients do that much less work per token (docs/benchmarks.md section 7).
     """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, max_events: int,
