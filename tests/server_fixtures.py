@@ -38,6 +38,20 @@ from reformer_infer import ReformerConfig, ReformerLM, save_model  # noqa: E402
 STARTUP_TIMEOUT_S = 60.0
 
 
+async def start_in_process(model_dir: Path, *flags: str):  # -> reformer_server.server.ReformerServer
+    """A ReformerServer on this event loop, loaded (no warm-up, free ports, no metrics endpoint); `flags` add
+    to or override those. The caller closes it (`await srv.close()`)."""
+    from reformer_server.config import parse_config
+    from reformer_server.server import ReformerServer
+
+    cfg = parse_config(["--model", str(model_dir), "--port", "0", "--metrics-port", "-1", "--warmup", "false",
+                        *flags], env={})
+    srv = ReformerServer(cfg)
+    await srv.start()
+    await srv.load()
+    return srv
+
+
 def tiny_config() -> ReformerConfig:
     """A 4-layer model small enough to decode in milliseconds on CPU, with a 1024-token context."""
     return ReformerConfig(

@@ -205,12 +205,10 @@ def test_server_streams_the_same_greedy_tokens_from_every_backend(exported, tmp_
     The exported backends are registered through `reformer_server.backend.register_backend` with
     `reformer_infer.exported.load_exported`, which is all the server needs for `--backend torchscript|onnx`."""
     import grpc
-    import server_fixtures  # noqa: F401 - puts server/ on sys.path
     from reformer_server import backend as backends
     from reformer_server._proto import generation_pb2 as pb
     from reformer_server._proto import generation_pb2_grpc as pb_grpc
-    from reformer_server.config import parse_config
-    from reformer_server.server import ReformerServer
+    from server_fixtures import start_in_process
 
     from reformer_infer.tokenizer import ByteTokenizer
 
@@ -224,11 +222,7 @@ def test_server_streams_the_same_greedy_tokens_from_every_backend(exported, tmp_
     expected = list(generate(model, ByteTokenizer().encode(text), 12, temperature=0.0))
 
     async def serve(backend: str, model_dir: Path) -> list[int]:
-        cfg = parse_config(["--model", str(model_dir), "--backend", backend, "--port", "0", "--metrics-port", "-1",
-                            "--warmup", "false"], env={})
-        srv = ReformerServer(cfg)
-        await srv.start()
-        await srv.load()
+        srv = await start_in_process(model_dir, "--backend", backend)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
                 stub = pb_grpc.TextGenerationStub(ch)

@@ -12,9 +12,8 @@ import pytest
 import torch
 from reformer_server._proto import generation_pb2 as pb
 from reformer_server._proto import generation_pb2_grpc as pb_grpc
-from reformer_server.config import parse_config
 from reformer_server.server import ReformerServer
-from server_fixtures import tiny_model_dir  # noqa: F401
+from server_fixtures import start_in_process, tiny_model_dir  # noqa: F401
 
 from reformer_infer import load_model
 
@@ -35,12 +34,7 @@ def reference(model, context: list[int], tail: list[int], n: int) -> list[int]:
 
 
 async def start(model_dir: Path, *flags: str) -> ReformerServer:
-    cfg = parse_config(["--model", str(model_dir), "--port", "0", "--metrics-port", "-1", "--warmup", "false",
-                        "--cache-memory", "64MiB", "--priority-tokens", "alice,bob", *flags], env={})
-    srv = ReformerServer(cfg)
-    await srv.start()
-    await srv.load()
-    return srv
+    return await start_in_process(model_dir, "--cache-memory", "64MiB", "--priority-tokens", "alice,bob", *flags)
 
 
 def auth(token: str) -> tuple[tuple[str, str]]:

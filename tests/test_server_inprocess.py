@@ -14,16 +14,12 @@ from reformer_server._proto import generation_pb2 as pb
 from reformer_server._proto import generation_pb2_grpc as pb_grpc
 from reformer_server.config import parse_config
 from reformer_server.server import ReformerServer
-from server_fixtures import tiny_model_dir  # noqa: F401
+from server_fixtures import start_in_process, tiny_model_dir  # noqa: F401
 
 
 def test_out_of_memory_in_one_request_spares_the_others(tiny_model_dir: Path) -> None:  # noqa: F811
     async def scenario() -> None:
-        cfg = parse_config(["--model", str(tiny_model_dir), "--port", "0", "--metrics-port", "-1",
-                            "--cache-memory", "64MiB", "--warmup", "false"], env={})
-        srv = ReformerServer(cfg)
-        await srv.start()
-        await srv.load()
+        srv = await start_in_process(tiny_model_dir, "--cache-memory", "64MiB")
 
         def hook(phase: str, request_id: str | None) -> None:
             if phase == "prefill" and request_id == "oom-me":
@@ -72,11 +68,7 @@ def test_requests_during_loading_are_unavailable(tiny_model_dir: Path) -> None: 
 
 def test_stream_interval_groups_tokens_in_grpc_messages(tiny_model_dir: Path) -> None:  # noqa: F811
     async def scenario() -> None:
-        cfg = parse_config(["--model", str(tiny_model_dir), "--port", "0", "--metrics-port", "-1",
-                            "--cache-memory", "64MiB", "--warmup", "false", "--stream-interval", "3"], env={})
-        srv = ReformerServer(cfg)
-        await srv.start()
-        await srv.load()
+        srv = await start_in_process(tiny_model_dir, "--cache-memory", "64MiB", "--stream-interval", "3")
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
                 stub = pb_grpc.TextGenerationStub(ch)
