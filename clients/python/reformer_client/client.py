@@ -72,6 +72,10 @@ class RetryPolicy:
     max_backoff: float = 5.0
     multiplier: float = 2.0
 
+    def retries(self, e: grpc.RpcError, attempt: int) -> bool:
+        """Whether call number `attempt` (1-based), which failed with `e`, is tried again."""
+        return e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.max_attempts
+
     def delay(self, attempt: int) -> float:
         """Backoff before retry number `attempt` (1-based), with full jitter to spread reconnect storms."""
         cap = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
@@ -346,7 +350,7 @@ class Client:
             try:
                 return fn(request, timeout=timeout, metadata=self._s.metadata)
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= policy.max_attempts:
+                if not policy.retries(e, attempt):
                     raise _rpc_error(e) from None
             time.sleep(policy.delay(attempt))
             attempt += 1
@@ -412,7 +416,7 @@ class Client:
                     raise ReformerError("CreateContext ended without the context", code="INTERNAL")
                 return _convert.context(final)
             except grpc.RpcError as e:
-                if started or e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= policy.max_attempts:
+                if started or not policy.retries(e, attempt):
                     raise _rpc_error(e) from None
             finally:
                 call.cancel()  # a no-op once the call has completed; otherwise the server aborts the prefill
@@ -518,7 +522,7 @@ class AsyncClient:
             try:
                 return await fn(request, timeout=timeout, metadata=self._s.metadata)
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= policy.max_attempts:
+                if not policy.retries(e, attempt):
                     raise _rpc_error(e) from None
             await asyncio.sleep(policy.delay(attempt))
             attempt += 1
@@ -572,7 +576,7 @@ class AsyncClient:
                     raise ReformerError("CreateContext ended without the context", code="INTERNAL")
                 return _convert.context(final)
             except grpc.RpcError as e:
-                if started or e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= policy.max_attempts:
+                if started or not policy.retries(e, attempt):
                     raise _rpc_error(e) from None
             finally:
                 call.cancel()  # a no-op once the call has completed; otherwise the server aborts the prefill
