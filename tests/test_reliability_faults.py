@@ -278,10 +278,11 @@ def test_drain_sends_round_robin_clients_to_the_other_replica_at_once(
         async with grpc.aio.insecure_channel(target, options=[("grpc.lb_policy_name", "round_robin")]) as ch:
             stub = pb_grpc.TextGenerationStub(ch)
             on_a: list[grpc.aio.UnaryStreamCall] = []
+            firsts: list[pb.GenerateStreamResponse] = []
             for i in range(4):  # round robin: two of these land on each replica
                 on_a.append(stub.GenerateStream(pb.GenerateRequest(text=f"r{i}", max_new_tokens=400,
                                                                    ignore_eos=True), timeout=CALL_TIMEOUT_S))
-                await on_a[-1].read()
+                firsts.append(await on_a[-1].read())  # one token, or more if the writer fell behind
             os.kill(a.proc.pid, signal.SIGTERM)
             await _until_draining(a.port)
             await asyncio.sleep(1.5)  # well past the 0.5 s announce window: A has sent GOAWAY
@@ -293,9 +294,9 @@ def test_drain_sends_round_robin_clients_to_the_other_replica_at_once(
                 except grpc.aio.AioRpcError as e:
                     outcomes.append(e.code().name)
             assert outcomes == ["OK"] * 12, outcomes
-            for c in on_a:  # the streams on the draining replica (and on B) all complete
+            for c, first in zip(on_a, firsts, strict=True):  # the streams on the draining replica (and B) complete
                 tokens, last = await collect(c)
-                assert last.finish_reason == pb.FINISH_REASON_LENGTH and len(tokens) == 399
+                assert last.finish_reason == pb.FINISH_REASON_LENGTH and len(first.token_ids) + len(tokens) == 400
 
     try:
         asyncio.run(scenario())
