@@ -460,7 +460,9 @@ def test_engine_stream_interval_keeps_every_token(model: ReformerLM) -> None:
         engine.start()
         events = await collect(engine.add_request(prompt(6), greedy(30)))
         counts = [len(e.token_ids) for e in events if isinstance(e, TokenEvent)]
-        assert counts[0] == 1 and all(c >= 4 for c in counts[1:-1]) and counts[-1] >= 1
+        # the first event carries the first token, plus any that waited while the consumer was busy (timing:
+        # the test above checks the first token alone deterministically); then >= 4 an event but the last
+        assert counts[0] >= 1 and all(c >= 4 for c in counts[1:-1]) and counts[-1] >= 1
         assert len(counts) <= 1 + -(-29 // 4)
         assert tokens_of(events) == list(generate(model, prompt(6), 30, temperature=0.0))
         assert finish_of(events).finish_reason is FinishReason.LENGTH

@@ -78,8 +78,10 @@ def test_stream_interval_groups_tokens_in_grpc_messages(tiny_model_dir: Path) ->
                     if msg.token_ids:
                         counts.append(len(msg.token_ids))
                         tokens += list(msg.token_ids)
-                # the first token at once, then >= 3 a message, the last ones (fewer) with the finish
-                assert counts[0] == 1 and all(c >= 3 for c in counts[1:-1]) and len(counts) <= 1 + -(-19 // 3)
+                # the first message: the first token and any that waited while the writer was busy (timing; the
+                # engine's unit test checks the first token alone); then >= 3 a message, the last ones (fewer)
+                # with the finish
+                assert counts[0] >= 1 and all(c >= 3 for c in counts[1:-1]) and len(counts) <= 1 + -(-19 // 3)
                 whole = await stub.Generate(request)  # unary: the same tokens
                 assert tokens == list(whole.token_ids) and len(tokens) == 20
         finally:
