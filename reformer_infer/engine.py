@@ -75,7 +75,7 @@ from reformer_infer.requests import (
 )
 from reformer_infer.sampling import SampleOutput, SlotSampler, download, unpack
 from reformer_infer.scheduler import RequestStatus, ScheduledRequest, Scheduler, SchedulerConfig
-from reformer_infer.step_graphs import compiled_capture, decode_and_sample
+from reformer_infer.step_graphs import aoti_available, aoti_capture, decode_and_sample
 from reformer_infer.streams import RequestStream, _wakeups_held
 from reformer_infer.tokenizer import Detokenizer, IncrementalDetokenizer, StopStringMatcher, model_tokenizer
 
@@ -131,11 +131,11 @@ class EngineConfig:
     # On CUDA, decode steps replay one captured graph per batch bucket (step_graphs.py) instead of launching
     # every op; elsewhere they run eagerly.
     cuda_graphs: bool = True
-    # Off CUDA, decode steps replay the same step compiled by torch.compile (inductor, C++ wrapper) per batch
-    # bucket, variant and sampling mode (step_graphs.compiled_capture): ~3x one stream's tokens/s on the
-    # bundled model on this CPU, but each recording compiles for tens of seconds (the greedy ones in
-    # `warm_up`, the others inside the engine's step at first use; docs/benchmarks.md section 7). Needs a
-    # C++ compiler.
+    # Off CUDA, decode steps replay the same step compiled ahead of time (torch.export + AOTInductor) per batch
+    # bucket, variant and sampling mode (step_graphs.aoti_capture): ~3x one stream's tokens/s on the bundled
+    # model on this project's CPU, but each recording compiles for ~20 s (the greedy ones in `warm_up`, the
+    # others inside the engine's step at first use; docs/benchmarks.md section 7). Needs a C++ compiler and
+    # torch >= 2.6.
     compile_step: bool = False
     # Run each decode step on a device thread while the engine thread applies the previous step's tokens
     # (module docstring, "Overlap"). Tokens are the same either way; a sequence that stops on EOS or a stop
@@ -236,8 +236,10 @@ class Engine:
             cuda = self._device.type == "cuda"
             graphs = self.config.cuda_graphs if cuda else self.config.compile_step
             self._pool = model.new_decode_pool(self.config.max_batch + graphs, tokens)  # + the pad slot
+            if graphs and not cuda and not aoti_available():
+                raise ValueError(f"compile_step needs AOTInductor (torch >= 2.6); this is torch {torch.__version__}")
             if graphs:
-                self._graphs = model.use_step_graphs(self._pool, None if cuda else compiled_capture)
+                self._graphs = model.use_step_graphs(self._pool, None if cuda else aoti_capture)
         # Every generating request's sampling state, on the device (+ the pad row of padded batches).
         self._sampler = SlotSampler(self.config.max_batch + 1, self._vocab_size, self._device)
         self._pool_kw: dict[str, Any] = {} if self._pool is None else {"pool": self._pool}  # for prefills

@@ -144,9 +144,12 @@ class DecodePool:
         self._alloc_pages(max(1, -(-max(tokens, 1) // self.P) + sequences))
         # Index tensors of a step's writes: a step writes the pool's tensors themselves (`index_put_` on the
         # whole tensor, never on a view of one layer), which a compiler updates in place; a write into a
-        # view became a copy of the whole tensor under torch.compile (inductor, CPU: 8 ms a step).
+        # view became a copy of the whole tensor under torch.compile (inductor, CPU: 8 ms a step). The layer ids
+        # are (1,) tensors, not 0-dim ones: AOTInductor (torch 2.13) packaged two 0-dim constants of one graph as
+        # one, so every layer's write landed in the same layer (`step_graphs.aoti_capture`; a (1,) index
+        # broadcasts as a 0-dim one does).
         nl = max(len(self.lsh_index), len(self.local_index), 1)
-        self._layer_ids = [torch.tensor(j, device=self.device) for j in range(nl)]
+        self._layer_ids = [torch.tensor([j], device=self.device) for j in range(nl)]
         self._heads = torch.arange(self.H, device=self.device)
 
     # ---- storage ---------------------------------------------------------------------------------
@@ -749,6 +752,10 @@ class DecodePool:
         if batch.first is not None:  # a compact range of slots: views, no copies
             return lk.narrow(0, batch.first, T.shape[0]), lv.narrow(0, batch.first, T.shape[0]), pos
         return self._select_into("keys", lk, batch.slots), self._select_into("values", lv, batch.slots), pos
+
+    def state(self) -> tuple[Tensor, ...]:
+        """The tensors a decode step reads and writes, in the order of `STEP_STATE`."""
+        return tuple(getattr(self, name) for name in STEP_STATE)
 
     def with_tensors(self, **tensors: Tensor) -> DecodePool:
         """This pool's layout and bookkeeping over other state tensors (same names and layout): export traces

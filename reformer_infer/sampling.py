@@ -22,6 +22,7 @@ a CPU and a GPU (and between dtypes), so their sampled streams differ (docs/sema
 
 from __future__ import annotations
 
+import copy
 import secrets
 import threading
 from collections.abc import Sequence
@@ -168,9 +169,19 @@ class SlotSampler:
         self.S = S
         self.generation += 1
 
+    STATE = ("fparams", "iparams", "seen", "next_ids", "vocab")  # what a step reads and writes
+
     def buffers(self) -> tuple[Tensor, ...]:
-        """The tensors a step reads and writes (a captured step keeps their addresses)."""
-        return self.fparams, self.iparams, self.seen, self.next_ids, self.vocab
+        """The tensors a step reads and writes, in the order of `STATE` (a captured step keeps their addresses)."""
+        return tuple(getattr(self, name) for name in self.STATE)
+
+    def with_tensors(self, *tensors: Tensor) -> SlotSampler:
+        """This sampler's rows and modes over other state tensors (`STATE`'s, same layout): a recorded step
+        takes them as explicit inputs (`step_graphs.StepModule`)."""
+        view = copy.copy(self)
+        for name, t in zip(self.STATE, tensors, strict=True):
+            setattr(view, name, t)
+        return view
 
     # ---- rows (host side, between steps) --------------------------------------------------------
     def take_row(self) -> int:

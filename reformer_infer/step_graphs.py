@@ -13,23 +13,34 @@ A sampled step (`run_sampled`, the engine's) records sampling too: its input ids
 whole step, decode and sampling, is one replay per bucket, variant and sampling mode; the host downloads its
 packed output once.
 
-On CUDA the recording is a `torch.cuda.CUDAGraph` (warmed up on a side stream first). On a CPU the engine
-can compile the same step instead (`compiled_capture`, `EngineConfig.compile_step`). Elsewhere
-`EagerReplay` stands in: it runs the step eagerly on the same static buffers and checks that nothing a
-graph would have captured by address has moved (the CPU tests exercise the buffer discipline with it).
+What a recorder records is a `Recording`: a `StepModule` (the step as a function of explicit tensors: the static
+buffers, the pool's `STEP_STATE` and the sampler's `STATE`, its bucket, variant and mode fixed) and those
+tensors. On CUDA the recording is a `torch.cuda.CUDAGraph` of it (warmed up on a side stream first). On a CPU
+the engine can compile it ahead of time instead (`aoti_capture`, `EngineConfig.compile_step`: torch.export,
+then AOTInductor). Elsewhere `EagerReplay` stands in: it runs the step eagerly on the same static buffers and
+checks that nothing a graph would have captured by address has moved (the CPU tests exercise the buffer
+discipline with it).
 """
 
 from __future__ import annotations
 
-import types
+import hashlib
+import logging
+import os
+import platform
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .pool import DecodePool, StepPlan
-from .sampling import SlotSampler
+from .pool import STEP_STATE, DecodePool, StepPlan
+from .sampling import SlotSampler, StepMode
+
+logger = logging.getLogger(__name__)
 
 Replay = Callable[[], None]
 
@@ -40,6 +51,41 @@ class StepModel(Protocol):
     def decode_core(self, ids: Tensor, pool: DecodePool, plan: StepPlan) -> Tensor: ...
 
     def finish_step(self, pool: DecodePool, plan: StepPlan, slots: list[int]) -> None: ...
+
+
+class StepModule(nn.Module):
+    """One recording's step over explicit tensors: forward(first, slots, *pool state[, *sampler state]), the
+    pool's tensors in the order of `STEP_STATE`, the sampler's in that of `SlotSampler.STATE`. Without a
+    sampler `first` is the ids (n,) and the result the logits (n, V); with one, `first` is the sampler's rows
+    (n,), their next ids are the input and the result the packed sample (`SlotSampler.sample`). The pool and
+    the sampler serve as layouts (`with_tensors`): every tensor the step reads or writes is an input, so an
+    exported program of it writes the tensors it is given; the model's weights are its own (constants)."""
+
+    def __init__(self, model: StepModel, pool: DecodePool, dense_span: int, sampler: SlotSampler | None = None,
+                 mode: StepMode | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.layout, self.sampler, self.dense_span, self.mode = pool, sampler, dense_span, mode
+
+    def forward(self, first: Tensor, slots: Tensor, *tensors: Tensor) -> Tensor:
+        n = len(STEP_STATE)
+        pool = self.layout.with_tensors(**dict(zip(STEP_STATE, tensors[:n], strict=True)))
+        plan = StepPlan(slots, None, self.dense_span)
+        if self.sampler is None:
+            return self.model.decode_core(first, pool, plan)
+        sampler = self.sampler.with_tensors(*tensors[n:])
+        return sampler.sample(self.model.decode_core(sampler.next_input(first), pool, plan), first, self.mode)
+
+
+@dataclass
+class Recording:
+    """What a recorder records: `module(*inputs)`, the inputs being the very tensors every replay reads."""
+
+    module: StepModule
+    inputs: tuple[Tensor, ...]
+
+    def __call__(self) -> Tensor:
+        return self.module(*self.inputs)
 
 
 def bucket_of(n: int) -> int:
@@ -68,31 +114,99 @@ def cuda_capture(step: Callable[[], Tensor]) -> tuple[Replay, Tensor]:
     return graph.replay, out
 
 
-def compiled_capture(pool: DecodePool, buffers: tuple[Tensor, ...]) -> Callable[[Callable[[], Tensor]], tuple[Replay, Tensor]]:
-    """The recorder off CUDA (`EngineConfig.compile_step`): the step compiled whole by `torch.compile`
-    (inductor, fullgraph, its C++ wrapper: no Python between its kernels); a replay runs the compiled step
-    (the same device function, the same static buffers) and copies its output into the recording's. The
-    compiled step writes the pool's tensors in place (`DecodePool.apply_step`); the first two runs, with
-    every row on the pad slot and row, compile and warm it (tens of seconds a bucket, variant and sampling
-    mode on this CPU)."""
+def aoti_available() -> bool:
+    """Whether this torch has AOTInductor's packaging API (torch >= 2.6) for `aoti_capture`."""
+    inductor = getattr(torch, "_inductor", None)
+    return all(hasattr(inductor, f) for f in ("aoti_compile_and_package", "aoti_load_package"))
 
-    def capture(step: Callable[[], Tensor]) -> tuple[Replay, Tensor]:
-        # A copy of the step's code object: dynamo keeps its compiled entries per code object, so each
-        # recording (bucket, variant, mode) gets its own entry (no other entry to tell it from, and no
-        # recompile limit: 8 per code object).
-        own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
-                                 step.__closure__)
-        # No guards, as a CUDA graph replays without checks: the recording's static buffers and the pool's
-        # tensors stay where they were (a moved pool drops every recording: `StepGraphs._check_generation`)
-        # and its Python values are in its key. Dynamo's guards were ~15% of the bundled model's step.
-        no_guards = getattr(torch.compiler, "skip_all_guards_unsafe", None)  # torch >= 2.8
-        compiled = torch.compile(own, fullgraph=True, options={
-            "cpp_wrapper": True, **({"guard_filter_fn": no_guards} if no_guards is not None else {})})
-        compiled()
-        out = compiled().clone()
+
+def compile_cache_dir() -> Path | None:
+    """Where `aoti_capture` keeps compiled steps: $REFORMER_COMPILE_CACHE_DIR, else
+    $XDG_CACHE_HOME/reformer-serve/compiled-steps (~/.cache/...); an empty $REFORMER_COMPILE_CACHE_DIR turns the
+    cache off."""
+    configured = os.environ.get("REFORMER_COMPILE_CACHE_DIR")
+    if configured is not None:
+        return Path(configured) if configured else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reformer-serve" / "compiled-steps"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux): a package compiled for one vector ISA must not load on another CPU."""
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def program_key(program: torch.export.ExportedProgram) -> str:
+    """A digest of everything an AOTInductor package of `program` is compiled from: the graph's code, its inputs'
+    shapes, strides and dtypes, its weights and constants (bytes), torch's version and the CPU. Input values are
+    not in it (`torch.export.save` would hash the example inputs too)."""
+    h = hashlib.sha256(f"{torch.__version__} {platform.machine()} {_cpu_flags()}".encode())
+    h.update(program.graph_module.code.encode())
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            v = node.meta.get("val")
+            h.update(f"{node.name} {tuple(v.shape)} {tuple(v.stride())} {v.dtype}".encode())
+    for name, t in sorted({**program.state_dict, **program.constants}.items()):
+        h.update(name.encode())
+        if isinstance(t, Tensor):
+            h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:40]
+
+
+def _compiled_package(program: torch.export.ExportedProgram) -> Callable[..., Tensor]:
+    """`program` compiled by AOTInductor and loaded, from the compile cache when it holds it (written
+    atomically, so a crash never leaves a partial package behind)."""
+    cache = compile_cache_dir()
+    if cache is not None:
+        path = cache / f"step-{program_key(program)}.pt2"
+        if path.is_file():
+            try:
+                return torch._inductor.aoti_load_package(str(path))
+            except Exception as exc:  # a damaged entry: compile it again
+                logger.warning("compiled step %s does not load (%s): compiling it again", path, exc)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=".part-", suffix=".pt2")  # AOTInductor wants *.pt2
+            os.close(fd)
+            try:
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return torch._inductor.aoti_load_package(str(path))
+        except OSError as exc:
+            logger.warning("compile cache %s not writable (%s): compiling without it", cache, exc)
+    with tempfile.TemporaryDirectory(prefix="reformer_step_") as tmp:
+        return torch._inductor.aoti_load_package(
+            torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "step.pt2")))
+
+
+def aoti_capture(pool: DecodePool, buffers: tuple[Tensor, ...]) -> Callable[[Recording], tuple[Replay, Tensor]]:
+    """The recorder off CUDA (`EngineConfig.compile_step`): the recording's module exported
+    (`torch.export.export`, its inputs as the program's inputs, written in place) and compiled ahead of time by
+    AOTInductor (`torch._inductor.aoti_compile_and_package`, loaded with `aoti_load_package`: C++ kernels and a
+    C++ runner, the weights inside). A replay runs the compiled program on the recording's inputs and copies its
+    output into the recording's. No Python runs between its kernels and none guards the call, as a CUDA graph
+    replays without checks: the inputs keep their addresses (a pool or sampler that reallocates drops every
+    recording: `StepGraphs._check_generation`) and the recording's Python values (bucket, dense span, sampling
+    mode) are in its key. The first run, every row on the pad slot and row, warms it. Needs a C++ compiler.
+
+    Compiling is inductor's code generation, in Python: ~20 s for a greedy step of the bundled model on this
+    project's 2-core CPU, ~80 s for a sampled one (docs/benchmarks.md section 7). Packages are kept in
+    `compile_cache_dir()` under `program_key`, so a restarted server loads them in milliseconds."""
+
+    def capture(step: Recording) -> tuple[Replay, Tensor]:
+        with torch.inference_mode(False), torch.no_grad():
+            program = torch.export.export(step.module, step.inputs)
+        runner = _compiled_package(program)
+        out = runner(*step.inputs).clone()
 
         def replay() -> None:
-            out.copy_(compiled())
+            out.copy_(runner(*step.inputs))
 
         return replay, out
 
@@ -140,6 +254,7 @@ class StepGraphs:
         self._sampler_generation: tuple[int, int] | None = None
         self.captures = 0
 
+    @torch.inference_mode(False)  # normal tensors (an exported program takes them as inputs), updated in place
     def _buffers(self, bucket: int) -> tuple[Tensor, Tensor]:
         if bucket not in self._ids:
             dev = self.pool.device
@@ -160,9 +275,7 @@ class StepGraphs:
         self._check_generation()
         key = ("logits", bucket, plan.dense_span)
         if key not in self._graphs:
-            def step() -> Tensor:
-                return self.model.decode_core(static_ids, pool, StepPlan(static_slots, None, plan.dense_span))
-
+            step = Recording(StepModule(self.model, pool, plan.dense_span), (static_ids, static_slots, *pool.state()))
             self._graphs[key] = self._record(step, (static_ids, static_slots), [static_slots], [pool.pad_slot()])
         replay, out = self._graphs[key]
         static_ids[:n].copy_(ids)
@@ -179,18 +292,16 @@ class StepGraphs:
         bucket = bucket_of(n)
         _, static_slots = self._buffers(bucket)
         if bucket not in self._rows:
-            self._rows[bucket] = torch.full((bucket,), sampler.pad_row(), dtype=torch.long, device=pool.device)
+            with torch.inference_mode(False):
+                self._rows[bucket] = torch.full((bucket,), sampler.pad_row(), dtype=torch.long, device=pool.device)
         static_rows = sampler.rows_tensor(rows, out=self._rows[bucket])
         plan = pool.begin_step(slots, out=static_slots)
         self._check_generation(sampler)
         mode = sampler.mode(rows)
         key = ("sampled", bucket, plan.dense_span, mode)
         if key not in self._graphs:
-            def step() -> Tensor:
-                logits = self.model.decode_core(sampler.next_input(static_rows), pool,
-                                                StepPlan(static_slots, None, plan.dense_span))
-                return sampler.sample(logits, static_rows, mode)
-
+            step = Recording(StepModule(self.model, pool, plan.dense_span, sampler, mode),
+                             (static_rows, static_slots, *pool.state(), *sampler.buffers()))
             self._graphs[key] = self._record(step, (static_rows, static_slots, *sampler.buffers()),
                                              [static_slots, static_rows], [pool.pad_slot(), sampler.pad_row()])
         replay, out = self._graphs[key]
@@ -206,7 +317,7 @@ class StepGraphs:
             self._graphs.clear()
             self._sampler_generation = (id(sampler), sampler.generation)
 
-    def _record(self, step: Callable[[], Tensor], buffers: tuple[Tensor, ...], statics: list[Tensor],
+    def _record(self, step: Recording, buffers: tuple[Tensor, ...], statics: list[Tensor],
                 pads: list[int]) -> tuple[Replay, Tensor]:
         """Record a bucket's step. Warm-up and recording run with every row on the pad slot and pad row (the
         run writes the pool and the sampler in place: the real sequences must not take a step), then the

@@ -231,31 +231,43 @@ def test_captured_sampled_steps_replay_like_eager_steps():
     assert sampler.generation == 2 and sampler.pad_row() not in range(6)  # grew for the 5th row
 
 
-def test_compiled_cpu_step_equals_the_eager_step():
-    """The CPU recorder `step_graphs.compiled_capture` (`EngineConfig.compile_step`: the step compiled by
-    inductor with its C++ wrapper, writing the pool in place) decodes what the eager step decodes: two greedy
-    sequences with logprobs (bucket 2), 40 tokens across several delta merges (delta of 8 entries): the same
-    tokens and the same log-probabilities within 1e-4, one compile. Skipped without a C++ compiler."""
+def test_compiled_cpu_step_equals_the_eager_step(tmp_path, monkeypatch):
+    """The CPU recorder `step_graphs.aoti_capture` (`EngineConfig.compile_step`: the step exported and compiled
+    ahead of time by AOTInductor, writing the pool and the sampler in place) decodes what the eager step
+    decodes: a greedy sequence with logprobs and a seeded top-k sampled one (bucket 2), 40 tokens across
+    several delta merges (delta of 8 entries) with both LSH and local layers writing every step: the same
+    tokens and the same log-probabilities within 1e-4, one compile. A second recording of the same step (a new
+    pool of the same layout) loads the package from the compile cache instead of compiling it again, and
+    decodes the same tokens. Skipped without a C++ compiler."""
     import shutil
 
     import pytest
 
-    from reformer_infer.step_graphs import compiled_capture
+    from reformer_infer.step_graphs import aoti_available, aoti_capture
 
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        pytest.skip("no C++ compiler for inductor")
-    model = enwik8_layout_model(["local", "lsh"])
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")) or not aoti_available():
+        pytest.skip("no C++ compiler for inductor, or no AOTInductor in this torch")
+    monkeypatch.setenv("REFORMER_COMPILE_CACHE_DIR", str(tmp_path))
+    model = enwik8_layout_model(["local", "lsh", "local", "lsh"])
     runs = []
-    for compiled in (True, False):
+    for compiled in (True, False, True):
+        if len(runs) == 2:  # the third run: from the cache, or not at all
+            assert len(list(tmp_path.glob("step-*.pt2"))) == len(list(tmp_path.iterdir())) == 1
+
+            def no_compile(*args, **kwargs):
+                raise AssertionError("compiled again instead of loading the cached package")
+
+            monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compile)
         pool = model.new_decode_pool(3, 3 * 100, delta_size=8)
-        graphs = model.use_step_graphs(pool, capture=compiled_capture) if compiled else None
+        graphs = model.use_step_graphs(pool, capture=aoti_capture) if compiled else None
         slots = [model.prefill(x, capacity=x.shape[1] + 45, pool=pool)[1].sequences[0].slot
                  for x in prompts(2, 17, 6)]  # past one LSH chunk (16): hashed from the start
         sampler = SlotSampler(3, 258)
         rows = []
-        for _ in range(2):
+        for params in (SamplingParams(temperature=0.0, logprobs=1),
+                       SamplingParams(temperature=0.9, top_k=40, seed=7, logprobs=1)):
             rows.append(sampler.take_row())
-            sampler.join(rows[-1], SamplingParams(temperature=0.0, logprobs=1), [])
+            sampler.join(rows[-1], params, [])
         merges, out = 0, []
         with torch.inference_mode():
             for _ in range(40):
@@ -265,8 +277,38 @@ def test_compiled_cpu_step_equals_the_eager_step():
                 out.append((got.tokens, [lp.logprob for lp in got.logprobs]))
                 merges += sum(pool.static_len[s] != b for s, b in zip(slots, before, strict=True))
         runs.append((out, graphs, merges))
-    (got, graphs, merges), (want, _, _) = runs
+    (got, graphs, merges), (want, _, _), (cached, _, _) = runs
     assert merges >= 6
-    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [t for t, _ in got] == [t for t, _ in want] == [t for t, _ in cached]
+    assert len({t[1] for t, _ in got}) > 5  # the sampled row varies
     assert max(abs(a - b) for (_, la), (_, lb) in zip(got, want, strict=True) for a, b in zip(la, lb, strict=True)) <= 1e-4
     assert graphs.captures == 1
+
+
+def test_compile_cache_key_follows_the_program_not_the_input_values():
+    """`step_graphs.program_key` (the compile cache's key) is the same for two exports of one step whatever the
+    pool and sampler hold (values change every token), and changes with a weight, the sampling mode and the
+    pool's layout (shapes)."""
+    from reformer_infer.step_graphs import StepModule, program_key
+
+    def key(model, temperature=0.0, pages=300, fill=0):
+        pool = model.new_decode_pool(3, pages, delta_size=8)
+        pool.keys.fill_(fill)
+        sampler = SlotSampler(3, 258)
+        rows = [sampler.take_row() for _ in range(2)]
+        for r in rows:
+            sampler.join(r, SamplingParams(temperature=temperature), [])  # unseeded: random seeds each time
+        module = StepModule(model, pool, 0, sampler, sampler.mode(rows))
+        with torch.no_grad():
+            program = torch.export.export(module, (torch.tensor(rows), torch.tensor([0, 1]), *pool.state(),
+                                                   *sampler.buffers()))
+        return program_key(program)
+
+    model = enwik8_layout_model(["local", "lsh"])
+    base = key(model)
+    assert key(model, fill=1) == base  # other values, same program
+    assert key(model, temperature=0.5) != base  # another sampling mode
+    assert key(model, pages=600) != base  # another pool layout
+    with torch.no_grad():
+        model.lm_head.decoder.weight[0, 0] += 1.0
+    assert key(model) != base  # another weight

@@ -74,7 +74,7 @@ class ServerConfig:
     stream_interval: int = 1  # tokens per stream message after the first (vLLM's and SGLang's --stream-interval)
     arrival_window: float = 0.002  # seconds an idle engine waits for the rest of a burst of requests
     cuda_graphs: bool = True  # on CUDA, replay captured decode steps (one graph per batch bucket)
-    compile_step: bool = False  # off CUDA, replay the step compiled by torch.compile per batch bucket
+    compile_step: bool = False  # off CUDA, replay the step compiled ahead of time (AOTInductor) per batch bucket
     overlap_steps: bool | None = None  # None (auto): decode steps overlap the engine's host work on CUDA only
     stall_timeout: float = 30.0
     grace_period: float = 30.0
@@ -252,9 +252,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--cuda-graphs", "cuda_graphs", parse_bool,
             "on CUDA, decode steps replay one captured CUDA graph per batch bucket (no effect on CPU)"),
     _Option("--compile-step", "compile_step", parse_bool,
-            "on a CPU, decode steps replay the step compiled by torch.compile (inductor, C++ wrapper) per batch "
+            "on a CPU, decode steps replay the step compiled ahead of time (torch.export + AOTInductor) per batch "
             "bucket and sampling mode: ~3x one stream's tokens/s on the bundled model, but each new one "
-            "compiles for 7-60 s while every stream waits; needs a C++ compiler (no effect on CUDA)"),
+            "compiles for 20-80 s while every stream waits (kept in $REFORMER_COMPILE_CACHE_DIR, default "
+            "~/.cache/reformer-serve/compiled-steps); needs a C++ compiler (no effect on CUDA)"),
     _Option("--overlap-steps", "overlap_steps", parse_auto_bool,
             "auto, true or false: run each decode step on a device thread while the engine applies the previous "
             "step's tokens (auto: on CUDA only; on a CPU the two threads compete for the same cores)"),
