@@ -94,9 +94,7 @@ def bucket_of(n: int) -> int:
 
 
 def _pool_addresses(pool: DecodePool) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for t in (pool.keys, pool.values, pool.order, pool.cum_static, pool.dbuckets,
-                                        pool.dorder, pool.local_keys, pool.local_values, pool.page_table,
-                                        pool.len_d, pool.hashed_d))
+    return tuple(t.data_ptr() for t in pool.state())
 
 
 def cuda_capture(step: Callable[[], Tensor]) -> tuple[Replay, Tensor]:
