@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 Replay = Callable[[], None]
 
+# AOTInductor packages hold code only: the weights are the model's own tensors, handed to each loaded package
+# (`_load`), so ten recordings of a large model do not hold ten copies of its weights.
+_AOTI_CONFIG = {"aot_inductor.package_constants_in_so": False}
+
 
 class StepModel(Protocol):
     """What is captured: the device part of a model's decode step (`ReformerLM.decode_core`)."""
@@ -140,7 +144,7 @@ def program_key(program: torch.export.ExportedProgram) -> str:
     """A digest of everything an AOTInductor package of `program` is compiled from: the graph's code, its inputs'
     shapes, strides and dtypes, its weights and constants (bytes), torch's version and the CPU. Input values are
     not in it (`torch.export.save` would hash the example inputs too)."""
-    h = hashlib.sha256(f"{torch.__version__} {platform.machine()} {_cpu_flags()}".encode())
+    h = hashlib.sha256(f"{torch.__version__} {platform.machine()} {_cpu_flags()} {_AOTI_CONFIG}".encode())
     h.update(program.graph_module.code.encode())
     for node in program.graph.nodes:
         if node.op == "placeholder":
@@ -154,6 +158,19 @@ def program_key(program: torch.export.ExportedProgram) -> str:
     return h.hexdigest()[:40]
 
 
+def _compile(program: torch.export.ExportedProgram, path: str) -> str:
+    # a copy of the options: AOTInductor adds its own keys to the dict it is given
+    return torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=dict(_AOTI_CONFIG))
+
+
+def _load(path: str, program: torch.export.ExportedProgram) -> Callable[..., Tensor]:
+    runner = torch._inductor.aoti_load_package(path)
+    tensors = {**program.state_dict, **program.constants}
+    runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()}, check_full_update=True,
+                          user_managed=True)
+    return runner
+
+
 def _compiled_package(program: torch.export.ExportedProgram) -> Callable[..., Tensor]:
     """`program` compiled by AOTInductor and loaded, from the compile cache when it holds it (written
     atomically, so a crash never leaves a partial package behind)."""
@@ -162,7 +179,7 @@ def _compiled_package(program: torch.export.ExportedProgram) -> Callable[..., Te
         path = cache / f"step-{program_key(program)}.pt2"
         if path.is_file():
             try:
-                return torch._inductor.aoti_load_package(str(path))
+                return _load(str(path), program)
             except Exception as exc:  # a damaged entry: compile it again
                 logger.warning("compiled step %s does not load (%s): compiling it again", path, exc)
         try:
@@ -170,24 +187,23 @@ def _compiled_package(program: torch.export.ExportedProgram) -> Callable[..., Te
             fd, tmp = tempfile.mkstemp(dir=cache, prefix=".part-", suffix=".pt2")  # AOTInductor wants *.pt2
             os.close(fd)
             try:
-                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+                _compile(program, tmp)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            return torch._inductor.aoti_load_package(str(path))
+            return _load(str(path), program)
         except OSError as exc:
             logger.warning("compile cache %s not writable (%s): compiling without it", cache, exc)
     with tempfile.TemporaryDirectory(prefix="reformer_step_") as tmp:
-        return torch._inductor.aoti_load_package(
-            torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "step.pt2")))
+        return _load(_compile(program, str(Path(tmp) / "step.pt2")), program)
 
 
 def aoti_capture(pool: DecodePool, buffers: tuple[Tensor, ...]) -> Callable[[Recording], tuple[Replay, Tensor]]:
     """The recorder off CUDA (`EngineConfig.compile_step`): the recording's module exported
     (`torch.export.export`, its inputs as the program's inputs, written in place) and compiled ahead of time by
     AOTInductor (`torch._inductor.aoti_compile_and_package`, loaded with `aoti_load_package`: C++ kernels and a
-    C++ runner, the weights inside). A replay runs the compiled program on the recording's inputs and copies its
+    C++ runner, reading the model's own weight tensors). A replay runs the compiled program on the recording's inputs and copies its
     output into the recording's. No Python runs between its kernels and none guards the call, as a CUDA graph
     replays without checks: the inputs keep their addresses (a pool or sampler that reallocates drops every
     recording: `StepGraphs._check_generation`) and the recording's Python values (bucket, dense span, sampling

@@ -238,7 +238,8 @@ def test_compiled_cpu_step_equals_the_eager_step(tmp_path, monkeypatch):
     several delta merges (delta of 8 entries) with both LSH and local layers writing every step: the same
     tokens and the same log-probabilities within 1e-4, one compile. A second recording of the same step (a new
     pool of the same layout) loads the package from the compile cache instead of compiling it again, and
-    decodes the same tokens. Skipped without a C++ compiler."""
+    decodes the same tokens, and reads the model's own weights (a changed bias shows). Skipped without a C++
+    compiler."""
     import shutil
 
     import pytest
@@ -277,6 +278,11 @@ def test_compiled_cpu_step_equals_the_eager_step(tmp_path, monkeypatch):
                 out.append((got.tokens, [lp.logprob for lp in got.logprobs]))
                 merges += sum(pool.static_len[s] != b for s, b in zip(slots, before, strict=True))
         runs.append((out, graphs, merges))
+    # the packages read the model's own weights (not a copy): a bias pushed up now wins the greedy row
+    with torch.no_grad():
+        model.lm_head.bias[42] += 1e4
+    with torch.inference_mode():
+        assert decode_and_sample(model, pool, slots, sampler, rows, runs[2][1])[0, 0] == 42
     (got, graphs, merges), (want, _, _), (cached, _, _) = runs
     assert merges >= 6
     assert [t for t, _ in got] == [t for t, _ in want] == [t for t, _ in cached]
