@@ -199,12 +199,12 @@ def _compiled_package(program: torch.export.ExportedProgram) -> Callable[..., Te
         return _load(_compile(program, str(Path(tmp) / "step.pt2")), program)
 
 
-def aoti_capture(pool: DecodePool, buffers: tuple[Tensor, ...]) -> Callable[[Recording], tuple[Replay, Tensor]]:
+def aoti_capture(pool: DecodePool) -> Callable[[Recording], tuple[Replay, Tensor]]:
     """The recorder off CUDA (`EngineConfig.compile_step`): the recording's module exported
     (`torch.export.export`, its inputs as the program's inputs, written in place) and compiled ahead of time by
     AOTInductor (`torch._inductor.aoti_compile_and_package`, loaded with `aoti_load_package`: C++ kernels and a
-    C++ runner, reading the model's own weight tensors). A replay runs the compiled program on the recording's inputs and copies its
-    output into the recording's. No Python runs between its kernels and none guards the call, as a CUDA graph
+    C++ runner, reading the model's own weight tensors). A replay runs the compiled program on the recording's
+    inputs and copies its output into the recording's. No Python runs between its kernels and none guards the call, as a CUDA graph
     replays without checks: the inputs keep their addresses (a pool or sampler that reallocates drops every
     recording: `StepGraphs._check_generation`) and the recording's Python values (bucket, dense span, sampling
     mode) are in its key. The first run, every row on the pad slot and row, warms it. Needs a C++ compiler.
@@ -229,20 +229,25 @@ def aoti_capture(pool: DecodePool, buffers: tuple[Tensor, ...]) -> Callable[[Rec
 
 class EagerReplay:
     """A stand-in for a captured graph where there is none: replays by running the step again, into the
-    output buffer of the first run, after checking that the static buffers and the pool's tensors are the
-    ones the first run read (what a real graph would silently keep using)."""
+    output buffer of the first run, after checking that the recording's inputs (static buffers, pool and
+    sampler state) and the pool's tensors are the ones the first run read (what a real graph would silently
+    keep using)."""
 
-    def __init__(self, pool: DecodePool, buffers: tuple[Tensor, ...]) -> None:
-        self.pool, self.buffers = pool, buffers
+    def __init__(self, pool: DecodePool) -> None:
+        self.pool = pool
         self.replays = 0
 
-    def __call__(self, step: Callable[[], Tensor]) -> tuple[Replay, Tensor]:
+    def __call__(self, step: Recording) -> tuple[Replay, Tensor]:
         out = step()
-        addresses = _pool_addresses(self.pool) + tuple(b.data_ptr() for b in self.buffers)
+
+        def addresses() -> tuple[int, ...]:
+            return _pool_addresses(self.pool) + tuple(t.data_ptr() for t in step.inputs)
+
+        first = addresses()
 
         def replay() -> None:
-            now = _pool_addresses(self.pool) + tuple(b.data_ptr() for b in self.buffers)
-            if now != addresses:
+            now = addresses()
+            if now != first:
                 raise RuntimeError("a captured decode step would read moved buffers")
             got = step()
             if got.shape != out.shape:
@@ -257,7 +262,7 @@ class StepGraphs:
     """Captured decode steps of one model on one pool (see the module docstring)."""
 
     def __init__(self, model: StepModel, pool: DecodePool,
-                 capture: Callable[[DecodePool, tuple[Tensor, ...]], Callable] | None = None) -> None:
+                 capture: Callable[[DecodePool], Callable] | None = None) -> None:
         self.model, self.pool = model, pool
         self._capture = capture
         self._graphs: dict[tuple, tuple[Replay, Tensor]] = {}
@@ -290,7 +295,7 @@ class StepGraphs:
         key = ("logits", bucket, plan.dense_span)
         if key not in self._graphs:
             step = Recording(StepModule(self.model, pool, plan.dense_span), (static_ids, static_slots, *pool.state()))
-            self._graphs[key] = self._record(step, (static_ids, static_slots), [static_slots], [pool.pad_slot()])
+            self._graphs[key] = self._record(step, [static_slots], [pool.pad_slot()])
         replay, out = self._graphs[key]
         static_ids[:n].copy_(ids)
         replay()
@@ -316,8 +321,7 @@ class StepGraphs:
         if key not in self._graphs:
             step = Recording(StepModule(self.model, pool, plan.dense_span, sampler, mode),
                              (static_rows, static_slots, *pool.state(), *sampler.buffers()))
-            self._graphs[key] = self._record(step, (static_rows, static_slots, *sampler.buffers()),
-                                             [static_slots, static_rows], [pool.pad_slot(), sampler.pad_row()])
+            self._graphs[key] = self._record(step, [static_slots, static_rows], [pool.pad_slot(), sampler.pad_row()])
         replay, out = self._graphs[key]
         replay()
         return out[:n], plan
@@ -331,15 +335,14 @@ class StepGraphs:
             self._graphs.clear()
             self._sampler_generation = (id(sampler), sampler.generation)
 
-    def _record(self, step: Recording, buffers: tuple[Tensor, ...], statics: list[Tensor],
-                pads: list[int]) -> tuple[Replay, Tensor]:
+    def _record(self, step: Recording, statics: list[Tensor], pads: list[int]) -> tuple[Replay, Tensor]:
         """Record a bucket's step. Warm-up and recording run with every row on the pad slot and pad row (the
         run writes the pool and the sampler in place: the real sequences must not take a step), then the
         real slots and rows go back."""
         real = [t.clone() for t in statics]
         for t, pad in zip(statics, pads, strict=True):
             t.fill_(pad)
-        capture = self._capture(self.pool, buffers) if self._capture is not None else cuda_capture
+        capture = self._capture(self.pool) if self._capture is not None else cuda_capture
         try:
             with torch.inference_mode():
                 result = capture(step)
